@@ -1,0 +1,299 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * hairtrace.bpf.c - per-packet events for the connections of one Service.
+ *
+ * Layout: maps, then helpers over kernel pointers (read_packet, read_ct,
+ * match_flow, learn_ct, emit_event), then thin entry points per provider.
+ * Only packets of the service VIP:port or of tuples learned from its
+ * conntrack entries cost an event; everything else costs one check.
+ */
+#include "compat.h"
+#include "hairtrace.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+struct ht_flow_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 _pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, HT_RINGBUF_BYTES);
+} events SEC(".maps");
+
+/* Tuples learned from the service's conntrack entries, both directions,
+ * before and after NAT. Value: conntrack entry address. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, HT_MAX_FLOWS);
+	__type(key, struct ht_flow_key);
+	__type(value, __u64);
+} flows SEC(".maps");
+
+const volatile struct ht_config ht_cfg = {};
+
+/* Keeps struct ht_event in the object's BTF for the layout test. */
+const struct ht_event *unused_ht_event __attribute__((unused));
+
+/* Read by user space through the mmaped .bss; never reset by BPF. */
+__u64 ht_emitted[HT_PT_MAX] = {};
+__u64 ht_lost[HT_PT_MAX] = {};
+__u64 ht_last_lost_ns = 0;
+
+/* -------------------------------------------------------------- helpers */
+
+static __always_inline int read_packet(const struct sk_buff *skb, struct ht_event *ev)
+{
+	unsigned char *head = HT_READ(skb, head);
+	__u16 nh = HT_READ(skb, network_header);
+	struct iphdr iph;
+	struct tcphdr th;
+	struct udphdr uh;
+
+	if (!head || nh == (__u16)~0U)
+		return -1;
+	if (HT_COPY(&iph, sizeof(iph), head + nh))
+		return -1;
+	if (iph.version != 4 || iph.protocol != ht_cfg.proto)
+		return -1;
+	/* Only first fragments carry ports. */
+	if (iph.frag_off & bpf_htons(0x1fff))
+		return -1;
+	ev->proto = iph.protocol;
+	ev->pkt.saddr = iph.saddr;
+	ev->pkt.daddr = iph.daddr;
+	ev->ip_id = bpf_ntohs(iph.id);
+	if (iph.protocol == IPPROTO_TCP) {
+		if (HT_COPY(&th, sizeof(th), head + nh + iph.ihl * 4))
+			return -1;
+		ev->pkt.sport = th.source;
+		ev->pkt.dport = th.dest;
+		ev->seq = bpf_ntohl(th.seq);
+		ev->ack_seq = bpf_ntohl(th.ack_seq);
+		ev->tcp_flags = ((__u8 *)&th)[13];
+	} else if (iph.protocol == IPPROTO_UDP) {
+		if (HT_COPY(&uh, sizeof(uh), head + nh + iph.ihl * 4))
+			return -1;
+		ev->pkt.sport = uh.source;
+		ev->pkt.dport = uh.dest;
+	}
+	return 0;
+}
+
+static __always_inline bool is_service(__u32 addr, __u16 port)
+{
+	return addr == ht_cfg.svc_addr && (!ht_cfg.svc_port || port == ht_cfg.svc_port);
+}
+
+static __always_inline bool match_flow(const struct ht_tuple *t, __u8 proto)
+{
+	struct ht_flow_key key = {
+		.saddr = t->saddr, .daddr = t->daddr,
+		.sport = t->sport, .dport = t->dport, .proto = proto,
+	};
+
+	if (is_service(t->daddr, t->dport) || is_service(t->saddr, t->sport))
+		return true;
+	return bpf_map_lookup_elem(&flows, &key) != NULL;
+}
+
+static __always_inline void read_ct_tuple(const struct nf_conntrack_tuple *t, struct ht_tuple *out)
+{
+	out->saddr = HT_READ(t, src.u3.ip);
+	out->daddr = HT_READ(t, dst.u3.ip);
+	out->sport = HT_READ(t, src.u.all);
+	out->dport = HT_READ(t, dst.u.all);
+}
+
+static __always_inline struct nf_conn *read_ct(const struct sk_buff *skb, struct ht_event *ev)
+{
+	unsigned long nfct;
+	struct nf_conn *ct;
+
+	if (!HT_HAS_FIELD(skb->_nfct))
+		return NULL;
+	nfct = HT_READ(skb, _nfct);
+	ct = (struct nf_conn *)(nfct & HT_NFCT_PTRMASK);
+	ev->ctinfo = nfct & 7;
+	if (!ct) {
+		if (ev->ctinfo == HT_IP_CT_UNTRACKED)
+			ev->ct_flags |= HT_CT_UNTRACKED;
+		return NULL;
+	}
+	ev->ct_flags |= HT_CT_PRESENT;
+	ev->ct_id = (__u64)ct;
+	ev->ct_status = HT_READ(ct, status);
+	read_ct_tuple(&ct->tuplehash[0].tuple, &ev->ct_orig);
+	read_ct_tuple(&ct->tuplehash[1].tuple, &ev->ct_reply);
+	return ct;
+}
+
+static __always_inline void learn_tuple(const struct ht_tuple *t, __u8 proto, __u64 ct_id)
+{
+	struct ht_flow_key fwd = {
+		.saddr = t->saddr, .daddr = t->daddr,
+		.sport = t->sport, .dport = t->dport, .proto = proto,
+	};
+	struct ht_flow_key rev = {
+		.saddr = t->daddr, .daddr = t->saddr,
+		.sport = t->dport, .dport = t->sport, .proto = proto,
+	};
+
+	bpf_map_update_elem(&flows, &fwd, &ct_id, BPF_ANY);
+	bpf_map_update_elem(&flows, &rev, &ct_id, BPF_ANY);
+}
+
+/* Remember every tuple of a conntrack entry of the service, so replies and
+ * resets that never carry the VIP (bridged, reverse NAT skipped) still match. */
+static __always_inline bool learn_ct(const struct ht_event *ev)
+{
+	if (!(ev->ct_flags & HT_CT_PRESENT) || !is_service(ev->ct_orig.daddr, ev->ct_orig.dport))
+		return false;
+	learn_tuple(&ev->ct_orig, ev->proto, ev->ct_id);
+	learn_tuple(&ev->ct_reply, ev->proto, ev->ct_id);
+	return true;
+}
+
+static __always_inline void read_dev(const struct net_device *dev, struct ht_event *ev)
+{
+	if (!dev)
+		return;
+	ev->ifindex = HT_READ(dev, ifindex);
+	ev->netns = HT_READ(dev, nd_net.net, ns.inum);
+	HT_READ_STR(&ev->dev, dev, name);
+}
+
+/* Batch the reader's wake-ups: wake it only when enough data waits; it also
+ * polls on a short timeout, so a lone event is never stuck. */
+static __always_inline void emit_event(struct ht_event *ev)
+{
+	__u64 flags = BPF_RB_NO_WAKEUP;
+	__u16 pt = ev->point < HT_PT_MAX ? ev->point : 0;
+
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= HT_WAKEUP_BYTES)
+		flags = BPF_RB_FORCE_WAKEUP;
+	if (bpf_ringbuf_output(&events, ev, sizeof(*ev), flags)) {
+		__sync_fetch_and_add(&ht_lost[pt], 1);
+		ht_last_lost_ns = ev->ts_ns;
+		return;
+	}
+	__sync_fetch_and_add(&ht_emitted[pt], 1);
+}
+
+/* Common path of every skb-carrying point. */
+static __always_inline int trace_skb(const struct sk_buff *skb, const struct net_device *dev,
+				     __u16 point, __u8 hook, __s32 prio, bool ct_fallback)
+{
+	struct ht_event ev = {};
+
+	if (!skb)
+		return 0;
+	if (read_packet(skb, &ev))
+		return 0;
+	if (!match_flow(&ev.pkt, ev.proto)) {
+		/* After DNAT the packet no longer carries the VIP and its new
+		 * tuple may not be learned yet: its conntrack entry tells. */
+		if (!ct_fallback)
+			return 0;
+		read_ct(skb, &ev);
+		if (!learn_ct(&ev))
+			return 0;
+	} else {
+		read_ct(skb, &ev);
+		learn_ct(&ev);
+	}
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.skb = (__u64)skb;
+	ev.point = point;
+	ev.hook = hook;
+	ev.nf_prio = prio;
+	read_dev(dev, &ev);
+	emit_event(&ev);
+	return 0;
+}
+
+static __always_inline int trace_nf(struct bpf_nf_ctx *ctx, __u16 point, __s32 prio)
+{
+	const struct nf_hook_state *state = ctx->state;
+	struct sk_buff *skb = ctx->skb;
+	struct net_device *in = HT_READ(state, in);
+	struct net_device *out = HT_READ(state, out);
+	__u8 hook = HT_READ(state, hook);
+
+	trace_skb(skb, in ? in : out, point, hook, prio, true);
+	return HT_NF_ACCEPT;
+}
+
+/* ---------------------------------------------- tracepoint provider: devices */
+
+SEC("tp_btf/netif_receive_skb")
+int BPF_PROG(ht_dev_rx, struct sk_buff *skb)
+{
+	if (HT_READ(skb, protocol) != bpf_htons(HT_ETH_P_IP))
+		return 0;
+	return trace_skb(skb, HT_READ(skb, dev), HT_PT_DEV_RX, 0xff, 0, false);
+}
+
+SEC("tp_btf/net_dev_start_xmit")
+int BPF_PROG(ht_dev_tx, const struct sk_buff *skb, const struct net_device *dev)
+{
+	if (HT_READ(skb, protocol) != bpf_htons(HT_ETH_P_IP))
+		return 0;
+	return trace_skb(skb, dev, HT_PT_DEV_TX, 0xff, 0, false);
+}
+
+SEC("tp_btf/kfree_skb")
+int BPF_PROG(ht_drop, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
+{
+	struct ht_event ev = {};
+
+	if (!skb || HT_READ(skb, protocol) != bpf_htons(HT_ETH_P_IP))
+		return 0;
+	if (read_packet(skb, &ev) || !match_flow(&ev.pkt, ev.proto))
+		return 0;
+	read_ct(skb, &ev);
+	ev.ts_ns = bpf_ktime_get_ns();
+	ev.skb = (__u64)skb;
+	ev.point = HT_PT_DROP;
+	ev.hook = 0xff;
+	ev.location = (__u64)location;
+	ev.reason = reason;
+	read_dev(HT_READ(skb, dev), &ev);
+	emit_event(&ev);
+	return 0;
+}
+
+/* The skb is the packet being answered with a reset; NULL for resets a
+ * socket sends on its own (the verifier insists on the check). */
+SEC("tp_btf/tcp_send_reset")
+int BPF_PROG(ht_tcp_reset, const struct sock *sk, const struct sk_buff *skb)
+{
+	if (!skb)
+		return 0;
+	return trace_skb(skb, HT_READ(skb, dev), HT_PT_TCP_RESET, 0xff, 0, false);
+}
+
+/* --------------------------------- tracepoint provider: netfilter hooks
+ * Program type and hook/priority are set by the loader (libbpf 1.1 does not
+ * know SEC("netfilter")); the priority each program is attached at is
+ * repeated here so the event says where it was taken. */
+
+#define HT_NF_PROG(name, point, prio)                       \
+	SEC("netfilter")                                    \
+	int name(struct bpf_nf_ctx *ctx)                    \
+	{                                                   \
+		return trace_nf(ctx, point, prio);          \
+	}
+
+HT_NF_PROG(ht_nf_pre_ct, HT_PT_NF_PRE_CT, -199)
+HT_NF_PROG(ht_nf_pre_nat, HT_PT_NF_PRE_NAT, -99)
+HT_NF_PROG(ht_nf_out_ct, HT_PT_NF_OUT_CT, -199)
+HT_NF_PROG(ht_nf_out_nat, HT_PT_NF_OUT_NAT, -99)
+HT_NF_PROG(ht_nf_forward, HT_PT_NF_FORWARD, 1)
+HT_NF_PROG(ht_nf_post_nat, HT_PT_NF_POST_NAT, 101)
+HT_NF_PROG(ht_nf_in_nat, HT_PT_NF_IN_NAT, 101)

@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# seed-lab.sh: build the seed bug's topology by hand, independently of tracer/lab.
+#
+# Pod A (netns poda, 100.96.54.240) curls ClusterIP 100.67.30.133:80, which
+# kube-proxy-style iptables rules in the "node" netns DNAT to pod B (netns podb,
+# 100.96.54.247:80) on the same bridge cni0. With
+# net.bridge.bridge-nf-call-iptables=0 in the node netns the reply is bridged
+# back un-NATed, pod A answers RST and curl times out; with 1 it works.
+#
+# Plain ip / sysctl / iptables-restore only (no CNI), so hairtrace can be shown
+# to work on a topology it did not build. Only the namespaces node, poda and
+# podb are touched, never the caller's own netns.
+#
+# usage: seed-lab.sh up [0|1]   build it (default 0 = broken)
+#        seed-lab.sh down       remove it (safe to run when nothing exists)
+set -euo pipefail
+
+NODE=node
+POD_A=poda
+POD_B=podb
+BRIDGE=cni0
+BRIDGE_IP=100.96.54.1
+POD_A_IP=100.96.54.240
+POD_B_IP=100.96.54.247
+SERVICE_IP=100.67.30.133
+CLUSTER_CIDR=100.96.0.0/11
+MTU=1450
+STATE_DIR=/run/hairtrace/seed-lab-sh
+PYTHON=${PYTHON:-python3}
+
+die() { echo "seed-lab: $*" >&2; exit 1; }
+in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+ns_exists() { [[ -e /run/netns/$1 ]]; }
+
+# The nat table as kube-proxy (iptables mode) writes it for Service prod/export
+# (unnamed port 80/TCP) with one endpoint; the chain hashes are kube-proxy's.
+nat_rules() {
+	cat <<EOF
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVC-QM5PIMX6ZJ6FY244 - [0:0]
+:KUBE-SEP-6G6CDX4OM4CT72BU - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+-A KUBE-SERVICES -d $SERVICE_IP/32 -p tcp -m comment --comment "prod/export cluster IP" -m tcp --dport 80 -j KUBE-SVC-QM5PIMX6ZJ6FY244
+-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+-A KUBE-SVC-QM5PIMX6ZJ6FY244 ! -s $CLUSTER_CIDR -d $SERVICE_IP/32 -p tcp -m comment --comment "prod/export cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ
+-A KUBE-SVC-QM5PIMX6ZJ6FY244 -m comment --comment "prod/export -> $POD_B_IP:80" -j KUBE-SEP-6G6CDX4OM4CT72BU
+-A KUBE-SEP-6G6CDX4OM4CT72BU -s $POD_B_IP/32 -m comment --comment "prod/export" -j KUBE-MARK-MASQ
+-A KUBE-SEP-6G6CDX4OM4CT72BU -p tcp -m comment --comment "prod/export" -m tcp -j DNAT --to-destination $POD_B_IP:80
+COMMIT
+EOF
+}
+
+# plug_pod NS IP HOST_IF: a pod netns with eth0 on a veth whose other end is a cni0 port.
+plug_pod() {
+	local ns=$1 ip=$2 host_if=$3
+	ip netns add "$ns"
+	in_ns "$ns" ip link set lo up
+	in_ns "$NODE" ip link add "$host_if" mtu "$MTU" type veth peer name eth0 mtu "$MTU" netns "$ns"
+	in_ns "$NODE" ip link set "$host_if" master "$BRIDGE"
+	in_ns "$NODE" bridge link set dev "$host_if" hairpin on
+	in_ns "$NODE" ip link set "$host_if" up
+	in_ns "$ns" ip addr add "$ip/24" dev eth0
+	in_ns "$ns" ip link set eth0 up
+	in_ns "$ns" ip route add "$CLUSTER_CIDR" via "$BRIDGE_IP" dev eth0
+	in_ns "$ns" ip route add default via "$BRIDGE_IP" dev eth0
+}
+
+start_server() {
+	mkdir -p "$STATE_DIR/www"
+	echo "seed-lab.sh: pod B $POD_B_IP" >"$STATE_DIR/www/index.html"
+	rm -f "$STATE_DIR/server.pid"
+	# setsid -f detaches the server; sh records its own pid, kept through both execs.
+	setsid -f sh -c 'echo $$ >"$0"; exec "$@"' "$STATE_DIR/server.pid" \
+		ip netns exec "$POD_B" "$PYTHON" -m http.server 80 --bind "$POD_B_IP" \
+		--directory "$STATE_DIR/www" </dev/null >"$STATE_DIR/server.log" 2>&1
+	local i
+	for i in $(seq 50); do
+		if in_ns "$POD_A" curl -s -o /dev/null -m 1 "http://$POD_B_IP/"; then
+			return 0
+		fi
+		sleep 0.1
+	done
+	die "pod B's HTTP server did not answer pod A: $(tail -n 1 "$STATE_DIR/server.log" 2>/dev/null)"
+}
+
+do_up() {
+	local knob=$1
+	[[ $knob == 0 || $knob == 1 ]] || die "bridge-nf-call-iptables must be 0 or 1, not '$knob'"
+	local ns
+	for ns in "$NODE" "$POD_A" "$POD_B"; do
+		! ns_exists "$ns" || die "netns $ns already exists; run '$0 down' first"
+	done
+	# From here on, any failure (set -e or die) tears down what was built.
+	trap 'rc=$?; if ((rc != 0)); then echo "seed-lab: up failed; tearing down" >&2; do_down >/dev/null 2>&1 || true; fi' EXIT
+	mkdir -p "$STATE_DIR"
+
+	ip netns add "$NODE"
+	in_ns "$NODE" ip link set lo up
+	in_ns "$NODE" sysctl -q -w net.ipv4.ip_forward=1
+	in_ns "$NODE" ip link add "$BRIDGE" mtu "$MTU" type bridge
+	in_ns "$NODE" ip addr add "$BRIDGE_IP/24" dev "$BRIDGE"
+	in_ns "$NODE" ip link set "$BRIDGE" up
+	in_ns "$NODE" test -e /proc/sys/net/bridge/bridge-nf-call-iptables ||
+		die "net.bridge.bridge-nf-call-iptables missing in netns $NODE (no br_netfilter)"
+	in_ns "$NODE" sysctl -q -w "net.bridge.bridge-nf-call-iptables=$knob"
+
+	plug_pod "$POD_A" "$POD_A_IP" veth-poda
+	plug_pod "$POD_B" "$POD_B_IP" veth-podb
+
+	nat_rules | in_ns "$NODE" iptables-restore
+	start_server
+	trap - EXIT
+	echo "seed-lab: up (bridge-nf-call-iptables=$knob); try: ip netns exec $POD_A curl -m 3 http://$SERVICE_IP/"
+}
+
+# kill_pid PID: SIGTERM, then SIGKILL if it lingers.
+kill_pid() {
+	local pid=$1 i
+	kill -TERM "$pid" 2>/dev/null || return 0
+	for i in $(seq 20); do
+		kill -0 "$pid" 2>/dev/null || return 0
+		[[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]] && return 0
+		sleep 0.1
+	done
+	kill -KILL "$pid" 2>/dev/null || true
+}
+
+do_down() {
+	local pid ns
+	if [[ -f $STATE_DIR/server.pid ]]; then
+		pid=$(cat "$STATE_DIR/server.pid")
+		if [[ $pid =~ ^[0-9]+$ ]] && grep -qa http.server "/proc/$pid/cmdline" 2>/dev/null; then
+			kill_pid "$pid"
+		fi
+	fi
+	for ns in "$POD_A" "$POD_B"; do
+		if ns_exists "$ns"; then
+			for pid in $(ip netns pids "$ns"); do
+				kill_pid "$pid"
+			done
+		fi
+	done
+	for ns in "$POD_A" "$POD_B" "$NODE"; do
+		if ns_exists "$ns"; then
+			ip netns delete "$ns"
+		fi
+	done
+	rm -rf "$STATE_DIR"
+	echo "seed-lab: down"
+}
+
+main() {
+	[[ $(id -u) == 0 ]] || die "needs root (network namespaces)"
+	case ${1:-} in
+	up) do_up "${2:-0}" ;;
+	down) do_down ;;
+	*) die "usage: $0 up [0|1] | down" ;;
+	esac
+}
+
+main "$@"

@@ -1,0 +1,322 @@
+"""The seed lab reproduces the ClusterIP bug, the knob fixes it, and teardown leaves nothing.
+
+The live tests build real network namespaces, so they need root; every lab a
+test builds is torn down by a fixture finalizer, whether the test passes or not.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tracer.errors import HairtraceError, UsageError
+from tracer.lab import cni, netns, seed
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SEED_SCRIPT = REPO_ROOT / "scripts" / "seed-lab.sh"
+LAB = seed.SEED
+SCRIPT_NAMESPACES = ("node", "poda", "podb")
+CURL_TIMEOUT = 3
+LabFactory = Callable[..., seed.LabState]
+ScriptRunner = Callable[..., subprocess.CompletedProcess[str]]
+
+# What the live tests need (tests/conftest.py skips locally / fails under CI=true without it).
+LIVE = [
+    pytest.mark.needs_root,
+    pytest.mark.needs_netns,
+    pytest.mark.needs_binary("ip", "iptables-restore", "nft", "curl", "setsid"),
+]
+
+
+def require_lab_host() -> None:
+    """Skip (with the reason) unless this machine can build the lab."""
+    if os.geteuid() != 0:
+        pytest.skip("the seed lab needs root (network namespaces, NAT rules)")
+    if not os.access(Path(LAB.cni_path) / "bridge", os.X_OK):
+        pytest.skip(f"the seed lab needs the CNI bridge plugin in {LAB.cni_path}")
+
+
+def curl_from(ns: str, url: str) -> subprocess.CompletedProcess[str]:
+    """``ip netns exec NS curl -m 3 URL``, exactly as an operator would type it."""
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "curl", "-sS", "-m", str(CURL_TIMEOUT), url],
+        capture_output=True, text=True, timeout=CURL_TIMEOUT + 10, check=False,
+    )
+
+
+def tcp_out_rsts(ns: str) -> int:
+    """The TCP OutRsts counter of netns ``ns`` (from its /proc/net/snmp)."""
+    text = netns.run_in(ns, ["cat", "/proc/net/snmp"]).stdout
+    header, values = [line.split() for line in text.splitlines() if line.startswith("Tcp:")][:2]
+    return int(values[header.index("OutRsts")])
+
+
+def ht_namespaces() -> list[str]:
+    """Named network namespaces whose name starts with ht- (the Python lab's prefix)."""
+    return [ns for ns in netns.list_netns() if ns.startswith("ht-")]
+
+
+def assert_service_broken(lab: seed.SeedLab = LAB) -> None:
+    """Pod A reaches pod B directly, but the ClusterIP times out while pod A sends RSTs."""
+    direct = curl_from(lab.pod_a_ns, lab.pod_b_url)
+    assert direct.returncode == 0, direct.stderr
+    rsts_before = tcp_out_rsts(lab.pod_a_ns)
+    via_service = curl_from(lab.pod_a_ns, lab.service_url)
+    assert via_service.returncode == 28, (via_service.returncode, via_service.stderr)
+    assert tcp_out_rsts(lab.pod_a_ns) > rsts_before, "pod A should answer the SYN+ACK with RST"
+
+
+def assert_service_works(lab: seed.SeedLab = LAB) -> None:
+    """Pod A gets pod B's page through the ClusterIP."""
+    via_service = curl_from(lab.pod_a_ns, lab.service_url)
+    assert via_service.returncode == 0, via_service.stderr
+    assert f"pod B {lab.pod_b_ip}" in via_service.stdout
+
+
+@pytest.fixture
+def lab_factory(request: pytest.FixtureRequest) -> LabFactory:
+    """Build the seed lab with seed.up(**kwargs); a finalizer tears down every lab it built.
+
+    A lab that seed.up refused to build (e.g. one already existed) is not ours
+    and is left alone; a half-built one is cleaned by seed.up itself.
+    """
+    require_lab_host()
+    built: list[seed.SeedLab] = []
+
+    def teardown() -> None:
+        for lab in built:
+            seed.down(lab)
+
+    request.addfinalizer(teardown)
+
+    def build(**kwargs: object) -> seed.LabState:
+        state = seed.up(LAB, **kwargs)  # type: ignore[arg-type]
+        built.append(state.lab)
+        return state
+
+    return build
+
+
+@pytest.fixture
+def seed_script(request: pytest.FixtureRequest) -> ScriptRunner:
+    """Run scripts/seed-lab.sh; a finalizer runs its ``down`` whatever the test's outcome."""
+    require_lab_host()
+    if any(netns.exists(ns) for ns in SCRIPT_NAMESPACES):
+        pytest.fail(f"namespaces {SCRIPT_NAMESPACES} already exist; run seed-lab.sh down")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", str(SEED_SCRIPT), *args], capture_output=True, text=True,
+                              timeout=60, check=False)
+
+    request.addfinalizer(lambda: run("down"))
+    return run
+
+
+# ------------------------------------------------------------------ pure checks
+
+
+def test_iptables_rules_have_kube_proxy_shape() -> None:
+    rules = seed.iptables_rules()
+    svc, sep = seed.iptables_chain_names()
+    assert (svc, sep) == ("KUBE-SVC-QM5PIMX6ZJ6FY244", "KUBE-SEP-6G6CDX4OM4CT72BU")
+    assert (
+        f'-A KUBE-SERVICES -d 100.67.30.133/32 -p tcp -m comment --comment "prod/export cluster IP"'
+        f" -m tcp --dport 80 -j {svc}"
+    ) in rules
+    assert f"-A {svc} ! -s 100.96.0.0/11 " in rules
+    assert f"-A {sep} -s 100.96.54.247/32 " in rules
+    assert "-j DNAT --to-destination 100.96.54.247:80" in rules
+    assert "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000" in rules
+    assert "-j MASQUERADE --random-fully" in rules
+    for hook, chain in (("PREROUTING", "KUBE-SERVICES"), ("OUTPUT", "KUBE-SERVICES"),
+                        ("POSTROUTING", "KUBE-POSTROUTING")):
+        assert f"-A {hook} " in rules and f"-j {chain}\n" in rules
+
+
+def test_chain_hash_matches_kube_proxy() -> None:
+    # kube-proxy names default/kubernetes:https's chain KUBE-SVC-NPX46M4PTMTKRN6Y on every cluster.
+    lab = seed.SeedLab(service_namespace="default", service_name="kubernetes:https")
+    assert seed.iptables_chain_names(lab)[0] == "KUBE-SVC-NPX46M4PTMTKRN6Y"
+
+
+def test_nftables_rules_have_kube_proxy_shape() -> None:
+    rules = seed.nftables_rules()
+    svc, sep = seed.nftables_chain_names()
+    assert svc.startswith("service-") and svc.endswith("-prod/export/tcp/")
+    assert sep.startswith("endpoint-") and sep.endswith("-prod/export/tcp/__100.96.54.247/80")
+    assert "table ip kube-proxy {" in rules
+    assert f"100.67.30.133 . tcp . 80 : goto {svc}" in rules
+    assert "dnat to 100.96.54.247:80" in rules
+    assert "masquerade fully-random" in rules
+
+
+def test_cni_config_is_flannels_delegate() -> None:
+    conf = seed.cni_config()
+    assert conf["type"] == "bridge" and conf["bridge"] == "cni0"
+    assert conf["isGateway"] and conf["isDefaultGateway"] and conf["hairpinMode"]
+    assert conf["ipMasq"] is False
+    assert conf["ipam"]["subnet"] == "100.96.54.0/24"
+    assert conf["ipam"]["routes"] == [{"dst": "100.96.0.0/11"}]
+    assert conf["ipam"]["dataDir"].startswith("/run/hairtrace/lab/cni/")
+
+
+def test_cni_args_ask_host_local_for_an_ip() -> None:
+    # The bridge plugin rejects CNI_ARGS keys it does not know unless IgnoreUnknown=1.
+    assert cni.cni_args({"IP": "100.96.54.240"}) == "IgnoreUnknown=1;IP=100.96.54.240"
+    assert cni.cni_args({}) == ""
+
+
+def test_bad_lab_values_are_usage_errors() -> None:
+    with pytest.raises(UsageError, match="outside the pod subnet"):
+        seed.SeedLab(pod_a_ip="10.0.0.1")
+    with pytest.raises(UsageError, match="netns name"):
+        seed.SeedLab(node_ns="bad/name")
+
+
+# ------------------------------------------------------------------ live lab
+
+
+class TestPythonLab:
+    """The lab built by tracer.lab.seed."""
+
+    pytestmark = LIVE
+
+    def test_knob_0_service_times_out_but_pod_b_answers(self, lab_factory: LabFactory) -> None:
+        state = lab_factory(bridge_nf_call_iptables=0)
+        status = seed.status()
+        assert status.is_up
+        assert status.bridge_nf_call_iptables == 0
+        assert status.proxy_mode == "iptables"
+        assert status.server_pid == state.server_pid
+        assert_service_broken()
+
+    def test_knob_1_service_works(self, lab_factory: LabFactory) -> None:
+        lab_factory(bridge_nf_call_iptables=1)
+        assert seed.status().bridge_nf_call_iptables == 1
+        assert_service_works()
+
+    def test_setting_the_knob_fixes_a_broken_lab(self, lab_factory: LabFactory) -> None:
+        lab_factory(bridge_nf_call_iptables=0)
+        assert not seed.probe(target="service", timeout=CURL_TIMEOUT).ok
+        seed.set_bridge_nf_call_iptables(1)
+        assert seed.status().bridge_nf_call_iptables == 1
+        assert seed.load_state() is not None and seed.load_state().bridge_nf_call_iptables == 1
+        assert_service_works()
+
+    def test_nftables_mode_breaks_and_heals_the_same_way(self, lab_factory: LabFactory) -> None:
+        lab_factory(bridge_nf_call_iptables=0, proxy_mode="nftables")
+        status = seed.status()
+        assert status.is_up and status.proxy_mode == "nftables"
+        assert_service_broken()
+        seed.set_bridge_nf_call_iptables(1)
+        assert_service_works()
+
+    def test_pods_have_the_seed_addresses_from_cni(self, lab_factory: LabFactory) -> None:
+        lab_factory()
+        for pod_ns, ip in ((LAB.pod_a_ns, LAB.pod_a_ip), (LAB.pod_b_ns, LAB.pod_b_ip)):
+            addrs = netns.run_in(pod_ns, ["ip", "-4", "-o", "addr", "show", "dev", "eth0"]).stdout
+            assert f"inet {ip}/24" in addrs
+        bridge = netns.run_in(LAB.node_ns, ["ip", "-4", "-o", "addr", "show", "dev", "cni0"]).stdout
+        assert "inet 100.96.54.1/24" in bridge
+        ports = netns.run_in(LAB.node_ns, ["bridge", "-d", "link", "show"]).stdout
+        assert ports.count("master cni0") == 2 and ports.count("hairpin on") == 2
+
+    def test_down_removes_everything_and_is_repeatable(self, lab_factory: LabFactory) -> None:
+        host_knob = Path("/proc/sys/net/bridge/bridge-nf-call-iptables").read_text()
+        host_forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
+        state = lab_factory(bridge_nf_call_iptables=1)
+        assert state.server_pid is not None
+        done = seed.down()
+        assert f"stopped HTTP server pid {state.server_pid}" in done
+        assert ht_namespaces() == []
+        assert not netns.pid_alive(state.server_pid)
+        assert not LAB.state_file.exists() and not LAB.cni_data_dir.exists()
+        assert seed.status().is_absent
+        assert seed.down() == []
+        # the caller's own netns was never touched
+        assert Path("/proc/sys/net/bridge/bridge-nf-call-iptables").read_text() == host_knob
+        assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == host_forward
+        assert not Path("/sys/class/net/cni0").exists()
+
+    def test_a_failed_test_still_leaves_nothing_behind(self, tmp_path: Path) -> None:
+        require_lab_host()
+        pid_file = tmp_path / "server.pid"
+        (tmp_path / "test_inner.py").write_text(textwrap.dedent(f"""\
+            import sys
+            sys.path.insert(0, {str(REPO_ROOT)!r})
+            from tests.lab.test_lab import lab_factory  # the fixture under test
+
+            def test_fails_with_a_lab_up(lab_factory):
+                state = lab_factory(bridge_nf_call_iptables=0)
+                open({str(pid_file)!r}, "w").write(str(state.server_pid))
+                assert False, "deliberate failure"
+            """))
+        env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
+        inner = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
+             str(tmp_path), str(tmp_path / "test_inner.py")],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env, check=False,
+        )
+        assert "1 failed" in inner.stdout, inner.stdout + inner.stderr
+        assert "deliberate failure" in inner.stdout
+        assert ht_namespaces() == []
+        assert not netns.pid_alive(int(pid_file.read_text()))
+        assert not LAB.state_file.exists()
+
+    def test_up_refuses_an_existing_lab(self, lab_factory: LabFactory) -> None:
+        lab_factory()
+        with pytest.raises(HairtraceError, match="already exists"):
+            seed.up()
+        assert seed.status().is_up
+
+    def test_bad_arguments_and_missing_lab(self) -> None:
+        require_lab_host()
+        with pytest.raises(UsageError, match="0 or 1"):
+            seed.up(bridge_nf_call_iptables=2)
+        with pytest.raises(UsageError, match="proxy mode"):
+            seed.up(proxy_mode="ipvs")
+        if not netns.exists(LAB.node_ns):
+            with pytest.raises(HairtraceError, match="no seed lab"):
+                seed.set_bridge_nf_call_iptables(1)
+
+    def test_cni_errors_carry_the_plugins_message(self, request: pytest.FixtureRequest) -> None:
+        require_lab_host()
+        ns = "ht-cni-error"
+        netns.add(ns)
+        request.addfinalizer(lambda: netns.delete(ns))
+        attachment = cni.Attachment("hairtrace-cni-error", "/run/netns/ht-no-such-netns")
+        with pytest.raises(HairtraceError, match=r"CNI bridge ADD for hairtrace-cni-error failed: .*"
+                                                 r"ht-no-such-netns.*\(code \d+\)"):
+            cni.add(seed.cni_config(), attachment, run_in_netns=ns)
+
+
+# ------------------------------------------------------------------ the shell script
+
+
+class TestSeedScript:
+    """The same topology built by scripts/seed-lab.sh, without tracer.lab."""
+
+    pytestmark = LIVE
+
+    def test_script_knob_0_reproduces_and_down_cleans(self, seed_script: ScriptRunner) -> None:
+        up = seed_script("up", "0")
+        assert up.returncode == 0, up.stderr
+        assert curl_from("poda", "http://100.96.54.247/").returncode == 0
+        assert curl_from("poda", "http://100.67.30.133/").returncode == 28
+        down = seed_script("down")
+        assert down.returncode == 0, down.stderr
+        assert not any(netns.exists(ns) for ns in SCRIPT_NAMESPACES)
+        assert seed_script("down").returncode == 0
+
+    def test_script_knob_1_works(self, seed_script: ScriptRunner) -> None:
+        up = seed_script("up", "1")
+        assert up.returncode == 0, up.stderr
+        works = curl_from("poda", "http://100.67.30.133/")
+        assert works.returncode == 0 and "pod B 100.96.54.247" in works.stdout
+        assert seed_script("up", "1").returncode != 0  # refuses to build over itself

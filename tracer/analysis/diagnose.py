@@ -1,0 +1,237 @@
+"""Connection -> verdict, and for a broken one: where, why, the evidence and the fix.
+
+Pure over a reassembled connection and the Context (names, sysctls, losses).
+A cause code is given only when the evidence supports it; otherwise the break
+is `unexplained` with the place the path stopped, never a guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tracer.analysis.context import Context
+from tracer.analysis.model import IPS_SEEN_REPLY, NETFILTER_KINDS
+from tracer.analysis.reassemble import Connection, Hop, Packet
+
+SYSCTL_BR_NF = "net.bridge.bridge-nf-call-iptables"
+# A packet freed for these reasons in the client after it was answered is the
+# normal end of an unexpected segment, not a drop on the path.
+_EXPECTED_DROPS = frozenset({"NO_SOCKET", "TCP_RESET", "TCP_FLAGS", "NOT_SPECIFIED"})
+
+
+@dataclass(frozen=True)
+class Break:
+    packet_role: str
+    packet_index: int
+    netns: str
+    dev: str
+    point: str
+    cause: str
+    explanation: str
+    evidence: tuple[str, ...]
+    fix: str
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    verdict: str  # ok | broken | recovered | incomplete
+    brk: Break | None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Roles:
+    """Where the client lives and where the service was translated."""
+
+    client_ns: int | None
+    nat_ns: int | None
+    nat_hop: Hop | None
+
+
+def _roles(conn: Connection) -> _Roles:
+    originals = [p for p in conn.packets if p.direction == "original"]
+    client_ns = originals[0].hops[0].netns if originals else None
+    for pkt in originals:
+        for hop in pkt.hops:
+            if hop.nat and "DNAT" in hop.nat:
+                return _Roles(client_ns, hop.netns, hop)
+    for pkt in originals:
+        for hop in pkt.hops:
+            if hop.ct is not None and hop.ct.dnat:
+                return _Roles(client_ns, hop.netns, hop)
+    return _Roles(client_ns, None, None)
+
+
+def _delivered(pkt: Packet, client_ns: int | None) -> Hop | None:
+    """The first hop of a reply inside the client's namespace, if it got there."""
+    return next((h for h in pkt.hops if h.netns == client_ns), None)
+
+
+def _fmt(ip: str, port: int) -> str:
+    return f"{ip}:{port}"
+
+
+def diagnose(conn: Connection, ctx: Context) -> Diagnosis:
+    roles = _roles(conn)
+    svc = _fmt(conn.key.dst, conn.key.dport)
+    brk: Break | None = None
+    success = False
+    for i, pkt in enumerate(conn.packets):
+        if pkt.direction == "reply" and pkt.role == "SYN+ACK":
+            hop = _delivered(pkt, roles.client_ns)
+            if hop is None:
+                continue
+            if ctx.is_service(hop.tuple.src, hop.tuple.sport):
+                success = True
+            elif brk is None:
+                brk = _untranslated_reply(conn, i, pkt, hop, roles, ctx)
+        elif pkt.direction == "original" and pkt.role in ("ACK", "DATA", "FIN") and not success:
+            success = any(p.role == "SYN+ACK" for p in conn.packets[:i])
+    if brk is None and not success:
+        brk = _dropped(conn, roles, ctx)
+    notes: list[str] = []
+    verdict = "recovered" if brk and success else "broken" if brk else "ok" if success else ""
+    if not verdict:
+        brk, verdict, why = _unanswered(conn, ctx)
+        notes.extend(why)
+    lost = _overlapping_loss(conn, ctx)
+    if lost:
+        notes.append(lost)
+        verdict = "incomplete"
+    return Diagnosis(verdict, brk, tuple(notes))
+
+
+def _overlapping_loss(conn: Connection, ctx: Context) -> str | None:
+    lo, hi = conn.first_ns, max(conn.last_ns, conn.first_ns) + ctx.reply_timeout_ns
+    for first, last in ctx.loss_windows:
+        if first <= hi and last >= lo:
+            return "ring-buffer events were lost while this connection was traced"
+    return None
+
+
+def _unanswered(conn: Connection, ctx: Context) -> tuple[Break | None, str, list[str]]:
+    syns = [(i, p) for i, p in enumerate(conn.packets) if p.role == "SYN"]
+    if not syns:
+        return None, "incomplete", ["no SYN of this connection was seen (it began before the trace)"]
+    i, last_syn = syns[-1]
+    waited = ctx.end_ns - last_syn.hops[-1].ts_ns
+    if any(p.role == "SYN+ACK" for p in conn.packets) or waited < ctx.reply_timeout_ns:
+        return None, "incomplete", ["the trace ended before the handshake finished"]
+    hop = last_syn.hops[-1]
+    brk = Break(
+        "SYN", i, hop.netns_name, hop.dev, hop.point, "unexplained",
+        f"No SYN+ACK was seen within {waited / 1e9:.1f}s; the SYN was last seen at "
+        f"{hop.netns_name}/{hop.dev} ({hop.point}) as {hop.tuple}.",
+        tuple(_path_evidence(last_syn)),
+        "Look beyond the last point seen: is the backend listening, is there a route, "
+        "does a firewall outside the traced points drop it?",
+    )
+    return brk, "broken", []
+
+
+def _path_evidence(pkt: Packet) -> list[str]:
+    return [f"{pkt.role} path: " + " -> ".join(f"{h.netns_name}/{h.dev}:{h.point}"
+                                              for h in pkt.hops)]
+
+
+def _dropped(conn: Connection, roles: _Roles, ctx: Context) -> Break | None:
+    for i, pkt in enumerate(conn.packets):
+        for hop in pkt.hops:
+            if hop.kind != "drop" or hop.drop_reason in _EXPECTED_DROPS:
+                continue
+            return Break(
+                pkt.role, i, hop.netns_name, hop.dev, hop.point, "packet-dropped",
+                f"The {pkt.role} {hop.tuple} was dropped in {hop.netns_name} on {hop.dev} "
+                f"(drop reason {hop.drop_reason}).",
+                tuple(_path_evidence(pkt) + [f"drop reason: {hop.drop_reason}"]),
+                "Find what drops it: for NETFILTER_DROP the filter rules of that namespace "
+                "(iptables-save / nft list ruleset); otherwise the stack's reason above.",
+            )
+    return None
+
+
+def _untranslated_reply(conn: Connection, index: int, pkt: Packet, delivered: Hop,
+                        roles: _Roles, ctx: Context) -> Break:
+    svc = _fmt(conn.key.dst, conn.key.dport)
+    seen_src = _fmt(delivered.tuple.src, delivered.tuple.sport)
+    client_name = delivered.netns_name
+    evidence: list[str] = []
+    if roles.nat_hop is not None:
+        h = roles.nat_hop
+        ct = h.ct
+        what = h.nat or (f"conntrack binding {ct.orig} / reply {ct.reply}" if ct else "")
+        evidence.append(f"SYN {conn.key} was DNATed in netns {h.netns_name} at {h.point} "
+                        f"({what})")
+    nat_ns = roles.nat_ns
+    in_nat = [h for h in pkt.hops if h.netns == nat_ns]
+    nf_seen = [h for h in in_nat if h.kind in NETFILTER_KINDS]
+    bridge = _bridged_by(in_nat, ctx, nat_ns) if nat_ns is not None else None
+    place = in_nat[-1] if in_nat else delivered
+    if in_nat:
+        path = " -> ".join(f"{h.dev}:{h.point}" for h in in_nat)
+        evidence.append(f"{pkt.role} {pkt.hops[0].tuple} crossed netns {place.netns_name} as "
+                        f"{path}" + (f" (ports of bridge {bridge})" if bridge else ""))
+    if not nf_seen and in_nat:
+        evidence.append(f"no conntrack, NAT or netfilter hook saw the {pkt.role} in netns "
+                        f"{place.netns_name}: reverse translation never ran")
+    evidence.append(f"client netns {client_name} received the {pkt.role} from {seen_src} "
+                    f"instead of the service address {svc}")
+    reset = next((p for p in conn.packets if p.role == "RST" and p.caused_by == index), None)
+    if reset is not None:
+        evidence.append(f"the client answered with RST {reset.hops[0].tuple} "
+                        f"(in {reset.hops[0].netns_name})")
+    if conn.last_ct is not None and not conn.last_ct.status & IPS_SEEN_REPLY:
+        evidence.append(f"conntrack entry {conn.last_ct.orig} never saw a reply "
+                        "(no SEEN_REPLY, shown as [UNREPLIED] by conntrack -L)")
+    cause, explanation, fix = "unexplained", (
+        f"The {pkt.role} reached the client with the backend's source {seen_src} instead of "
+        f"{svc}; hairtrace cannot tell why reverse NAT did not run."), (
+        "Check that replies of DNATed connections return through the namespace that holds "
+        "the conntrack entry.")
+    if bridge is not None and not nf_seen and nat_ns is not None:
+        value = ctx.names.sysctl(nat_ns, SYSCTL_BR_NF)
+        evidence.append(f"{SYSCTL_BR_NF} = {value if value is not None else 'absent'} in netns "
+                        f"{place.netns_name}")
+        cause, explanation, fix = _bridge_cause(value, pkt.role, bridge, place.netns_name,
+                                                seen_src, svc)
+    dev = bridge or place.dev
+    return Break(pkt.role, index, place.netns_name, dev, place.point, cause, explanation,
+                 tuple(evidence), fix)
+
+
+def _bridged_by(hops: list[Hop], ctx: Context, ns: int) -> str | None:
+    """The bridge that switched the packet in ns, if it entered and left by its ports
+    without being delivered up to the bridge device itself."""
+    if any(h.kind == "bridge" and h.point == "br_forward" for h in hops):
+        return ctx.names.bridge_of(ns, hops[0].dev) or "bridge"
+    ports = [h for h in hops if h.kind in ("dev_rx", "dev_tx")]
+    if len(ports) < 2 or any(ctx.names.is_bridge(ns, h.dev) for h in ports):
+        return None
+    masters = {ctx.names.bridge_of(ns, h.dev) for h in ports}
+    if len(masters) == 1 and None not in masters:
+        return masters.pop()
+    return None
+
+
+def _bridge_cause(value: str | None, role: str, bridge: str, ns: str, seen: str,
+                  svc: str) -> tuple[str, str, str]:
+    if value is None:
+        return ("br-netfilter-not-loaded",
+                f"The {role} from {seen} was switched by bridge {bridge} in {ns} straight to the "
+                f"client. br_netfilter is not loaded, so bridged frames never reach iptables/"
+                f"conntrack and the reply's source is not translated back to {svc}.",
+                f"Load br_netfilter (modprobe br_netfilter; persist it in /etc/modules-load.d/) "
+                f"and set {SYSCTL_BR_NF}=1 in {ns}.")
+    if value == "0":
+        return ("bridge-nf-call-iptables-off",
+                f"The {role} from {seen} was switched by bridge {bridge} in {ns} straight to the "
+                f"client without passing netfilter ({SYSCTL_BR_NF}=0), so conntrack never "
+                f"reverse-translated its source to the service address {svc}; the client does "
+                f"not recognise it and resets.",
+                f"Set {SYSCTL_BR_NF}=1 in {ns} (sysctl -w {SYSCTL_BR_NF}=1, persisted in "
+                f"/etc/sysctl.d/); kube-proxy needs it whenever client and backend pods share "
+                f"a bridge.")
+    return ("unexplained",
+            f"The {role} from {seen} was bridged by {bridge} in {ns} without netfilter although "
+            f"{SYSCTL_BR_NF}={value}; hairtrace cannot tell why.",
+            "Check the bridge's own nf_call_iptables setting and ebtables/nftables bridge rules.")

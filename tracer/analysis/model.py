@@ -1,0 +1,171 @@
+"""The event model every provider feeds and the analysis reads.
+
+Point numbers mirror `enum ht_point` in bpf/hairtrace.h. Each point also has
+a provider-neutral meaning (`PointInfo.kind`), which is all the analysis looks
+at, so events from tracepoints, fentry or kprobes reassemble the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+# TCP flag bits
+FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+
+# enum ip_conntrack_status bits (include/uapi/linux/netfilter/nf_conntrack_common.h)
+IPS_EXPECTED, IPS_SEEN_REPLY, IPS_ASSURED, IPS_CONFIRMED = 1, 2, 4, 8
+IPS_SRC_NAT, IPS_DST_NAT = 0x10, 0x20
+IPS_SRC_NAT_DONE, IPS_DST_NAT_DONE, IPS_DYING = 0x80, 0x100, 0x200
+_CT_STATUS_NAMES = (
+    (IPS_SEEN_REPLY, "SEEN_REPLY"), (IPS_ASSURED, "ASSURED"), (IPS_CONFIRMED, "CONFIRMED"),
+    (IPS_SRC_NAT, "SRC_NAT"), (IPS_DST_NAT, "DST_NAT"), (IPS_SRC_NAT_DONE, "SRC_NAT_DONE"),
+    (IPS_DST_NAT_DONE, "DST_NAT_DONE"), (IPS_DYING, "DYING"),
+)
+# enum ip_conntrack_info
+CTINFO_NAMES = {0: "ESTABLISHED", 1: "RELATED", 2: "NEW", 3: "ESTABLISHED_REPLY",
+                4: "RELATED_REPLY", 7: "UNTRACKED"}
+NF_HOOKS = {0: "PREROUTING", 1: "INPUT", 2: "FORWARD", 3: "OUTPUT", 4: "POSTROUTING"}
+
+
+class Point(IntEnum):
+    """enum ht_point (bpf/hairtrace.h)."""
+
+    DEV_RX = 1
+    DEV_TX = 2
+    DROP = 3
+    TCP_RESET = 4
+    NF_PRE_CT = 5
+    NF_PRE_NAT = 6
+    NF_OUT_CT = 7
+    NF_OUT_NAT = 8
+    NF_FORWARD = 9
+    NF_POST_NAT = 10
+    NF_IN_NAT = 11
+    BR_HANDLE_FRAME = 16
+    BR_FORWARD = 17
+    BR_PASS_UP = 18
+    BR_NF_PRE_ROUTING = 19
+    CT_IN = 20
+    CT_CONFIRM = 21
+    NAT_MANIP = 22
+    NAT_SETUP = 23
+    TCP_V4_SEND_RESET = 24
+
+
+@dataclass(frozen=True)
+class PointInfo:
+    """What a point means, independent of the provider that took it.
+
+    kind: dev_rx, dev_tx, drop, reset, netfilter, bridge, bridge_nf, conntrack, nat.
+    """
+
+    name: str
+    kind: str
+    hook: str | None = None
+
+
+POINTS: dict[int, PointInfo] = {
+    Point.DEV_RX: PointInfo("netif_receive_skb", "dev_rx"),
+    Point.DEV_TX: PointInfo("net_dev_start_xmit", "dev_tx"),
+    Point.DROP: PointInfo("kfree_skb", "drop"),
+    Point.TCP_RESET: PointInfo("tcp_send_reset", "reset"),
+    Point.NF_PRE_CT: PointInfo("nf:PREROUTING@conntrack", "netfilter", "PREROUTING"),
+    Point.NF_PRE_NAT: PointInfo("nf:PREROUTING@dnat", "netfilter", "PREROUTING"),
+    Point.NF_OUT_CT: PointInfo("nf:OUTPUT@conntrack", "netfilter", "OUTPUT"),
+    Point.NF_OUT_NAT: PointInfo("nf:OUTPUT@dnat", "netfilter", "OUTPUT"),
+    Point.NF_FORWARD: PointInfo("nf:FORWARD@filter", "netfilter", "FORWARD"),
+    Point.NF_POST_NAT: PointInfo("nf:POSTROUTING@snat", "netfilter", "POSTROUTING"),
+    Point.NF_IN_NAT: PointInfo("nf:INPUT@snat", "netfilter", "INPUT"),
+    Point.BR_HANDLE_FRAME: PointInfo("br_handle_frame", "bridge"),
+    Point.BR_FORWARD: PointInfo("br_forward", "bridge"),
+    Point.BR_PASS_UP: PointInfo("br_pass_frame_up", "bridge"),
+    Point.BR_NF_PRE_ROUTING: PointInfo("br_nf_pre_routing", "bridge_nf"),
+    Point.CT_IN: PointInfo("nf_conntrack_in", "conntrack"),
+    Point.CT_CONFIRM: PointInfo("__nf_conntrack_confirm", "conntrack"),
+    Point.NAT_MANIP: PointInfo("nf_nat_manip_pkt", "nat"),
+    Point.NAT_SETUP: PointInfo("nf_nat_setup_info", "nat"),
+    Point.TCP_V4_SEND_RESET: PointInfo("tcp_v4_send_reset", "reset"),
+}
+
+# Kinds that prove netfilter (conntrack / NAT) saw the packet.
+NETFILTER_KINDS = frozenset({"netfilter", "bridge_nf", "conntrack", "nat"})
+
+
+def point_info(point: int) -> PointInfo:
+    return POINTS.get(point, PointInfo(f"point-{point}", "unknown"))
+
+
+@dataclass(frozen=True, order=True)
+class Tuple:
+    """A directional 4-tuple (dotted-quad addresses, host-order ports)."""
+
+    src: str
+    sport: int
+    dst: str
+    dport: int
+
+    def reversed(self) -> Tuple:
+        return Tuple(self.dst, self.dport, self.src, self.sport)
+
+    def __str__(self) -> str:
+        return f"{self.src}:{self.sport} -> {self.dst}:{self.dport}"
+
+
+@dataclass(frozen=True)
+class Conntrack:
+    """The conntrack entry a packet carried at a point."""
+
+    id: int
+    status: int
+    ctinfo: int
+    orig: Tuple
+    reply: Tuple
+
+    @property
+    def status_names(self) -> list[str]:
+        return [name for bit, name in _CT_STATUS_NAMES if self.status & bit]
+
+    @property
+    def dnat(self) -> bool:
+        """The reply tuple's source is not the original destination: DNAT bound."""
+        return (self.reply.src, self.reply.sport) != (self.orig.dst, self.orig.dport)
+
+    @property
+    def snat(self) -> bool:
+        return (self.reply.dst, self.reply.dport) != (self.orig.src, self.orig.sport)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "id": f"{self.id:#x}", "state": CTINFO_NAMES.get(self.ctinfo, str(self.ctinfo)),
+            "status": self.status_names, "original": str(self.orig), "reply": str(self.reply),
+        }
+
+
+@dataclass(frozen=True)
+class Event:
+    """One observation of one packet at one point (struct ht_event, decoded)."""
+
+    ts_ns: int
+    point: int
+    netns: int
+    ifindex: int
+    dev: str
+    tuple: Tuple
+    proto: int
+    tcp_flags: int
+    seq: int
+    ack_seq: int
+    ip_id: int
+    skb: int = 0
+    hook: int = 0xFF
+    nf_prio: int = 0
+    ct: Conntrack | None = None
+    untracked: bool = False
+    reason: int = 0
+    location: int = 0
+    aux: int = 0
+
+    @property
+    def info(self) -> PointInfo:
+        return point_info(self.point)

@@ -1,0 +1,178 @@
+"""Events -> packets -> connections, linked through conntrack tuples.
+
+A packet is one TCP segment followed across points, devices and namespaces
+(same flags, sequence numbers and IP id; its addresses may change under NAT).
+A connection is everything whose tuple belongs to one conntrack entry of the
+service: original and reply, before and after NAT. Pure: no kernel, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tracer.analysis.context import Context
+from tracer.analysis.model import ACK, FIN, PSH, RST, SYN, Conntrack, Event, Tuple
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One point a packet passed, with its addresses there."""
+
+    ts_ns: int
+    netns: int
+    netns_name: str
+    dev: str
+    point: str
+    kind: str
+    tuple: Tuple
+    ct: Conntrack | None
+    nat: str | None
+    drop_reason: str | None = None
+
+
+@dataclass
+class Packet:
+    role: str
+    direction: str  # original | reply
+    tcp_flags: int
+    seq: int
+    ack_seq: int
+    ip_id: int
+    hops: list[Hop] = field(default_factory=list)
+    caused_by: int | None = None  # index of the packet that made the client send this RST
+
+    @property
+    def ts_ns(self) -> int:
+        return self.hops[0].ts_ns
+
+    @property
+    def acks(self) -> bool:
+        return bool(self.tcp_flags & ACK)
+
+
+@dataclass
+class Connection:
+    key: Tuple  # conntrack original tuple: client -> service
+    backend: tuple[str, int] | None  # where DNAT sent it (reply tuple's source)
+    packets: list[Packet]
+    ct_ids: set[int]
+    last_ct: Conntrack | None
+
+    @property
+    def first_ns(self) -> int:
+        return min(p.ts_ns for p in self.packets)
+
+    @property
+    def last_ns(self) -> int:
+        return max(h.ts_ns for p in self.packets for h in p.hops)
+
+
+def role_of(flags: int) -> str:
+    if flags & RST:
+        return "RST"
+    if flags & SYN:
+        return "SYN+ACK" if flags & ACK else "SYN"
+    if flags & FIN:
+        return "FIN"
+    if flags & PSH:
+        return "DATA"
+    return "ACK"
+
+
+def _conn_keys(events: list[Event], ctx: Context) -> dict[Tuple, Tuple]:
+    """Every directional tuple seen in a service conntrack entry -> its original tuple."""
+    keys: dict[Tuple, Tuple] = {}
+    for ev in events:
+        ct = ev.ct
+        if ct is None or not ctx.is_service(ct.orig.dst, ct.orig.dport):
+            continue
+        for t in (ct.orig, ct.orig.reversed(), ct.reply, ct.reply.reversed()):
+            keys.setdefault(t, ct.orig)
+    return keys
+
+
+def _key_of(ev: Event, keys: dict[Tuple, Tuple], ctx: Context) -> Tuple | None:
+    if ev.tuple in keys:
+        return keys[ev.tuple]
+    t = ev.tuple
+    if ctx.is_service(t.dst, t.dport):
+        return t
+    if ctx.is_service(t.src, t.sport):
+        return t.reversed()
+    return None
+
+
+def _nat_change(prev: Tuple, cur: Tuple) -> str | None:
+    parts = []
+    if (prev.dst, prev.dport) != (cur.dst, cur.dport):
+        parts.append(f"DNAT {prev.dst}:{prev.dport} -> {cur.dst}:{cur.dport}")
+    if (prev.src, prev.sport) != (cur.src, cur.sport):
+        parts.append(f"SNAT {prev.src}:{prev.sport} -> {cur.src}:{cur.sport}")
+    return "; ".join(parts) or None
+
+
+def _hop(ev: Event, prev: Tuple | None, ctx: Context) -> Hop:
+    info = ev.info
+    reason = None
+    if info.kind == "drop":
+        reason = ctx.drop_reasons.get(ev.reason, f"reason-{ev.reason}")
+    return Hop(ev.ts_ns, ev.netns, ctx.names.ns_name(ev.netns), ev.dev, info.name, info.kind,
+               ev.tuple, ev.ct, _nat_change(prev, ev.tuple) if prev else None, reason)
+
+
+def _direction(t: Tuple, key: Tuple, cts: list[Conntrack]) -> str:
+    reply_side = {key.reversed()} | {ct.reply for ct in cts}
+    return "reply" if t in reply_side else "original"
+
+
+def _packets(events: list[Event], key: Tuple, ctx: Context) -> list[Packet]:
+    cts = [ev.ct for ev in events if ev.ct is not None]
+    packets: list[Packet] = []
+    open_by_id: dict[tuple[int, int, int, int], Packet] = {}
+    for ev in events:
+        ident = (ev.tcp_flags, ev.seq, ev.ack_seq, ev.ip_id)
+        pkt = open_by_id.get(ident)
+        # Seeing the same segment again at a place it already passed means a
+        # retransmission (a SYN+ACK's IP id is 0 every time): a new packet.
+        place = (ev.netns, ev.dev, ev.info.name)
+        if pkt is not None and any((h.netns, h.dev, h.point) == place for h in pkt.hops):
+            pkt = None
+        if pkt is None:
+            pkt = Packet(role_of(ev.tcp_flags), _direction(ev.tuple, key, cts), ev.tcp_flags,
+                         ev.seq, ev.ack_seq, ev.ip_id)
+            packets.append(pkt)
+            open_by_id[ident] = pkt
+        prev = pkt.hops[-1].tuple if pkt.hops else None
+        pkt.hops.append(_hop(ev, prev, ctx))
+    _link_resets(packets)
+    return packets
+
+
+def _link_resets(packets: list[Packet]) -> None:
+    """An RST answers the segment whose ack it carries as its sequence number."""
+    for i, pkt in enumerate(packets):
+        if pkt.role != "RST":
+            continue
+        for j in range(i - 1, -1, -1):
+            cand = packets[j]
+            if cand.direction != pkt.direction and cand.ack_seq == pkt.seq and cand.acks:
+                pkt.caused_by = j
+                break
+
+
+def reassemble(events: list[Event], ctx: Context) -> list[Connection]:
+    """Group events into connections of the service, each with its packets in time order."""
+    events = sorted(events, key=lambda e: e.ts_ns)
+    keys = _conn_keys(events, ctx)
+    groups: dict[Tuple, list[Event]] = {}
+    for ev in events:
+        key = _key_of(ev, keys, ctx)
+        if key is not None:
+            groups.setdefault(key, []).append(ev)
+    conns = []
+    for key, evs in groups.items():
+        cts = [e.ct for e in evs if e.ct is not None and e.ct.orig == key]
+        backend = next(((ct.reply.src, ct.reply.sport) for ct in reversed(cts) if ct.dnat), None)
+        conns.append(Connection(key, backend, _packets(evs, key, ctx), {c.id for c in cts},
+                                cts[-1] if cts else None))
+    return sorted(conns, key=lambda c: c.first_ns)

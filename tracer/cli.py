@@ -1,0 +1,95 @@
+"""The hairtrace command line: parse, call the library, render. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from tracer import __version__
+from tracer.errors import EXIT_USAGE, HairtraceError, UsageError
+
+
+def _fail(exc: HairtraceError) -> None:
+    click.echo(f"hairtrace: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _write_json(data: dict[str, Any], dest: str) -> None:
+    text = json.dumps(data, indent=2) + "\n"
+    if dest == "-":
+        click.echo(text, nl=False)
+        return
+    try:
+        with open(dest, "w") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise HairtraceError(f"cannot write report {dest}: {exc.strerror}") from exc
+
+
+class _Main(click.Group):
+    """`hairtrace --svc ...` traces; `hairtrace lab|demo` are subcommands."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            i = args.index("--")
+            ctx.meta["command"] = tuple(args[i + 1:])
+            args = args[:i]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Main, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--svc", "svc", metavar="IP[:PORT]", help="Service (ClusterIP) to trace.")
+@click.option("--netns", metavar="NAME|PATH", help="Node network namespace for the netfilter "
+              "probes (default: the caller's).")
+@click.option("--duration", type=float, metavar="S", help="Stop after S seconds.")
+@click.option("--json", "json_dest", metavar="FILE|-", help="Write the JSON report.")
+@click.option("--provider", type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]),
+              default="auto", show_default=True, help="Probe provider.")
+@click.option("--no-live", is_flag=True, help="No live view; print the summary at the end.")
+@click.version_option(__version__, prog_name="hairtrace")
+@click.pass_context
+def main(ctx: click.Context, svc: str | None, netns: str | None, duration: float | None,
+         json_dest: str | None, provider: str, no_live: bool) -> None:
+    """Trace every TCP connection to a Service and explain where it breaks.
+
+    \b
+    hairtrace --svc 100.67.30.133 [--netns NODE] [--json r.json] [-- CMD ...]
+
+    With `-- CMD`, CMD runs once every probe is attached and the trace ends
+    shortly after it exits. Exit status: 0 all traced connections ok (or none
+    broken), 3 at least one broken, 2 usage error, 1 other failure.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    command = ctx.meta.get("command", ())
+    if svc is None:
+        click.echo(ctx.get_help(), err=True)
+        sys.exit(EXIT_USAGE)
+    from tracer.options import parse_service
+    from tracer.present.live import trace_with_view
+    from tracer.present.report import build, exit_status
+    from tracer.trace import TraceOptions
+
+    try:
+        ip, port = parse_service(svc)
+        if duration is not None and duration <= 0:
+            raise UsageError("--duration must be positive")
+        opts = TraceOptions(ip, port, netns, duration, tuple(command), provider)
+        result = trace_with_view(opts, live=not no_live and sys.stderr.isatty())
+        if json_dest:
+            _write_json(build(result.run, result.results), json_dest)
+    except HairtraceError as exc:
+        _fail(exc)
+    sys.exit(exit_status(result.results))
+
+
+from tracer import cli_lab  # noqa: E402  (registers lab and demo)
+
+cli_lab.register(main)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,100 @@
+"""`hairtrace lab up|down|status` and `hairtrace demo`: thin fronts over tracer.lab and demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+
+import click
+
+from tracer.errors import HairtraceError
+
+
+def _fail(exc: HairtraceError) -> None:
+    click.echo(f"hairtrace: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+@click.group()
+def lab() -> None:
+    """Build, inspect and remove the seed lab (network namespaces ht-node, ht-pod-a, ht-pod-b)."""
+
+
+@lab.command("up")
+@click.option("--bridge-nf-call-iptables", "knob", type=click.IntRange(0, 1), default=0,
+              show_default=True, help="The sysctl in the node netns (0 reproduces the bug).")
+@click.option("--proxy-mode", type=click.Choice(["iptables", "nftables"]), default="iptables",
+              show_default=True, help="Shape of the kube-proxy NAT rules.")
+def lab_up(knob: int, proxy_mode: str) -> None:
+    """Build the lab: pod A curls ClusterIP 100.67.30.133 served by pod B on bridge cni0."""
+    from tracer.lab import seed
+
+    try:
+        state = seed.up(bridge_nf_call_iptables=knob, proxy_mode=proxy_mode)
+    except HairtraceError as exc:
+        _fail(exc)
+    lab_ = state.lab
+    click.echo(f"lab up: node {lab_.node_ns}, pods {lab_.pod_a_ns} ({lab_.pod_a_ip}) and "
+               f"{lab_.pod_b_ns} ({lab_.pod_b_ip}), service {lab_.service_ip}:"
+               f"{lab_.service_port}, bridge-nf-call-iptables={knob}, {proxy_mode} rules")
+    click.echo(f"try: sudo hairtrace --svc {lab_.service_ip} --netns {lab_.node_ns} -- "
+               f"ip netns exec {lab_.pod_a_ns} curl -m 3 http://{lab_.service_ip}/")
+
+
+@lab.command("down")
+def lab_down() -> None:
+    """Remove everything the lab created."""
+    from tracer.lab import seed
+
+    try:
+        done = seed.down()
+    except HairtraceError as exc:
+        _fail(exc)
+    click.echo("lab down: " + (", ".join(done) if done else "nothing to remove"))
+
+
+@lab.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def lab_status(as_json: bool) -> None:
+    """What exists of the lab. Exit status 0 when it is up, 1 when (partly) absent."""
+    from tracer.lab import seed
+
+    try:
+        st = seed.status()
+    except HairtraceError as exc:
+        _fail(exc)
+    data = asdict(st)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        for key, value in data.items():
+            click.echo(f"{key}: {value}")
+    sys.exit(0 if all(st.namespaces.values()) and st.server_alive else 1)
+
+
+@click.command()
+@click.option("--json", "json_dest", metavar="FILE", help="Write both reports as one JSON file.")
+@click.option("--proxy-mode", type=click.Choice(["iptables", "nftables"]), default="iptables",
+              show_default=True)
+def demo(json_dest: str | None, proxy_mode: str) -> None:
+    """Build the lab, reproduce the bug, trace it, apply the fix, trace again, remove the lab."""
+    from tracer.demo import run_demo
+
+    try:
+        outcome = run_demo(proxy_mode=proxy_mode, live=sys.stderr.isatty())
+        if json_dest:
+            with open(json_dest, "w") as fh:
+                json.dump(outcome.reports, fh, indent=2)
+    except HairtraceError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(HairtraceError(f"cannot write {json_dest}: {exc.strerror}"))
+    click.echo(outcome.summary, err=True)
+    sys.exit(0 if outcome.as_expected else 1)
+
+
+def register(main: click.Group) -> None:
+    """Attach the lab commands to the main group (kept apart so the trace path stays small)."""
+    main.add_command(lab)
+    main.add_command(demo)

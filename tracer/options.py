@@ -1,0 +1,23 @@
+"""Validated user input: service address, port, durations."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from tracer.errors import UsageError
+
+
+def parse_service(spec: str) -> tuple[str, int]:
+    """'IP[:PORT]' -> (ip, port); port 0 means any port of the service IP."""
+    host, sep, port_s = spec.rpartition(":") if spec.count(":") == 1 else (spec, "", "")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(f"bad service address '{host}': expected an IPv4 address") from None
+    if ip.version != 4:
+        raise UsageError(f"bad service address '{host}': only IPv4 is supported")
+    if not sep:
+        return str(ip), 0
+    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise UsageError(f"bad service port '{port_s}': expected 1-65535")
+    return str(ip), int(port_s)

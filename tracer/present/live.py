@@ -1,0 +1,118 @@
+"""The rich live view and the end-of-trace summary (on stderr; stdout stays for JSON)."""
+
+from __future__ import annotations
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from tracer.analysis.diagnose import Diagnosis
+from tracer.analysis.reassemble import Connection
+from tracer.present.report import RunInfo
+from tracer.trace import Stats, TraceOptions, TraceResult, run_trace
+
+_STYLE = {"ok": "green", "broken": "bold red", "recovered": "yellow", "incomplete": "magenta"}
+
+
+def _console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _header(run: RunInfo) -> Text:
+    port = run.service_port or "any"
+    return Text.from_markup(
+        f"[bold]hairtrace[/] {run.tool_version}  service {run.service_ip}:{port}  netns "
+        f"{run.netns}  kernel {run.kernel}\nprovider {run.provider_reason}; "
+        f"attached {len(run.attached)} programs in {run.attach_seconds:.3f}s")
+
+
+def _table(results: list[tuple[Connection, Diagnosis]]) -> Table:
+    table = Table(expand=True, show_lines=False)
+    for col in ("client", "service", "backend", "packets", "verdict", "where / cause"):
+        table.add_column(col)
+    for conn, diag in results:
+        backend = f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "-"
+        roles = " ".join(p.role for p in conn.packets)
+        where = ""
+        if diag.brk:
+            b = diag.brk
+            where = f"{b.packet_role} at {b.netns}/{b.dev} ({b.point}): {b.cause}"
+        table.add_row(f"{conn.key.src}:{conn.key.sport}", f"{conn.key.dst}:{conn.key.dport}",
+                      backend, roles, Text(diag.verdict, style=_STYLE.get(diag.verdict, "")),
+                      where)
+    return table
+
+
+def _losses(stats: Stats) -> Text:
+    if not stats.lost:
+        return Text(f"{stats.events} events, 0 lost")
+    per = ", ".join(f"{k} {v}" for k, v in stats.lost_by_point.items())
+    return Text(f"{stats.events} events, {stats.lost} LOST ({per}): affected connections are "
+                "incomplete", style="bold red")
+
+
+class LiveSink:
+    """Redraws the connection table as events arrive; breaks show the moment they are known."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live: Live | None = None
+        self.header = Text("")
+
+    def attached(self, run: RunInfo) -> None:
+        self.header = _header(run)
+        self.live = Live(Group(self.header, Text("waiting for packets...")),
+                         console=self.console, refresh_per_second=4, transient=True)
+        self.live.start()
+
+    def update(self, results: list[tuple[Connection, Diagnosis]], stats: Stats) -> None:
+        if self.live is not None:
+            self.live.update(Group(self.header, _table(results), _losses(stats)))
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+def trace_with_view(opts: TraceOptions, live: bool) -> TraceResult:
+    """Trace with the live table (when live), then print the summary either way."""
+    console = _console()
+    sink = LiveSink(console) if live else None
+    try:
+        result = run_trace(opts, sink)
+    finally:
+        if sink:
+            sink.close()
+    render_summary(result, console)
+    return result
+
+
+def render_summary(result: TraceResult, console: Console | None = None) -> None:
+    """Everything a person needs at the end: table, then each break in full."""
+    console = console or _console()
+    run = result.run
+    console.print(_header(run))
+    stats = Stats(run.events, run.lost_events, run.lost_by_point)
+    console.print(_table(result.results))
+    console.print(_losses(stats))
+    if not result.results:
+        console.print("no connection to the service was seen")
+    for conn, diag in result.results:
+        for note in diag.notes:
+            console.print(f"[magenta]note[/] {conn.key}: {note}")
+        if diag.brk is None:
+            continue
+        b = diag.brk
+        body = Text()
+        body.append(f"{b.explanation}\n\n", style="bold")
+        body.append("where: ", style="bold")
+        body.append(f"{b.packet_role} in netns {b.netns}, dev {b.dev}, at {b.point}\n")
+        body.append("evidence:\n", style="bold")
+        for item in b.evidence:
+            body.append(f"  - {item}\n")
+        body.append("fix: ", style="bold green")
+        body.append(b.fix)
+        console.print(Panel(body, title=f"{diag.verdict}: {b.cause}  ({conn.key})",
+                            border_style=_STYLE.get(diag.verdict, "")))

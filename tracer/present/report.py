@@ -1,0 +1,110 @@
+"""The JSON report (schema hairtrace/report@1): a contract other tools read.
+
+Fields named in the schema are never renamed; new ones may be added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracer.analysis.diagnose import Break, Diagnosis
+from tracer.analysis.reassemble import Connection, Hop, Packet
+
+SCHEMA = "hairtrace/report@1"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """How and when the report was produced (the fields a replay may change)."""
+
+    tool_version: str
+    kernel: str
+    provider: str
+    provider_reason: str
+    service_ip: str
+    service_port: int
+    netns: str
+    events: int
+    lost_events: int
+    lost_by_point: dict[str, int] = field(default_factory=dict)
+    attached: tuple[str, ...] = ()
+    attach_seconds: float | None = None
+    started_at: float | None = None  # wall clock
+    start_ns: int = 0  # monotonic origin of packet timestamps
+    command: tuple[str, ...] = ()
+    command_status: int | None = None
+
+
+def _endpoint(ip: str, port: int) -> dict[str, Any]:
+    return {"ip": ip, "port": port}
+
+
+def _hop(h: Hop) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "netns": h.netns_name, "dev": h.dev, "point": h.point,
+        "src": f"{h.tuple.src}:{h.tuple.sport}", "dst": f"{h.tuple.dst}:{h.tuple.dport}",
+        "ct": h.ct.to_dict() if h.ct else None, "nat": h.nat,
+    }
+    if h.drop_reason:
+        out["drop_reason"] = h.drop_reason
+    return out
+
+
+def _packet(p: Packet, origin_ns: int) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "role": p.role, "direction": p.direction, "ts": round((p.ts_ns - origin_ns) / 1e9, 6),
+        "seq": p.seq, "ack": p.ack_seq, "hops": [_hop(h) for h in p.hops],
+    }
+    if p.caused_by is not None:
+        out["caused_by"] = p.caused_by
+    return out
+
+
+def break_dict(b: Break | None) -> dict[str, Any] | None:
+    if b is None:
+        return None
+    return {
+        "packet_role": b.packet_role, "packet_index": b.packet_index, "netns": b.netns,
+        "dev": b.dev, "point": b.point, "cause": b.cause, "explanation": b.explanation,
+        "evidence": list(b.evidence), "fix": b.fix,
+    }
+
+
+def connection_dict(c: Connection, d: Diagnosis, origin_ns: int) -> dict[str, Any]:
+    return {
+        "client": _endpoint(c.key.src, c.key.sport),
+        "service": _endpoint(c.key.dst, c.key.dport),
+        "backend": _endpoint(*c.backend) if c.backend else None,
+        "verdict": d.verdict,
+        "notes": list(d.notes),
+        "packets": [_packet(p, origin_ns) for p in c.packets],
+        "break": break_dict(d.brk),
+    }
+
+
+def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str, Any]:
+    """The whole report as plain data, ready for json.dumps."""
+    return {
+        "schema": SCHEMA,
+        "tool_version": run.tool_version,
+        "kernel": run.kernel,
+        "provider": run.provider,
+        "provider_reason": run.provider_reason,
+        "service": _endpoint(run.service_ip, run.service_port),
+        "netns": run.netns,
+        "events": run.events,
+        "lost_events": run.lost_events,
+        "lost_by_point": run.lost_by_point,
+        "attached": list(run.attached),
+        "attach_seconds": run.attach_seconds,
+        "started_at": run.started_at,
+        "command": list(run.command),
+        "command_status": run.command_status,
+        "connections": [connection_dict(c, d, run.start_ns) for c, d in results],
+    }
+
+
+def exit_status(results: list[tuple[Connection, Diagnosis]]) -> int:
+    """0 when every traced connection is ok, 3 when any is broken."""
+    return 3 if any(d.verdict == "broken" for _c, d in results) else 0
