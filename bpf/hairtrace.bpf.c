@@ -37,8 +37,9 @@ struct {
 
 const volatile struct ht_config ht_cfg = {};
 
-/* Keeps struct ht_event in the object's BTF for the layout test. */
+/* Keep the contract's types in the object's BTF for the layout test. */
 const struct ht_event *unused_ht_event __attribute__((unused));
+const enum ht_point *unused_ht_point __attribute__((unused));
 
 /* Read by user space through the mmaped .bss; never reset by BPF. */
 __u64 ht_emitted[HT_PT_MAX] = {};

@@ -13,11 +13,13 @@
 #
 # usage: seed-lab.sh up [0|1]   build it (default 0 = broken)
 #        seed-lab.sh down       remove it (safe to run when nothing exists)
+# env:   SEED_LAB_NODE, SEED_LAB_POD_A, SEED_LAB_POD_B override the namespace names.
 set -euo pipefail
 
-NODE=node
-POD_A=poda
-POD_B=podb
+# Namespace names; override (e.g. in tests) to run beside another copy of the lab.
+NODE=${SEED_LAB_NODE:-node}
+POD_A=${SEED_LAB_POD_A:-poda}
+POD_B=${SEED_LAB_POD_B:-podb}
 BRIDGE=cni0
 BRIDGE_IP=100.96.54.1
 POD_A_IP=100.96.54.240
@@ -25,7 +27,7 @@ POD_B_IP=100.96.54.247
 SERVICE_IP=100.67.30.133
 CLUSTER_CIDR=100.96.0.0/11
 MTU=1450
-STATE_DIR=/run/hairtrace/seed-lab-sh
+STATE_DIR=/run/hairtrace/seed-lab-sh/$NODE
 PYTHON=${PYTHON:-python3}
 
 die() { echo "seed-lab: $*" >&2; exit 1; }

@@ -50,10 +50,13 @@ class _Main(click.Group):
 @click.option("--provider", type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]),
               default="auto", show_default=True, help="Probe provider.")
 @click.option("--no-live", is_flag=True, help="No live view; print the summary at the end.")
+@click.option("--ready-file", hidden=True, help="Write this file once attached (tests).")
+@click.option("--ringbuf-bytes", type=int, hidden=True, help="Ring buffer size (tests).")
 @click.version_option(__version__, prog_name="hairtrace")
 @click.pass_context
 def main(ctx: click.Context, svc: str | None, netns: str | None, duration: float | None,
-         json_dest: str | None, provider: str, no_live: bool) -> None:
+         json_dest: str | None, provider: str, no_live: bool, ready_file: str | None,
+         ringbuf_bytes: int | None) -> None:
     """Trace every TCP connection to a Service and explain where it breaks.
 
     \b
@@ -78,7 +81,8 @@ def main(ctx: click.Context, svc: str | None, netns: str | None, duration: float
         ip, port = parse_service(svc)
         if duration is not None and duration <= 0:
             raise UsageError("--duration must be positive")
-        opts = TraceOptions(ip, port, netns, duration, tuple(command), provider)
+        opts = TraceOptions(ip, port, netns, duration, tuple(command), provider,
+                            ringbuf_bytes=ringbuf_bytes, ready_file=ready_file)
         result = trace_with_view(opts, live=not no_live and sys.stderr.isatty())
         if json_dest:
             _write_json(build(result.run, result.results), json_dest)
@@ -87,7 +91,7 @@ def main(ctx: click.Context, svc: str | None, netns: str | None, duration: float
     sys.exit(exit_status(result.results))
 
 
-from tracer import cli_lab  # noqa: E402  (registers lab and demo)
+from tracer import cli_lab  # registers lab and demo
 
 cli_lab.register(main)
 

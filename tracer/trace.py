@@ -7,6 +7,7 @@ caller gets a TraceResult; nothing here prints or exits.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from tracer import __version__
 from tracer.analysis import analyse
@@ -53,6 +54,8 @@ class TraceOptions:
     provider: str = "auto"
     grace: float = 1.0  # keep tracing after CMD exits, for late replies and resets
     poll_ms: int = 50
+    ringbuf_bytes: int | None = None  # power of two, multiple of the page size; None = built-in
+    ready_file: str | None = None  # written once every probe is attached (for scripts)
 
 
 @dataclass
@@ -71,6 +74,7 @@ class TraceResult:
     context: Context
     topology: Topology
     results: list[tuple[Connection, Diagnosis]]
+    records: list[bytes]  # the raw ring-buffer records, for fixtures and recording
 
 
 class Sink(Protocol):
@@ -92,6 +96,12 @@ def _lost_counters(obj: BpfObject) -> tuple[int, dict[str, int]]:
     lost = struct.unpack_from(f"<{HT_PT_MAX}Q", raw, HT_PT_MAX * 8)
     by_point = {point_info(i).name: n for i, n in enumerate(lost) if n}
     return sum(lost), by_point
+
+
+def process_age() -> float:
+    """Seconds since this process started (start-up cost includes interpreter and imports)."""
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _start_command(cmd: tuple[str, ...]) -> subprocess.Popen[bytes] | None:
@@ -124,7 +134,7 @@ class _StopFlag:
         self.set = False
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> Self:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -140,13 +150,18 @@ class _StopFlag:
 def run_trace(opts: TraceOptions, sink: Sink | None = None,
               clock: Callable[[], int] = time.monotonic_ns) -> TraceResult:
     """Trace until the duration ends, CMD exits (+grace), or SIGINT/SIGTERM."""
-    t0 = time.monotonic()
     netns = resolve_netns(opts.netns)
+    rb_size = opts.ringbuf_bytes
+    if rb_size is not None and (rb_size < 4096 or rb_size & (rb_size - 1)):
+        raise UsageError(f"ring buffer size {rb_size}: must be a power of two >= 4096")
+    if opts.command and shutil.which(opts.command[0]) is None:
+        raise UsageError(f"command not found: {opts.command[0]}")
     lib = Libbpf()
     feats = probe(lib.probe_map_type(BPF_MAP_TYPE_RINGBUF))
     provider, reason = choose(opts.provider, feats)
     obj = BpfObject(lib, str(object_path()))
     events: list[Event] = []
+    records: list[bytes] = []
     stats = Stats()
     loss_windows: list[tuple[int, int]] = []
     rb: RingBuffer | None = None
@@ -154,14 +169,17 @@ def run_trace(opts: TraceOptions, sink: Sink | None = None,
     try:
         provider.prepare(obj)
         obj.set_rodata(_config(opts.service_ip, opts.service_port))
+        if opts.ringbuf_bytes:
+            obj.set_max_entries("events", opts.ringbuf_bytes)
         obj.load()
         attached = provider.attach(obj, netns.path)
 
-        def on_records(records: list[bytes]) -> None:
-            events.extend(kevents.decode_all(records))
+        def on_records(batch: list[bytes]) -> None:
+            events.extend(kevents.decode_all(batch))
+            records.extend(batch)
 
         rb = RingBuffer(lib, obj.map_fd("events"), on_records)
-        attach_s = time.monotonic() - t0
+        attach_s = process_age()
         start_ns, started_at = clock(), time.time()
         topo = snapshot(opts.service_ip, opts.service_port or None)
         run = RunInfo(__version__, os.uname().release, provider.name, reason, opts.service_ip,
@@ -169,6 +187,8 @@ def run_trace(opts: TraceOptions, sink: Sink | None = None,
                       round(attach_s, 3), started_at, start_ns, opts.command)
         if sink:
             sink.attached(run)
+        if opts.ready_file:
+            Path(opts.ready_file).write_text(f"{attach_s:.3f}\n")
         with _StopFlag() as stop:
             proc = _start_command(opts.command)
             deadline = time.monotonic() + opts.duration if opts.duration else None
@@ -211,7 +231,7 @@ def run_trace(opts: TraceOptions, sink: Sink | None = None,
     ctx = _context(opts, topo, loss_windows, end_ns, drop_reason_names() if has_drops else {})
     run = RunInfo(**{**run.__dict__, "events": len(events), "lost_events": lost,
                      "lost_by_point": by_point, "command_status": status})
-    return TraceResult(run, events, ctx, topo, analyse(events, ctx))
+    return TraceResult(run, events, ctx, topo, analyse(events, ctx), records)
 
 
 def drop_reason_names() -> dict[int, str]:
@@ -234,5 +254,3 @@ def _analyse(events: list[Event], opts: TraceOptions, topo: Topology,
              loss: list[tuple[int, int]], now_ns: int) -> list[tuple[Connection, Diagnosis]]:
     return analyse(events, _context(opts, topo, loss, now_ns, drops={}))
 
-
-__all__ = ["Point", "TraceOptions", "TraceResult", "Stats", "Sink", "run_trace"]

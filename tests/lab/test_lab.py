@@ -20,8 +20,12 @@ from tracer.lab import cni, netns, seed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SEED_SCRIPT = REPO_ROOT / "scripts" / "seed-lab.sh"
-LAB = seed.SEED
-SCRIPT_NAMESPACES = ("node", "poda", "podb")
+# The seed's names are left to whoever runs the lab by hand (or other test suites) at the
+# same time: the tests build the same addresses in their own namespaces, which is safe
+# because namespaces are isolated from one another.
+LAB = seed.SeedLab(node_ns="ht-test-node", pod_a_ns="ht-test-pod-a", pod_b_ns="ht-test-pod-b")
+SCRIPT_ENV = {"SEED_LAB_NODE": "t-node", "SEED_LAB_POD_A": "t-poda", "SEED_LAB_POD_B": "t-podb"}
+SCRIPT_NAMESPACES = tuple(SCRIPT_ENV.values())
 CURL_TIMEOUT = 3
 LabFactory = Callable[..., seed.LabState]
 ScriptRunner = Callable[..., subprocess.CompletedProcess[str]]
@@ -57,9 +61,9 @@ def tcp_out_rsts(ns: str) -> int:
     return int(values[header.index("OutRsts")])
 
 
-def ht_namespaces() -> list[str]:
-    """Named network namespaces whose name starts with ht- (the Python lab's prefix)."""
-    return [ns for ns in netns.list_netns() if ns.startswith("ht-")]
+def lab_namespaces_left() -> list[str]:
+    """Named network namespaces the tests' labs use (prefix ht-test-)."""
+    return [ns for ns in netns.list_netns() if ns.startswith("ht-test-")]
 
 
 def assert_service_broken(lab: seed.SeedLab = LAB) -> None:
@@ -112,7 +116,7 @@ def seed_script(request: pytest.FixtureRequest) -> ScriptRunner:
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["bash", str(SEED_SCRIPT), *args], capture_output=True, text=True,
-                              timeout=60, check=False)
+                              env={**os.environ, **SCRIPT_ENV}, timeout=60, check=False)
 
     request.addfinalizer(lambda: run("down"))
     return run
@@ -172,6 +176,12 @@ def test_cni_args_ask_host_local_for_an_ip() -> None:
     assert cni.cni_args({}) == ""
 
 
+def test_missing_bridge_nf_sysctl_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netns, "sysctl_exists", lambda ns, key: False)
+    with pytest.raises(HairtraceError, match="bridge-nf-call-iptables does not exist in netns"):
+        seed._require_bridge_nf_sysctl(LAB)
+
+
 def test_bad_lab_values_are_usage_errors() -> None:
     with pytest.raises(UsageError, match="outside the pod subnet"):
         seed.SeedLab(pod_a_ip="10.0.0.1")
@@ -189,32 +199,34 @@ class TestPythonLab:
 
     def test_knob_0_service_times_out_but_pod_b_answers(self, lab_factory: LabFactory) -> None:
         state = lab_factory(bridge_nf_call_iptables=0)
-        status = seed.status()
+        status = seed.status(LAB)
         assert status.is_up
         assert status.bridge_nf_call_iptables == 0
+        assert status.bridge_option_nf_call_iptables == 0
         assert status.proxy_mode == "iptables"
         assert status.server_pid == state.server_pid
         assert_service_broken()
 
     def test_knob_1_service_works(self, lab_factory: LabFactory) -> None:
         lab_factory(bridge_nf_call_iptables=1)
-        assert seed.status().bridge_nf_call_iptables == 1
+        assert seed.status(LAB).bridge_nf_call_iptables == 1
         assert_service_works()
 
     def test_setting_the_knob_fixes_a_broken_lab(self, lab_factory: LabFactory) -> None:
         lab_factory(bridge_nf_call_iptables=0)
-        assert not seed.probe(target="service", timeout=CURL_TIMEOUT).ok
-        seed.set_bridge_nf_call_iptables(1)
-        assert seed.status().bridge_nf_call_iptables == 1
-        assert seed.load_state() is not None and seed.load_state().bridge_nf_call_iptables == 1
+        assert not seed.probe(LAB, target="service", timeout=CURL_TIMEOUT).ok
+        seed.set_bridge_nf_call_iptables(1, LAB)
+        assert seed.status(LAB).bridge_nf_call_iptables == 1
+        recorded = seed.load_state(LAB)
+        assert recorded is not None and recorded.bridge_nf_call_iptables == 1
         assert_service_works()
 
     def test_nftables_mode_breaks_and_heals_the_same_way(self, lab_factory: LabFactory) -> None:
         lab_factory(bridge_nf_call_iptables=0, proxy_mode="nftables")
-        status = seed.status()
+        status = seed.status(LAB)
         assert status.is_up and status.proxy_mode == "nftables"
         assert_service_broken()
-        seed.set_bridge_nf_call_iptables(1)
+        seed.set_bridge_nf_call_iptables(1, LAB)
         assert_service_works()
 
     def test_pods_have_the_seed_addresses_from_cni(self, lab_factory: LabFactory) -> None:
@@ -232,13 +244,13 @@ class TestPythonLab:
         host_forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
         state = lab_factory(bridge_nf_call_iptables=1)
         assert state.server_pid is not None
-        done = seed.down()
+        done = seed.down(LAB)
         assert f"stopped HTTP server pid {state.server_pid}" in done
-        assert ht_namespaces() == []
+        assert lab_namespaces_left() == []
         assert not netns.pid_alive(state.server_pid)
         assert not LAB.state_file.exists() and not LAB.cni_data_dir.exists()
-        assert seed.status().is_absent
-        assert seed.down() == []
+        assert seed.status(LAB).is_absent
+        assert seed.down(LAB) == []
         # the caller's own netns was never touched
         assert Path("/proc/sys/net/bridge/bridge-nf-call-iptables").read_text() == host_knob
         assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == host_forward
@@ -265,35 +277,35 @@ class TestPythonLab:
         )
         assert "1 failed" in inner.stdout, inner.stdout + inner.stderr
         assert "deliberate failure" in inner.stdout
-        assert ht_namespaces() == []
+        assert lab_namespaces_left() == []
         assert not netns.pid_alive(int(pid_file.read_text()))
         assert not LAB.state_file.exists()
 
     def test_up_refuses_an_existing_lab(self, lab_factory: LabFactory) -> None:
         lab_factory()
         with pytest.raises(HairtraceError, match="already exists"):
-            seed.up()
-        assert seed.status().is_up
+            seed.up(LAB)
+        assert seed.status(LAB).is_up
 
     def test_bad_arguments_and_missing_lab(self) -> None:
         require_lab_host()
         with pytest.raises(UsageError, match="0 or 1"):
-            seed.up(bridge_nf_call_iptables=2)
+            seed.up(LAB, bridge_nf_call_iptables=2)
         with pytest.raises(UsageError, match="proxy mode"):
-            seed.up(proxy_mode="ipvs")
+            seed.up(LAB, proxy_mode="ipvs")
         if not netns.exists(LAB.node_ns):
             with pytest.raises(HairtraceError, match="no seed lab"):
-                seed.set_bridge_nf_call_iptables(1)
+                seed.set_bridge_nf_call_iptables(1, LAB)
 
     def test_cni_errors_carry_the_plugins_message(self, request: pytest.FixtureRequest) -> None:
         require_lab_host()
-        ns = "ht-cni-error"
+        ns = "ht-test-cni-error"
         netns.add(ns)
         request.addfinalizer(lambda: netns.delete(ns))
         attachment = cni.Attachment("hairtrace-cni-error", "/run/netns/ht-no-such-netns")
-        with pytest.raises(HairtraceError, match=r"CNI bridge ADD for hairtrace-cni-error failed: .*"
-                                                 r"ht-no-such-netns.*\(code \d+\)"):
-            cni.add(seed.cni_config(), attachment, run_in_netns=ns)
+        expected = r"CNI bridge ADD for hairtrace-cni-error failed: .*ht-no-such-netns.*\(code"
+        with pytest.raises(HairtraceError, match=expected):
+            cni.add(seed.cni_config(LAB), attachment, run_in_netns=ns)
 
 
 # ------------------------------------------------------------------ the shell script
@@ -307,8 +319,8 @@ class TestSeedScript:
     def test_script_knob_0_reproduces_and_down_cleans(self, seed_script: ScriptRunner) -> None:
         up = seed_script("up", "0")
         assert up.returncode == 0, up.stderr
-        assert curl_from("poda", "http://100.96.54.247/").returncode == 0
-        assert curl_from("poda", "http://100.67.30.133/").returncode == 28
+        assert curl_from(SCRIPT_ENV["SEED_LAB_POD_A"], "http://100.96.54.247/").returncode == 0
+        assert curl_from(SCRIPT_ENV["SEED_LAB_POD_A"], "http://100.67.30.133/").returncode == 28
         down = seed_script("down")
         assert down.returncode == 0, down.stderr
         assert not any(netns.exists(ns) for ns in SCRIPT_NAMESPACES)
@@ -317,6 +329,6 @@ class TestSeedScript:
     def test_script_knob_1_works(self, seed_script: ScriptRunner) -> None:
         up = seed_script("up", "1")
         assert up.returncode == 0, up.stderr
-        works = curl_from("poda", "http://100.67.30.133/")
+        works = curl_from(SCRIPT_ENV["SEED_LAB_POD_A"], "http://100.67.30.133/")
         assert works.returncode == 0 and "pod B 100.96.54.247" in works.stdout
         assert seed_script("up", "1").returncode != 0  # refuses to build over itself

@@ -73,7 +73,6 @@ def _fmt(ip: str, port: int) -> str:
 
 def diagnose(conn: Connection, ctx: Context) -> Diagnosis:
     roles = _roles(conn)
-    svc = _fmt(conn.key.dst, conn.key.dport)
     brk: Break | None = None
     success = False
     for i, pkt in enumerate(conn.packets):
@@ -183,11 +182,11 @@ def _untranslated_reply(conn: Connection, index: int, pkt: Packet, delivered: Ho
     if conn.last_ct is not None and not conn.last_ct.status & IPS_SEEN_REPLY:
         evidence.append(f"conntrack entry {conn.last_ct.orig} never saw a reply "
                         "(no SEEN_REPLY, shown as [UNREPLIED] by conntrack -L)")
-    cause, explanation, fix = "unexplained", (
-        f"The {pkt.role} reached the client with the backend's source {seen_src} instead of "
-        f"{svc}; hairtrace cannot tell why reverse NAT did not run."), (
-        "Check that replies of DNATed connections return through the namespace that holds "
-        "the conntrack entry.")
+    cause = "unexplained"
+    explanation = (f"The {pkt.role} reached the client with the backend's source {seen_src} "
+                   f"instead of {svc}; hairtrace cannot tell why reverse NAT did not run.")
+    fix = ("Check that replies of DNATed connections return through the namespace that holds "
+           "the conntrack entry.")
     if bridge is not None and not nf_seen and nat_ns is not None:
         value = ctx.names.sysctl(nat_ns, SYSCTL_BR_NF)
         evidence.append(f"{SYSCTL_BR_NF} = {value if value is not None else 'absent'} in netns "
@@ -217,21 +216,21 @@ def _bridge_cause(value: str | None, role: str, bridge: str, ns: str, seen: str,
                   svc: str) -> tuple[str, str, str]:
     if value is None:
         return ("br-netfilter-not-loaded",
-                f"The {role} from {seen} was switched by bridge {bridge} in {ns} straight to the "
-                f"client. br_netfilter is not loaded, so bridged frames never reach iptables/"
-                f"conntrack and the reply's source is not translated back to {svc}.",
-                f"Load br_netfilter (modprobe br_netfilter; persist it in /etc/modules-load.d/) "
-                f"and set {SYSCTL_BR_NF}=1 in {ns}.")
+                (f"The {role} from {seen} was switched by bridge {bridge} in {ns} straight to "
+                 f"the client. br_netfilter is not loaded, so bridged frames never reach "
+                 f"iptables/conntrack and the reply's source is not translated back to {svc}."),
+                (f"Load br_netfilter (modprobe br_netfilter; persist it in "
+                 f"/etc/modules-load.d/) and set {SYSCTL_BR_NF}=1 in {ns}."))
     if value == "0":
         return ("bridge-nf-call-iptables-off",
-                f"The {role} from {seen} was switched by bridge {bridge} in {ns} straight to the "
-                f"client without passing netfilter ({SYSCTL_BR_NF}=0), so conntrack never "
-                f"reverse-translated its source to the service address {svc}; the client does "
-                f"not recognise it and resets.",
-                f"Set {SYSCTL_BR_NF}=1 in {ns} (sysctl -w {SYSCTL_BR_NF}=1, persisted in "
-                f"/etc/sysctl.d/); kube-proxy needs it whenever client and backend pods share "
-                f"a bridge.")
+                (f"The {role} from {seen} was switched by bridge {bridge} in {ns} straight to "
+                 f"the client without passing netfilter ({SYSCTL_BR_NF}=0), so conntrack never "
+                 f"reverse-translated its source to the service address {svc}; the client "
+                 f"does not recognise it and resets."),
+                (f"Set {SYSCTL_BR_NF}=1 in {ns} (sysctl -w {SYSCTL_BR_NF}=1, persisted in "
+                 f"/etc/sysctl.d/); kube-proxy needs it whenever client and backend pods "
+                 f"share a bridge."))
     return ("unexplained",
-            f"The {role} from {seen} was bridged by {bridge} in {ns} without netfilter although "
-            f"{SYSCTL_BR_NF}={value}; hairtrace cannot tell why.",
+            (f"The {role} from {seen} was bridged by {bridge} in {ns} without netfilter "
+             f"although {SYSCTL_BR_NF}={value}; hairtrace cannot tell why."),
             "Check the bridge's own nf_call_iptables setting and ebtables/nftables bridge rules.")

@@ -8,6 +8,7 @@ member offsets (the test that checks Python's mirror of struct ht_event).
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,11 @@ KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4,
 KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC, KIND_DECL_TAG, KIND_ENUM64 = 13, 14, 15, 17, 19
 KIND_FUNC = 12
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
+
+
+def kernel_btf_path() -> Path:
+    """The running kernel's BTF; HAIRTRACE_KERNEL_BTF points elsewhere (tests, external BTF)."""
+    return Path(os.environ.get("HAIRTRACE_KERNEL_BTF", VMLINUX))
 # bytes that follow struct btf_type, per member (vlen) and fixed, by kind
 _PER_MEMBER = {KIND_STRUCT: 12, KIND_UNION: 12, KIND_ENUM: 8, KIND_FUNC_PROTO: 8,
                KIND_DATASEC: 12, KIND_ENUM64: 12}
@@ -92,7 +98,8 @@ class Btf:
         return {val: n.removeprefix(strip_prefix) for n, val, _ in t.members}
 
 
-def load_vmlinux(path: Path = VMLINUX) -> Btf:
+def load_vmlinux(path: Path | None = None) -> Btf:
+    path = path or kernel_btf_path()
     try:
         return Btf(path.read_bytes())
     except OSError as exc:

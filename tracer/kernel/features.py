@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracer.kernel.btf import VMLINUX
+from tracer.kernel.btf import kernel_btf_path
 
 # capability bits (include/uapi/linux/capability.h)
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
@@ -37,7 +37,9 @@ def _effective_caps() -> int:
 def privileged() -> str | None:
     """None when we may load and attach BPF, else why not."""
     caps = _effective_caps()
-    have = lambda bit: bool(caps >> bit & 1)  # noqa: E731
+    def have(bit: int) -> bool:
+        return bool(caps >> bit & 1)
+
     if have(CAP_SYS_ADMIN) or (have(CAP_BPF) and have(CAP_PERFMON) and have(CAP_NET_ADMIN)):
         return None
     who = "not root" if os.geteuid() != 0 else "root without the needed capabilities"
@@ -47,7 +49,7 @@ def privileged() -> str | None:
 def _btf_has_names(names: list[bytes]) -> dict[bytes, bool]:
     """Cheap presence test on the BTF string table (a full parse takes ~1 s)."""
     try:
-        data = VMLINUX.read_bytes()
+        data = kernel_btf_path().read_bytes()
     except OSError:
         return {n: False for n in names}
     return {n: (b"\0" + n + b"\0") in data for n in names}
@@ -76,9 +78,11 @@ def probe(ringbuf_ok: bool | None = None) -> Features:
     why = privileged()
     if why:
         missing["privileges"] = why
-    btf = VMLINUX.exists()
+    btf_path = kernel_btf_path()
+    btf = btf_path.exists()
     if not btf:
-        missing["btf"] = f"{VMLINUX} is missing: kernel built without CONFIG_DEBUG_INFO_BTF"
+        missing["btf"] = (f"no kernel BTF at {btf_path}: the kernel was built without "
+                          "CONFIG_DEBUG_INFO_BTF")
     names = _btf_has_names([b"btf_trace_netif_receive_skb", b"bpf_nf_ctx"])
     tp_btf = btf and names[b"btf_trace_netif_receive_skb"]
     if btf and not tp_btf:

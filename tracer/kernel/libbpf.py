@@ -78,6 +78,7 @@ class Libbpf:
             "bpf_map__fd": (i, [vp]),
             "bpf_map__initial_value": (vp, [vp, ctypes.POINTER(ctypes.c_size_t)]),
             "bpf_map__value_size": (ctypes.c_uint32, [vp]),
+            "bpf_map__set_max_entries": (i, [vp, ctypes.c_uint32]),
             "bpf_map_lookup_elem": (i, [i, vp, vp]),
             "libbpf_probe_bpf_map_type": (i, [u, vp]),
             "ring_buffer__new": (vp, [i, RINGBUF_CB, vp, vp]),
@@ -169,6 +170,10 @@ class BpfObject:
         if not ptr or offset + len(data) > size.value:
             raise HairtraceError("BPF object's .rodata is missing or too small for the config")
         ctypes.memmove(ptr + offset, data, len(data))
+
+    def set_max_entries(self, suffix: str, n: int) -> None:
+        if self.lib.lib.bpf_map__set_max_entries(self._map(suffix), n) != 0:
+            raise self.lib.errno_error(f"resizing BPF map {suffix} to {n}")
 
     def load(self) -> None:
         self.lib.log.lines.clear()

@@ -105,7 +105,7 @@ def choose(name: str, feats: Features) -> tuple[Provider, str]:
         if reason:
             raise HairtraceError(f"provider {name} cannot run here: {reason}")
         return providers[name], f"{name} (requested)"
-    skipped = []
+    skipped: list[str] = []
     for p in providers.values():
         reason = p.can_run(feats)
         if reason is None:

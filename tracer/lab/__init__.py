@@ -1,0 +1,1 @@
+"""Network-namespace labs that reproduce broken Service connections for hairtrace to diagnose."""

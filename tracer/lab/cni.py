@@ -147,4 +147,4 @@ def delete(
 def result_addresses(result: Mapping[str, Any]) -> list[str]:
     """The addresses (CIDR form) in an ADD result, e.g. ["100.96.54.240/24"]."""
     ips = result.get("ips") or []
-    return [str(entry["address"]) for entry in ips if isinstance(entry, dict) and "address" in entry]
+    return [str(ip["address"]) for ip in ips if isinstance(ip, dict) and "address" in ip]

@@ -8,6 +8,7 @@ failing command and the first line of its stderr.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
@@ -112,7 +113,7 @@ def pids(ns: str) -> list[int]:
 
 
 def sysctl_path(key: str) -> str:
-    """The /proc/sys path of a dotted sysctl key (net.ipv4.ip_forward -> .../net/ipv4/ip_forward)."""
+    """The /proc/sys path of a dotted sysctl key (net.ipv4.ip_forward -> /proc/sys/net/ipv4/...)."""
     if not key or "/" in key or ".." in key:
         raise HairtraceError(f"not a sysctl key: {key!r}")
     return "/proc/sys/" + key.replace(".", "/")
@@ -140,10 +141,8 @@ def sysctl_write(ns: str, key: str, value: str | int) -> None:
 
 def pid_alive(pid: int) -> bool:
     """Whether ``pid`` is a live (non-zombie) process; reaps it if it is our exited child."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):

@@ -17,6 +17,7 @@ is recorded in a JSON state file under ``/run/hairtrace/lab/`` so that
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -189,6 +190,9 @@ class LabStatus:
 
     namespaces: dict[str, bool]
     bridge_nf_call_iptables: int | None
+    # The bridge's own nf_call_iptables option (ip link ... type bridge nf_call_iptables 1):
+    # when 1 it sends bridged IPv4 through iptables whatever the sysctl says.
+    bridge_option_nf_call_iptables: int | None
     server_pid: int | None
     server_alive: bool
     proxy_mode: str | None
@@ -319,7 +323,8 @@ def _b32_sha256(text: str) -> str:
 def iptables_chain_names(lab: SeedLab = SEED) -> tuple[str, str]:
     """kube-proxy's (KUBE-SVC-..., KUBE-SEP-...) chain names for the lab's Service."""
     base = lab.service_port_name + "tcp"
-    return ("KUBE-SVC-" + _b32_sha256(base)[:16], "KUBE-SEP-" + _b32_sha256(base + lab.endpoint)[:16])
+    svc = "KUBE-SVC-" + _b32_sha256(base)[:16]
+    return (svc, "KUBE-SEP-" + _b32_sha256(base + lab.endpoint)[:16])
 
 
 def nftables_chain_names(lab: SeedLab = SEED) -> tuple[str, str]:
@@ -601,7 +606,9 @@ def _set_knob(lab: SeedLab, value: int) -> None:
     netns.sysctl_write(lab.node_ns, BRIDGE_NF_CALL_IPTABLES, value)
     seen = netns.sysctl_read(lab.node_ns, BRIDGE_NF_CALL_IPTABLES)
     if seen != str(value):
-        raise HairtraceError(f"{BRIDGE_NF_CALL_IPTABLES} in {lab.node_ns} reads {seen}, not {value}")
+        raise HairtraceError(
+            f"{BRIDGE_NF_CALL_IPTABLES} in netns {lab.node_ns} reads {seen}, not {value}"
+        )
 
 
 def _build(state: LabState, ready_timeout: float) -> LabState:
@@ -650,10 +657,8 @@ def up(
             raise HairtraceError(f"{exc}; cleanup also failed: {cleanup}") from exc
         raise
     except BaseException:
-        try:
+        with contextlib.suppress(HairtraceError):
             down(lab)
-        except HairtraceError:
-            pass
         raise
 
 
@@ -764,15 +769,30 @@ def _detect_rules(lab: SeedLab) -> str | None:
     return None
 
 
+def _bridge_option_nf_call_iptables(lab: SeedLab) -> int | None:
+    """The lab bridge's per-bridge nf_call_iptables option, or None if there is no bridge."""
+    proc = netns.run_in(lab.node_ns, ["ip", "-d", "-j", "link", "show", "dev", lab.bridge],
+                        check=False)
+    if proc.returncode != 0:
+        return None
+    try:
+        info = json.loads(proc.stdout)[0]["linkinfo"]["info_data"]
+        return int(info["nf_call_iptables"])
+    except (ValueError, LookupError, TypeError):
+        return None
+
+
 def status(lab: SeedLab = SEED) -> LabStatus:
     """Observe what exists of ``lab``: namespaces, the knob, pod B's server, the NAT rules."""
     _require_root()
     namespaces = {ns: netns.exists(ns) for ns in lab.namespaces}
     knob: int | None = None
+    option: int | None = None
     mode: str | None = None
     if namespaces[lab.node_ns]:
         if netns.sysctl_exists(lab.node_ns, BRIDGE_NF_CALL_IPTABLES):
             knob = int(netns.sysctl_read(lab.node_ns, BRIDGE_NF_CALL_IPTABLES))
+        option = _bridge_option_nf_call_iptables(lab)
         mode = _detect_rules(lab)
     try:
         state = load_state(lab)
@@ -782,6 +802,7 @@ def status(lab: SeedLab = SEED) -> LabStatus:
     return LabStatus(
         namespaces=namespaces,
         bridge_nf_call_iptables=knob,
+        bridge_option_nf_call_iptables=option,
         server_pid=pid,
         server_alive=_is_lab_server(pid, lab),
         proxy_mode=mode,

@@ -37,6 +37,8 @@ _PEER_KINDS = frozenset({"veth", "netkit"})
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 #: How long one namespace may take before the snapshot gives up.
 NS_TIMEOUT_S = 20.0
+#: How many namespaces are read at once (each runs iptables-save and nft).
+MAX_PARALLEL = 16
 #: How long one rules command may run.
 CMD_TIMEOUT_S = 10.0
 
@@ -57,7 +59,8 @@ def _service(service_ip: str, service_port: int | None) -> _Service:
     except ValueError:
         raise UsageError(f"bad service address '{service_ip}': not an IP address") from None
     if service_port is not None and (
-        isinstance(service_port, bool) or not isinstance(service_port, int)
+        isinstance(service_port, bool)
+        or not isinstance(service_port, int)
         or not 0 < service_port < 65536
     ):
         raise UsageError(f"bad service port '{service_port}': expected 1-65535")
@@ -83,6 +86,7 @@ def _run(argv: list[str]) -> tuple[str, str] | None:
     try:
         p = subprocess.run(
             argv,
+            check=False,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -98,7 +102,9 @@ def _run(argv: list[str]) -> tuple[str, str] | None:
     return p.stdout, p.stderr
 
 
-def nat_rules(svc_ip: str, svc_port: int | None, version: int) -> tuple[tuple[str, ...], str | None]:
+def nat_rules(
+    svc_ip: str, svc_port: int | None, version: int
+) -> tuple[tuple[str, ...], str | None]:
     """(rules, backend) for the Service in the calling thread's namespace."""
     save = "iptables-save" if version == 4 else "ip6tables-save"
     ipt = _run([save, "-t", "nat"])
@@ -182,6 +188,22 @@ def _hairpin_from_protinfo(ipr: Any) -> dict[int, bool]:
     return out
 
 
+def _nsid_of(ipr: Any, fd: int) -> int | None:
+    """The id this namespace gives the namespace open as fd (RTM_GETNSID), None if it has none.
+
+    Read-only: unlike dumping links, RTM_GETNSID never allocates an id.
+    """
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        r = ipr.get_netnsid(fd=fd)
+    except NetlinkError:
+        return None
+    nsid = r.get("nsid") if r else None
+    # NETNSA_NSID is s32 with -1 for "not assigned"; pyroute2 decodes it as u32.
+    return nsid if isinstance(nsid, int) and 0 <= nsid < 0x80000000 else None
+
+
 def _collect(ref: NetnsRef, fd: int, svc: _Service, others: Mapping[int, int]) -> Namespace:
     """Everything about one namespace. Runs in a throwaway thread: it setns()es for good."""
     from pyroute2 import IPRoute  # imported by snapshot() already; cheap here
@@ -193,24 +215,21 @@ def _collect(ref: NetnsRef, fd: int, svc: _Service, others: Mapping[int, int]) -
         nsid_to_inode: dict[int, int] = {}
         if any(m.get_attr("IFLA_LINK_NETNSID") is not None for m in links):
             for inode, ofd in others.items():
-                try:
-                    r = ipr.get_netnsid(fd=ofd)
-                except Exception:  # noqa: BLE001 - pyroute2's NetlinkError: id unknown
-                    continue
-                nsid = r.get("nsid") if r else None
-                if nsid is not None and 0 <= nsid < 0x80000000:
+                nsid = _nsid_of(ipr, ofd)
+                if nsid is not None:
                     nsid_to_inode.setdefault(nsid, inode)
         interfaces = _interfaces(links, addrs, ref.inode, nsid_to_inode)
         missing = [
-            i for i in interfaces
-            if i.hairpin is None and i.master is not None
+            i
+            for i in interfaces
+            if i.hairpin is None
+            and i.master is not None
             and any(j.name == i.master and j.kind == "bridge" for j in interfaces)
         ]
         if missing:
             flags = _hairpin_from_protinfo(ipr)
             interfaces = tuple(
-                replace(i, hairpin=flags.get(i.ifindex)) if i in missing else i
-                for i in interfaces
+                replace(i, hairpin=flags.get(i.ifindex)) if i in missing else i for i in interfaces
             )
     rules, backend = nat_rules(svc.ip, svc.port, svc.version)
     return Namespace(
@@ -262,7 +281,9 @@ def snapshot(
                 live.append(ref)
             except (OSError, ValueError) as e:
                 if explicit:
-                    raise HairtraceError(f"cannot open network namespace '{ref.name}': {e}") from None
+                    raise HairtraceError(
+                        f"cannot open network namespace '{ref.name}': {e}"
+                    ) from None
         # Other namespaces too, so that veth peers outside the snapshot still get an inode.
         for ref in list_netns() if explicit else ():
             if ref.inode not in fds:
@@ -273,11 +294,17 @@ def snapshot(
         taken_at = time.time()
         results: dict[int, Namespace | BaseException] = {}
 
+        slots = threading.BoundedSemaphore(MAX_PARALLEL)
+        given_up = threading.Event()  # set on timeout: the fds are about to be closed
+
         def work(ref: NetnsRef) -> None:
             try:
-                results[ref.inode] = _collect(
-                    ref, fds[ref.inode], svc, {i: f for i, f in fds.items() if i != ref.inode}
-                )
+                with slots:
+                    if given_up.is_set():
+                        return
+                    results[ref.inode] = _collect(
+                        ref, fds[ref.inode], svc, {i: f for i, f in fds.items() if i != ref.inode}
+                    )
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                 results[ref.inode] = e
 
@@ -287,13 +314,15 @@ def snapshot(
         ]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + NS_TIMEOUT_S
+        rounds = max(1, -(-len(threads) // MAX_PARALLEL))
+        deadline = time.monotonic() + NS_TIMEOUT_S * rounds
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
         out: list[Namespace] = []
         for ref, t in zip(live, threads):
             res = results.get(ref.inode)
             if t.is_alive() or res is None:
+                given_up.set()
                 raise HairtraceError(f"reading network namespace '{ref.name}' timed out")
             if isinstance(res, HairtraceError):
                 raise HairtraceError(f"network namespace '{ref.name}': {res}") from res

@@ -23,10 +23,15 @@ IPTABLES_TABLES = frozenset({"nat", "filter", "mangle", "raw", "security"})
 
 def address_pattern(service_ip: str) -> re.Pattern[str]:
     """A regex finding the address as a whole token (10.96.0.1 but not 10.96.0.10)."""
-    addr = ipaddress.ip_address(service_ip)
-    if addr.version == 4:
-        return re.compile(r"(?<![\d.])" + re.escape(str(addr)) + r"(?!\d|\.\d)")
-    return re.compile(r"(?<![0-9A-Fa-f:])" + re.escape(addr.compressed) + r"(?![0-9A-Fa-f:])")
+    text = _canonical(service_ip)
+    if ":" not in text:
+        return re.compile(r"(?<![\d.])" + re.escape(text) + r"(?!\d|\.\d)")
+    return re.compile(r"(?<![0-9A-Fa-f:])" + re.escape(text) + r"(?![0-9A-Fa-f:])")
+
+
+def _canonical(service_ip: str) -> str:
+    """The address as iptables-save and nft print it (IPv6 compressed)."""
+    return ipaddress.ip_address(service_ip).compressed
 
 
 def _port_in(spec: str, port: int, sep: str) -> bool | None:
@@ -85,7 +90,11 @@ def _split_tokens(line: str) -> list[str]:
         return line.split()
 
 
-@dataclass
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+_IPT_TARGET = re.compile(r"\s(?:-j|--jump|-g|--goto)\s+(\S+)")
+
+
+@dataclass(slots=True)
 class _Rule:
     """One rule or element while selecting: where it came from and where it leads."""
 
@@ -93,9 +102,28 @@ class _Rule:
     chain: str  # chain name, or the set/map name for an element
     text: str  # the line to report
     body: str  # what is searched for the address and ports
-    targets: tuple[str, ...] = ()
-    refs: tuple[str, ...] = ()  # named sets/maps used (nft)
+    nft: bool = False
     element: bool = False
+    # parsed from body on first use: a node can have tens of thousands of rules
+    targets: tuple[str, ...] | None = None
+    refs: tuple[str, ...] | None = None
+
+    def jumps(self) -> tuple[str, ...]:
+        """The chains this rule (or map element) jumps or goes to."""
+        if self.targets is None:
+            if self.nft:
+                self.targets = tuple(_unquote(t) for t in _NFT_TARGET.findall(self.body))
+            else:
+                bare = _QUOTED.sub('""', self.body) if '"' in self.body else self.body
+                self.targets = tuple(_IPT_TARGET.findall(bare))
+        return self.targets
+
+    def uses(self) -> tuple[str, ...]:
+        """The named nft sets and maps this rule looks up (@name)."""
+        if self.refs is None:
+            found = _NFT_REF.findall(self.body) if self.nft and "@" in self.body else []
+            self.refs = tuple(_unquote(t) for t in found)
+        return self.refs
 
 
 @dataclass
@@ -107,8 +135,9 @@ class _Table:
     postrouting: set[str] = field(default_factory=set)
 
 
-def _select(table: _Table, pattern: re.Pattern[str], port: int | None, nft: bool) -> list[_Rule]:
+def _select(table: _Table, service_ip: str, port: int | None, nft: bool) -> list[_Rule]:
     """The rules of one table that the module docstring describes, in input order."""
+    needle, pattern = _canonical(service_ip), address_pattern(service_ip)
     by_chain: dict[str, list[_Rule]] = {}
     for r in table.rules:
         if not r.element:
@@ -119,7 +148,8 @@ def _select(table: _Table, pattern: re.Pattern[str], port: int | None, nft: bool
             return _nft_port_ok(r.body, port)
         return _iptables_port_ok(_split_tokens(r.body), port)
 
-    matched = [r for r in table.rules if pattern.search(r.body) and port_ok(r)]
+    # The substring test first: it is much cheaper than the regex on large rulesets.
+    matched = [r for r in table.rules if needle in r.body and pattern.search(r.body) and port_ok(r)]
     if not matched:
         return []
     chosen: dict[int, _Rule] = {r.index: r for r in matched}
@@ -133,12 +163,14 @@ def _select(table: _Table, pattern: re.Pattern[str], port: int | None, nft: bool
             continue
         done_up.add(name)
         for r in table.rules:
-            if not r.element and (name in r.targets or name in r.refs):
+            if r.element or name not in r.body:  # cheap test first
+                continue
+            if name in r.jumps() or name in r.uses():
                 chosen.setdefault(r.index, r)
                 todo.append(r.chain)
 
     # Downward: every rule of every chain reached from a match or from postrouting.
-    todo = [t for r in matched for t in r.targets]
+    todo = [t for r in matched for t in r.jumps()]
     todo += list(table.postrouting)
     done_down: set[str] = set()
     while todo:
@@ -148,13 +180,13 @@ def _select(table: _Table, pattern: re.Pattern[str], port: int | None, nft: bool
         done_down.add(name)
         for r in by_chain.get(name, []):
             chosen.setdefault(r.index, r)
-            todo.extend(r.targets)
+            todo.extend(r.jumps())
     return [chosen[i] for i in sorted(chosen)]
 
 
 def filter_iptables_save(text: str, service_ip: str, service_port: int | None) -> tuple[str, ...]:
     """The `-A ...` lines of iptables-save output that concern the Service (see module doc)."""
-    pattern = address_pattern(service_ip)
+    _canonical(service_ip)  # ValueError now for a bad address, whatever the text
     tables: list[_Table] = []
     cur: _Table | None = None
     for index, raw in enumerate(text.splitlines()):
@@ -167,25 +199,22 @@ def filter_iptables_save(text: str, service_ip: str, service_port: int | None) -
         elif line.startswith(":"):
             cur.chains.add(line[1:].split()[0])
         elif line.startswith("-A "):
-            tokens = _split_tokens(line)
-            if len(tokens) < 2:
-                continue
-            targets = tuple(
-                tokens[i + 1]
-                for i in range(2, len(tokens) - 1)
-                if tokens[i] in ("-j", "--jump", "-g", "--goto")
-            )
-            cur.rules.append(_Rule(index, tokens[1], line, line, targets))
+            parts = line.split(None, 2)
+            if len(parts) >= 2:
+                # jumps are parsed only for the rules the walk visits: nodes have many rules
+                cur.rules.append(_Rule(index, parts[1], line, line))
     out: list[str] = []
     for t in tables:
         if "POSTROUTING" in t.chains:
             t.postrouting.add("POSTROUTING")
-        out.extend(r.text for r in _select(t, pattern, service_port, nft=False))
+        out.extend(r.text for r in _select(t, service_ip, service_port, nft=False))
     return tuple(out)
 
 
 def _brace_delta(s: str) -> int:
     """Opening minus closing braces in s, outside double-quoted strings."""
+    if '"' not in s:
+        return s.count("{") - s.count("}")
     depth = 0
     quoted = False
     for ch in s:
@@ -200,6 +229,8 @@ def _brace_delta(s: str) -> int:
 
 def _split_elements(body: str) -> list[str]:
     """The comma-separated items of an nft `elements = { ... }` body."""
+    if not any(c in body for c in '"{('):
+        return [" ".join(i.split()) for i in body.split(",") if i.strip()]
     items: list[str] = []
     cur: list[str] = []
     depth = 0
@@ -223,6 +254,8 @@ def _split_elements(body: str) -> list[str]:
 
 
 _NFT_TARGET = re.compile(r'\b(?:jump|goto)\s+("[^"]+"|[^\s,;{}]+)')
+_NFT_HOOK = re.compile(r"type\s+\w+\s+hook\s+")
+_NFT_POSTROUTING = re.compile(r"\bhook\s+postrouting\b")
 _NFT_REF = re.compile(r'(?<![\w@])@("[^"]+"|[\w.\-/]+)')
 
 
@@ -242,6 +275,8 @@ _NFT_BLOCK = re.compile(
 
 def _strip_comment(line: str) -> str:
     """line without a trailing `# ...` remark (outside quotes), stripped."""
+    if "#" not in line:
+        return line.strip()
     quoted = False
     for n, ch in enumerate(line):
         if ch == '"':
@@ -259,9 +294,15 @@ def _nft_statements(text: str) -> Iterable[tuple[int, str]]:
         index, line = i, _strip_comment(lines[i])
         i += 1
         if not _NFT_BLOCK.match(line):
-            while _brace_delta(line) > 0 and i < len(lines):
-                line += " " + _strip_comment(lines[i])
-                i += 1
+            depth = _brace_delta(line)
+            if depth > 0:
+                parts = [line]
+                while depth > 0 and i < len(lines):
+                    more = _strip_comment(lines[i])
+                    i += 1
+                    depth += _brace_delta(more)
+                    parts.append(more)
+                line = " ".join(parts)
         if line:
             yield index, line
 
@@ -298,36 +339,22 @@ def _parse_nft(text: str, skip: Iterable[tuple[str, str]]) -> list[tuple[str, st
             continue
         kind, name = block
         if kind == "chain":
-            if re.match(r"type\s+\w+\s+hook\s+", line):
-                if re.search(r"\bhook\s+postrouting\b", line):
+            if line.startswith("type ") and _NFT_HOOK.match(line):
+                if _NFT_POSTROUTING.search(line):
                     table.postrouting.add(name)
                 continue
-            if re.match(r'(comment\s+"|policy\s|devices\s*=)', line):
+            if line.startswith(("comment ", "policy ", "devices ")):
                 continue
-            table.rules.append(
-                _Rule(
-                    index * _PER_LINE,
-                    name,
-                    f"add rule {family} {tname} {name} {line}",
-                    line,
-                    tuple(_unquote(t) for t in _NFT_TARGET.findall(line)),
-                    tuple(_unquote(t) for t in _NFT_REF.findall(line)),
-                )
-            )
-        elif kind == "set" and re.match(r"elements\s*=", line):
+            text = f"add rule {family} {tname} {name} {line}"
+            table.rules.append(_Rule(index * _PER_LINE, name, text, line, nft=True))
+        elif kind == "set" and line.startswith("elements"):
             body = line.split("=", 1)[1].strip()
             if body.startswith("{") and body.endswith("}"):
                 body = body[1:-1]
             for n, el in enumerate(_split_elements(body)):
+                text = f"add element {family} {tname} {name} {{ {el} }}"
                 table.rules.append(
-                    _Rule(
-                        index * _PER_LINE + n,
-                        name,
-                        f"add element {family} {tname} {name} {{ {el} }}",
-                        el,
-                        tuple(_unquote(t) for t in _NFT_TARGET.findall(el)),
-                        element=True,
-                    )
+                    _Rule(index * _PER_LINE + n, name, text, el, nft=True, element=True)
                 )
     return tables
 
@@ -351,9 +378,9 @@ def filter_nft_ruleset(
     skip_tables lists (family, name) tables to ignore, e.g. those iptables-nft owns, which
     iptables-save already reported.
     """
-    pattern = address_pattern(service_ip)
+    _canonical(service_ip)  # ValueError now for a bad address, whatever the text
     picked: list[_Rule] = []
     for _family, _name, table in _parse_nft(text, skip_tables):
-        picked.extend(_select(table, pattern, service_port, nft=True))
+        picked.extend(_select(table, service_ip, service_port, nft=True))
     picked.sort(key=lambda r: r.index)
     return tuple(r.text for r in picked)

@@ -1,0 +1,178 @@
+"""Reassembly and diagnosis on recorded sessions of the seed case (no root, no kernel)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from tests.fixtures.loader import Fixture, load
+from tracer.analysis import analyse
+from tracer.analysis.context import Context
+from tracer.analysis.model import Point
+from tracer.topology import Topology
+
+
+@pytest.fixture(scope="module")
+def broken() -> Fixture:
+    return load("seed-broken.json")
+
+
+@pytest.fixture(scope="module")
+def healthy() -> Fixture:
+    return load("seed-healthy.json")
+
+
+def _with_sysctl(topo: Topology, ns_name: str, key: str, value: str | None) -> Topology:
+    namespaces = []
+    for ns in topo.namespaces:
+        if ns.name == ns_name:
+            sysctls = dict(ns.sysctls)
+            sysctls[key] = value
+            ns = replace(ns, sysctls=sysctls)
+        namespaces.append(ns)
+    return replace(topo, namespaces=tuple(namespaces))
+
+
+def _one(fx: Fixture, ctx: Context | None = None):  # type: ignore[no-untyped-def]
+    results = analyse(fx.events, ctx or fx.context())
+    assert len(results) == 1, [str(c.key) for c, _ in results]
+    return results[0]
+
+
+def test_seed_broken_is_diagnosed_on_the_syn_ack_in_the_node(broken: Fixture) -> None:
+    conn, diag = _one(broken)
+    assert (conn.key.src, conn.key.dst, conn.key.dport) == ("100.96.54.240", "100.67.30.133", 80)
+    assert conn.backend == ("100.96.54.247", 80)
+    assert diag.verdict == "broken"
+    b = diag.brk
+    assert b is not None
+    assert (b.packet_role, b.netns, b.dev, b.cause) == (
+        "SYN+ACK", "node", "cni0", "bridge-nf-call-iptables-off")
+    assert b.point == "net_dev_start_xmit"
+    assert "bridge-nf-call-iptables=1" in b.fix
+    joined = "\n".join(b.evidence)
+    assert "DNAT 100.67.30.133:80 -> 100.96.54.247:80" in joined
+    assert "net.bridge.bridge-nf-call-iptables = 0 in netns node" in joined
+    assert "received the SYN+ACK from 100.96.54.247:80" in joined
+    assert "answered with RST" in joined
+
+
+def test_seed_broken_packets_roles_hops_and_rst_link(broken: Fixture) -> None:
+    conn, _ = _one(broken)
+    roles = [p.role for p in conn.packets]
+    assert roles[:3] == ["SYN", "SYN+ACK", "RST"]
+    assert roles.count("SYN") >= 2, "curl's kernel retransmits the SYN within 3 s"
+    syn, synack, rst = conn.packets[:3]
+    assert (syn.direction, synack.direction, rst.direction) == ("original", "reply", "original")
+    # The SYN is DNATed in the node netns by the PREROUTING nat stage.
+    nat_hops = [h for h in syn.hops if h.nat]
+    assert nat_hops and nat_hops[0].netns_name == "node"
+    assert nat_hops[0].point == "nf:PREROUTING@dnat"
+    assert nat_hops[0].ct is not None and nat_hops[0].ct.dnat
+    # The SYN+ACK crosses the node only at device level: no netfilter point.
+    node_hops = [h for h in synack.hops if h.netns_name == "node"]
+    assert [h.kind for h in node_hops] == ["dev_rx", "dev_tx"]
+    assert all(h.tuple.src == "100.96.54.247" for h in synack.hops)
+    # pod A answers it with a reset; the RST is linked to that SYN+ACK.
+    assert any(h.kind == "reset" and h.netns_name == "poda" for h in synack.hops)
+    assert rst.caused_by == 1
+    assert rst.hops[0].netns_name == "poda"
+
+
+def test_healthy_is_ok_and_reply_is_reverse_translated(healthy: Fixture) -> None:
+    conn, diag = _one(healthy)
+    assert diag.verdict == "ok" and diag.brk is None
+    synack = next(p for p in conn.packets if p.role == "SYN+ACK")
+    snat = [h for h in synack.hops if h.nat and "SNAT" in h.nat]
+    assert snat and snat[0].netns_name == "node"
+    assert "100.96.54.247:80 -> 100.67.30.133:80" in (snat[0].nat or "")
+    delivered = [h for h in synack.hops if h.netns_name == "poda"]
+    assert delivered and delivered[0].tuple.src == "100.67.30.133"
+
+
+def test_missing_sysctl_means_br_netfilter_not_loaded(broken: Fixture) -> None:
+    topo = _with_sysctl(broken.topology, "node", "net.bridge.bridge-nf-call-iptables", None)
+    fx = replace(broken, topology=topo)
+    _, diag = _one(fx)
+    assert diag.brk is not None and diag.brk.cause == "br-netfilter-not-loaded"
+    assert "modprobe br_netfilter" in diag.brk.fix
+
+
+def test_bridged_with_sysctl_on_is_unexplained_not_guessed(broken: Fixture) -> None:
+    topo = _with_sysctl(broken.topology, "node", "net.bridge.bridge-nf-call-iptables", "1")
+    _, diag = _one(replace(broken, topology=topo))
+    assert diag.verdict == "broken"
+    assert diag.brk is not None and diag.brk.cause == "unexplained"
+
+
+def test_lost_events_make_the_connection_incomplete(broken: Fixture) -> None:
+    t = broken.events[len(broken.events) // 2].ts_ns
+    _, diag = _one(broken, broken.context(loss_windows=((t, t + 1),)))
+    assert diag.verdict == "incomplete"
+    assert any("lost" in n for n in diag.notes)
+
+
+def test_trace_cut_right_after_the_syn_is_incomplete(broken: Fixture) -> None:
+    first_synack = next(i for i, e in enumerate(broken.events)
+                        if e.tcp_flags & 0x12 == 0x12)
+    events = broken.events[:first_synack]
+    ctx = broken.context(end_ns=events[-1].ts_ns + 1000)
+    conn, diag = analyse(events, ctx)[0]
+    assert [p.role for p in conn.packets] == ["SYN"]
+    assert diag.verdict == "incomplete" and diag.brk is None
+
+
+def test_unanswered_syn_after_timeout_is_unexplained_with_last_place(broken: Fixture) -> None:
+    first_synack = next(i for i, e in enumerate(broken.events) if e.tcp_flags & 0x12 == 0x12)
+    events = broken.events[:first_synack]
+    ctx = broken.context(end_ns=events[-1].ts_ns + 5_000_000_000)
+    _, diag = analyse(events, ctx)[0]
+    assert diag.verdict == "broken"
+    assert diag.brk is not None and diag.brk.cause == "unexplained"
+    assert (diag.brk.netns, diag.brk.dev) == ("podb", "eth0")
+
+
+def test_a_drop_on_the_path_is_reported_with_its_reason(broken: Fixture) -> None:
+    first_synack = next(i for i, e in enumerate(broken.events) if e.tcp_flags & 0x12 == 0x12)
+    syn_events = broken.events[:first_synack]
+    last = syn_events[-1]
+    dropped = replace(last, point=Point.DROP, reason=12, ts_ns=last.ts_ns + 1)
+    ctx = broken.context(end_ns=last.ts_ns + 5_000_000_000)
+    _, diag = analyse(syn_events + [dropped], ctx)[0]
+    assert diag.verdict == "broken"
+    assert diag.brk is not None and diag.brk.cause == "packet-dropped"
+    assert "NETFILTER_DROP" in diag.brk.explanation
+
+
+def test_recovered_when_a_later_attempt_succeeds(broken: Fixture, healthy: Fixture) -> None:
+    """Broken first attempt, then the healthy exchange on the same tuple (rewritten)."""
+    b_conn, _ = _one(broken)
+    h_conn, _ = _one(healthy)
+    port_map = {h_conn.key.sport: b_conn.key.sport}
+    shift = max(e.ts_ns for e in broken.events) + 1 - min(e.ts_ns for e in healthy.events)
+
+    def moved(ev):  # type: ignore[no-untyped-def]
+        t = ev.tuple
+        t = replace(t, sport=port_map.get(t.sport, t.sport), dport=port_map.get(t.dport, t.dport))
+        ct = ev.ct
+        if ct is not None:
+            o, r = ct.orig, ct.reply
+            ct = replace(ct, orig=replace(o, sport=port_map.get(o.sport, o.sport)),
+                         reply=replace(r, dport=port_map.get(r.dport, r.dport)))
+        return replace(ev, tuple=t, ct=ct, ts_ns=ev.ts_ns + shift)
+
+    events = broken.events + [moved(e) for e in healthy.events]
+    ctx = broken.context(end_ns=max(e.ts_ns for e in events) + 1)
+    _, diag = analyse(events, ctx)[0]
+    assert diag.verdict == "recovered"
+    assert diag.brk is not None and diag.brk.cause == "bridge-nf-call-iptables-off"
+
+
+def test_provider_neutral_function_points_count_as_netfilter(broken: Fixture) -> None:
+    """A SYN+ACK seen by br_nf_pre_routing (fentry provider) is not 'bypassed netfilter'."""
+    synack_in_node = next(e for e in broken.events
+                          if e.tcp_flags & 0x12 == 0x12 and e.dev == "veth-podb")
+    seen = replace(synack_in_node, point=Point.BR_NF_PRE_ROUTING, ts_ns=synack_in_node.ts_ns + 1)
+    _, diag = analyse(broken.events + [seen], broken.context())[0]
+    assert diag.brk is not None and diag.brk.cause != "bridge-nf-call-iptables-off"

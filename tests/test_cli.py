@@ -1,0 +1,83 @@
+"""Bad input gets one specific line on stderr and the documented exit status, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import needs_root
+
+HAIRTRACE = [sys.executable, "-m", "tracer.cli"]
+
+
+def run(*args: str, env: dict[str, str] | None = None, user: str | None = None,
+        ) -> subprocess.CompletedProcess[str]:
+    cmd = HAIRTRACE + list(args)
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})}, cwd=os.path.dirname(__file__) + "/..")
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
+    assert res.returncode == code, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("hairtrace: error: ") and needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("svc,needle", [
+    ("my-service", "expected an IPv4 address"),
+    ("fd00::10", "only IPv4"),
+    ("100.67.30.133:0", "1-65535"),
+    ("100.67.30.133:99999", "1-65535"),
+])
+def test_bad_service_is_usage_error(svc: str, needle: str) -> None:
+    assert_one_line_error(run("--svc", svc, "--duration", "1"), 2, needle)
+
+
+def test_no_service_prints_usage_and_exits_2() -> None:
+    res = run()
+    assert res.returncode == 2 and "--svc" in res.stderr
+
+
+def test_unknown_netns_is_usage_error() -> None:
+    assert_one_line_error(run("--svc", "10.0.0.1", "--netns", "no-such-ns-xyz", "--duration", "1"),
+                          2, "unknown network namespace 'no-such-ns-xyz'")
+
+
+def test_path_that_is_not_a_netns_is_usage_error() -> None:
+    assert_one_line_error(run("--svc", "10.0.0.1", "--netns", "/etc/hostname", "--duration", "1"),
+                          2, "/etc/hostname")
+
+
+def test_command_not_found_is_usage_error() -> None:
+    assert_one_line_error(run("--svc", "10.0.0.1", "--", "no-such-command-xyz", "arg"),
+                          2, "command not found: no-such-command-xyz")
+
+
+def test_negative_duration_is_usage_error() -> None:
+    assert_one_line_error(run("--svc", "10.0.0.1", "--duration", "-1"), 2, "--duration")
+
+
+def test_missing_btf_is_a_specific_error() -> None:
+    needs_root()
+    res = run("--svc", "10.0.0.1", "--duration", "1",
+              env={"HAIRTRACE_KERNEL_BTF": "/nonexistent/vmlinux"})
+    assert_one_line_error(res, 1, "no kernel BTF at /nonexistent/vmlinux")
+
+
+def test_not_root_is_a_specific_error() -> None:
+    needs_root()  # to drop privileges we must have them
+    res = run("--svc", "10.0.0.1", "--duration", "1", user="65534")
+    assert_one_line_error(res, 1, "not root")
+
+
+def test_lab_needs_root() -> None:
+    needs_root()
+    res = run("lab", "status", user="65534")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "root" in res.stderr

@@ -1,0 +1,176 @@
+"""End to end on this kernel: real lab in network namespaces, real BPF, the CLI as users run it.
+
+The lab here is scripts/seed-lab.sh: plain ip/iptables commands, built independently
+of hairtrace's own lab code, so the tracer is shown to work on a topology it did not make.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import needs_live
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED_LAB = ROOT / "scripts" / "seed-lab.sh"
+SVC = "100.67.30.133"
+CURL = ["ip", "netns", "exec", "poda", "curl", "-sS", "-m", "3", "-o", "/dev/null",
+        "-w", "%{http_code}", f"http://{SVC}/"]
+HT_PROGS = {"ht_dev_rx", "ht_dev_tx", "ht_drop", "ht_tcp_reset", "ht_nf_pre_ct"}
+
+pytestmark = pytest.mark.live
+
+
+def _lab(action: str, *args: str) -> None:
+    subprocess.run(["bash", str(SEED_LAB), action, *args], check=True, capture_output=True,
+                   timeout=60)
+
+
+@pytest.fixture
+def seed_lab(request: pytest.FixtureRequest) -> Iterator[str]:
+    needs_live()
+    knob = getattr(request, "param", "0")
+    _lab("down")
+    _lab("up", knob)
+    try:
+        yield knob
+    finally:
+        _lab("down")
+
+
+def hairtrace(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tracer.cli", "--no-live", *args],
+                          check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _our_programs() -> set[str]:
+    out = subprocess.run(["bpftool", "-j", "prog", "list"], capture_output=True, text=True,
+                         check=True).stdout
+    return {p.get("name", "") for p in json.loads(out)} & HT_PROGS
+
+
+@pytest.mark.parametrize("seed_lab", ["0"], indirect=True)
+def test_seed_broken(seed_lab: str, tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    res = hairtrace("--svc", SVC, "--netns", "node", "--json", str(report), "--", *CURL)
+    assert res.returncode == 3, res.stderr
+    r = json.loads(report.read_text())
+    assert r["schema"] == "hairtrace/report@1" and r["provider"] == "tracepoint"
+    assert r["lost_events"] == 0 and r["events"] > 0
+    assert r["command_status"] == 28, "curl itself timed out"
+    [conn] = r["connections"]
+    assert conn["client"]["ip"] == "100.96.54.240"
+    assert conn["service"] == {"ip": SVC, "port": 80}
+    assert conn["backend"] == {"ip": "100.96.54.247", "port": 80}
+    assert conn["verdict"] == "broken"
+    roles = [p["role"] for p in conn["packets"]]
+    assert roles[:3] == ["SYN", "SYN+ACK", "RST"]
+    for p in conn["packets"][:3]:
+        assert p["hops"], p
+        assert {"netns", "dev", "point", "src", "dst", "ct", "nat"} <= set(p["hops"][0])
+    brk = conn["break"]
+    assert brk["packet_role"] == "SYN+ACK" and brk["netns"] == "node"
+    assert brk["cause"] == "bridge-nf-call-iptables-off"
+    assert brk["dev"] == "cni0"
+    assert brk["evidence"] and brk["fix"]
+    assert "attached 11 programs" in res.stderr
+    assert _our_programs() == set(), "programs must be detached after the trace"
+
+
+@pytest.mark.parametrize("seed_lab", ["1"], indirect=True)
+def test_seed_healthy(seed_lab: str, tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    res = hairtrace("--svc", f"{SVC}:80", "--netns", "node", "--json", str(report), "--", *CURL)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "200", "curl succeeds while traced"
+    r = json.loads(report.read_text())
+    assert r["lost_events"] == 0 and r["command_status"] == 0
+    [conn] = r["connections"]
+    assert conn["verdict"] == "ok" and conn["break"] is None
+    synack = next(p for p in conn["packets"] if p["role"] == "SYN+ACK")
+    assert any(h["nat"] and f"-> {SVC}:80" in h["nat"] for h in synack["hops"]), synack
+
+
+@pytest.mark.parametrize("seed_lab", ["0"], indirect=True)
+def test_sigterm_ends_cleanly_with_report(seed_lab: str, tmp_path: Path) -> None:
+    report, ready = tmp_path / "r.json", tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "--no-live", "--svc", SVC,
+                             "--netns", "node", "--json", str(report), "--ready-file",
+                             str(ready)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "tracer never attached"
+            time.sleep(0.05)
+        assert _our_programs() == HT_PROGS
+        subprocess.run(CURL, check=False, capture_output=True, timeout=10)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err
+    assert "Traceback" not in err
+    r = json.loads(report.read_text())
+    assert [c["verdict"] for c in r["connections"]] == ["broken"]
+    assert _our_programs() == set()
+
+
+@pytest.mark.parametrize("seed_lab", ["1"], indirect=True)
+def test_lost_events_are_counted_and_reported(seed_lab: str, tmp_path: Path) -> None:
+    """A 4 KiB ring buffer cannot hold a whole HTTP exchange between two drains."""
+    report = tmp_path / "r.json"
+    res = hairtrace("--svc", SVC, "--netns", "node", "--json", str(report),
+                    "--ringbuf-bytes", "4096", "--", *CURL)
+    r = json.loads(report.read_text())
+    assert r["lost_events"] > 0, "the tiny buffer must overflow for this test to mean anything"
+    assert sum(r["lost_by_point"].values()) == r["lost_events"]
+    assert "LOST" in res.stderr
+    assert r["connections"], "the connection is still reported"
+    assert all(c["verdict"] == "incomplete" for c in r["connections"])
+    assert res.returncode == 0, res.stderr
+
+
+def test_demo_reproduces_diagnoses_fixes_and_cleans_up(tmp_path: Path) -> None:
+    needs_live()
+    out = tmp_path / "demo.json"
+    res = subprocess.run([sys.executable, "-m", "tracer.cli", "demo", "--json", str(out)],
+                         check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    reports = json.loads(out.read_text())
+    [broken] = reports["broken"]["connections"]
+    assert broken["verdict"] == "broken"
+    assert broken["break"]["cause"] == "bridge-nf-call-iptables-off"
+    assert [c["verdict"] for c in reports["fixed"]["connections"]] == ["ok"]
+    assert "bridge-nf-call-iptables-off" in res.stderr and "As expected" in res.stderr
+    names = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
+    assert "ht-node" not in names and "ht-pod-a" not in names
+
+
+def test_lab_cli_up_status_down() -> None:
+    needs_live()
+    cli = [sys.executable, "-m", "tracer.cli", "lab"]
+    try:
+        up = subprocess.run(cli + ["up", "--bridge-nf-call-iptables", "1"], check=False, capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+        assert up.returncode == 0, up.stderr
+        st = subprocess.run(cli + ["status", "--json"], check=False, capture_output=True, text=True,
+                            timeout=30, cwd=ROOT)
+        assert st.returncode == 0, st.stderr
+        data = json.loads(st.stdout)
+        assert data["bridge_nf_call_iptables"] == 1 and data["server_alive"]
+    finally:
+        down = subprocess.run(cli + ["down"], check=False, capture_output=True, text=True, timeout=60,
+                              cwd=ROOT)
+    assert down.returncode == 0, down.stderr
+    st = subprocess.run(cli + ["status"], check=False, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert st.returncode == 1
+
