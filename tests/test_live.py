@@ -20,16 +20,30 @@ from conftest import needs_live
 ROOT = Path(__file__).resolve().parent.parent
 SEED_LAB = ROOT / "scripts" / "seed-lab.sh"
 SVC = "100.67.30.133"
-CURL = ["ip", "netns", "exec", "poda", "curl", "-sS", "-m", "3", "-o", "/dev/null",
-        "-w", "%{http_code}", f"http://{SVC}/"]
+CURL = [
+    "ip",
+    "netns",
+    "exec",
+    "poda",
+    "curl",
+    "-sS",
+    "-m",
+    "3",
+    "-o",
+    "/dev/null",
+    "-w",
+    "%{http_code}",
+    f"http://{SVC}/",
+]
 HT_PROGS = {"ht_dev_rx", "ht_dev_tx", "ht_drop", "ht_tcp_reset", "ht_nf_pre_ct"}
 
 pytestmark = pytest.mark.live
 
 
 def _lab(action: str, *args: str) -> None:
-    subprocess.run(["bash", str(SEED_LAB), action, *args], check=True, capture_output=True,
-                   timeout=60)
+    subprocess.run(
+        ["bash", str(SEED_LAB), action, *args], check=True, capture_output=True, timeout=60
+    )
 
 
 @pytest.fixture
@@ -45,13 +59,20 @@ def seed_lab(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 def hairtrace(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tracer.cli", "--no-live", *args],
-                          check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "tracer.cli", "--no-live", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def _our_programs() -> set[str]:
-    out = subprocess.run(["bpftool", "-j", "prog", "list"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["bpftool", "-j", "prog", "list"], capture_output=True, text=True, check=True
+    ).stdout
     return {p.get("name", "") for p in json.loads(out)} & HT_PROGS
 
 
@@ -100,9 +121,25 @@ def test_seed_healthy(seed_lab: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed_lab", ["0"], indirect=True)
 def test_sigterm_ends_cleanly_with_report(seed_lab: str, tmp_path: Path) -> None:
     report, ready = tmp_path / "r.json", tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-m", "tracer.cli", "--no-live", "--svc", SVC,
-                             "--netns", "node", "--json", str(report), "--ready-file",
-                             str(ready)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tracer.cli",
+            "--no-live",
+            "--svc",
+            SVC,
+            "--netns",
+            "node",
+            "--json",
+            str(report),
+            "--ready-file",
+            str(ready),
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not ready.exists():
@@ -128,8 +165,18 @@ def test_sigterm_ends_cleanly_with_report(seed_lab: str, tmp_path: Path) -> None
 def test_lost_events_are_counted_and_reported(seed_lab: str, tmp_path: Path) -> None:
     """A 4 KiB ring buffer cannot hold a whole HTTP exchange between two drains."""
     report = tmp_path / "r.json"
-    res = hairtrace("--svc", SVC, "--netns", "node", "--json", str(report),
-                    "--ringbuf-bytes", "4096", "--", *CURL)
+    res = hairtrace(
+        "--svc",
+        SVC,
+        "--netns",
+        "node",
+        "--json",
+        str(report),
+        "--ringbuf-bytes",
+        "4096",
+        "--",
+        *CURL,
+    )
     r = json.loads(report.read_text())
     assert r["lost_events"] > 0, "the tiny buffer must overflow for this test to mean anything"
     assert sum(r["lost_by_point"].values()) == r["lost_events"]
@@ -142,8 +189,14 @@ def test_lost_events_are_counted_and_reported(seed_lab: str, tmp_path: Path) -> 
 def test_demo_reproduces_diagnoses_fixes_and_cleans_up(tmp_path: Path) -> None:
     needs_live()
     out = tmp_path / "demo.json"
-    res = subprocess.run([sys.executable, "-m", "tracer.cli", "demo", "--json", str(out)],
-                         check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-m", "tracer.cli", "demo", "--json", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stderr
     reports = json.loads(out.read_text())
     [broken] = reports["broken"]["connections"]
@@ -151,7 +204,9 @@ def test_demo_reproduces_diagnoses_fixes_and_cleans_up(tmp_path: Path) -> None:
     assert broken["break"]["cause"] == "bridge-nf-call-iptables-off"
     assert [c["verdict"] for c in reports["fixed"]["connections"]] == ["ok"]
     assert "bridge-nf-call-iptables-off" in res.stderr and "As expected" in res.stderr
-    names = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
+    names = subprocess.run(
+        ["ip", "netns", "list"], check=False, capture_output=True, text=True
+    ).stdout
     assert "ht-node" not in names and "ht-pod-a" not in names
 
 
@@ -159,18 +214,32 @@ def test_lab_cli_up_status_down() -> None:
     needs_live()
     cli = [sys.executable, "-m", "tracer.cli", "lab"]
     try:
-        up = subprocess.run(cli + ["up", "--bridge-nf-call-iptables", "1"], check=False, capture_output=True,
-                            text=True, timeout=60, cwd=ROOT)
+        up = subprocess.run(
+            cli + ["up", "--bridge-nf-call-iptables", "1"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
         assert up.returncode == 0, up.stderr
-        st = subprocess.run(cli + ["status", "--json"], check=False, capture_output=True, text=True,
-                            timeout=30, cwd=ROOT)
+        st = subprocess.run(
+            cli + ["status", "--json"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
         assert st.returncode == 0, st.stderr
         data = json.loads(st.stdout)
         assert data["bridge_nf_call_iptables"] == 1 and data["server_alive"]
     finally:
-        down = subprocess.run(cli + ["down"], check=False, capture_output=True, text=True, timeout=60,
-                              cwd=ROOT)
+        down = subprocess.run(
+            cli + ["down"], check=False, capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
     assert down.returncode == 0, down.stderr
-    st = subprocess.run(cli + ["status"], check=False, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    st = subprocess.run(
+        cli + ["status"], check=False, capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
     assert st.returncode == 1
-

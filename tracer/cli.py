@@ -35,28 +35,45 @@ class _Main(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if "--" in args:
             i = args.index("--")
-            ctx.meta["command"] = tuple(args[i + 1:])
+            ctx.meta["command"] = tuple(args[i + 1 :])
             args = args[:i]
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=_Main, invoke_without_command=True,
-             context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=_Main, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.option("--svc", "svc", metavar="IP[:PORT]", help="Service (ClusterIP) to trace.")
-@click.option("--netns", metavar="NAME|PATH", help="Node network namespace for the netfilter "
-              "probes (default: the caller's).")
+@click.option(
+    "--netns",
+    metavar="NAME|PATH",
+    help="Node network namespace for the netfilter probes (default: the caller's).",
+)
 @click.option("--duration", type=float, metavar="S", help="Stop after S seconds.")
 @click.option("--json", "json_dest", metavar="FILE|-", help="Write the JSON report.")
-@click.option("--provider", type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]),
-              default="auto", show_default=True, help="Probe provider.")
+@click.option(
+    "--provider",
+    type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]),
+    default="auto",
+    show_default=True,
+    help="Probe provider.",
+)
 @click.option("--no-live", is_flag=True, help="No live view; print the summary at the end.")
 @click.option("--ready-file", hidden=True, help="Write this file once attached (tests).")
 @click.option("--ringbuf-bytes", type=int, hidden=True, help="Ring buffer size (tests).")
 @click.version_option(__version__, prog_name="hairtrace")
 @click.pass_context
-def main(ctx: click.Context, svc: str | None, netns: str | None, duration: float | None,
-         json_dest: str | None, provider: str, no_live: bool, ready_file: str | None,
-         ringbuf_bytes: int | None) -> None:
+def main(
+    ctx: click.Context,
+    svc: str | None,
+    netns: str | None,
+    duration: float | None,
+    json_dest: str | None,
+    provider: str,
+    no_live: bool,
+    ready_file: str | None,
+    ringbuf_bytes: int | None,
+) -> None:
     """Trace every TCP connection to a Service and explain where it breaks.
 
     \b
@@ -81,8 +98,16 @@ def main(ctx: click.Context, svc: str | None, netns: str | None, duration: float
         ip, port = parse_service(svc)
         if duration is not None and duration <= 0:
             raise UsageError("--duration must be positive")
-        opts = TraceOptions(ip, port, netns, duration, tuple(command), provider,
-                            ringbuf_bytes=ringbuf_bytes, ready_file=ready_file)
+        opts = TraceOptions(
+            ip,
+            port,
+            netns,
+            duration,
+            tuple(command),
+            provider,
+            ringbuf_bytes=ringbuf_bytes,
+            ready_file=ready_file,
+        )
         result = trace_with_view(opts, live=not no_live and sys.stderr.isatty())
         if json_dest:
             _write_json(build(result.run, result.results), json_dest)

@@ -22,10 +22,21 @@ def lab() -> None:
 
 
 @lab.command("up")
-@click.option("--bridge-nf-call-iptables", "knob", type=click.IntRange(0, 1), default=0,
-              show_default=True, help="The sysctl in the node netns (0 reproduces the bug).")
-@click.option("--proxy-mode", type=click.Choice(["iptables", "nftables"]), default="iptables",
-              show_default=True, help="Shape of the kube-proxy NAT rules.")
+@click.option(
+    "--bridge-nf-call-iptables",
+    "knob",
+    type=click.IntRange(0, 1),
+    default=0,
+    show_default=True,
+    help="The sysctl in the node netns (0 reproduces the bug).",
+)
+@click.option(
+    "--proxy-mode",
+    type=click.Choice(["iptables", "nftables"]),
+    default="iptables",
+    show_default=True,
+    help="Shape of the kube-proxy NAT rules.",
+)
 def lab_up(knob: int, proxy_mode: str) -> None:
     """Build the lab: pod A curls ClusterIP 100.67.30.133 served by pod B on bridge cni0."""
     from tracer.lab import seed
@@ -35,11 +46,15 @@ def lab_up(knob: int, proxy_mode: str) -> None:
     except HairtraceError as exc:
         _fail(exc)
     lab_ = state.lab
-    click.echo(f"lab up: node {lab_.node_ns}, pods {lab_.pod_a_ns} ({lab_.pod_a_ip}) and "
-               f"{lab_.pod_b_ns} ({lab_.pod_b_ip}), service {lab_.service_ip}:"
-               f"{lab_.service_port}, bridge-nf-call-iptables={knob}, {proxy_mode} rules")
-    click.echo(f"try: sudo hairtrace --svc {lab_.service_ip} --netns {lab_.node_ns} -- "
-               f"ip netns exec {lab_.pod_a_ns} curl -m 3 http://{lab_.service_ip}/")
+    click.echo(
+        f"lab up: node {lab_.node_ns}, pods {lab_.pod_a_ns} ({lab_.pod_a_ip}) and "
+        f"{lab_.pod_b_ns} ({lab_.pod_b_ip}), service {lab_.service_ip}:"
+        f"{lab_.service_port}, bridge-nf-call-iptables={knob}, {proxy_mode} rules"
+    )
+    click.echo(
+        f"try: sudo hairtrace --svc {lab_.service_ip} --netns {lab_.node_ns} -- "
+        f"ip netns exec {lab_.pod_a_ns} curl -m 3 http://{lab_.service_ip}/"
+    )
 
 
 @lab.command("down")
@@ -75,8 +90,12 @@ def lab_status(as_json: bool) -> None:
 
 @click.command()
 @click.option("--json", "json_dest", metavar="FILE", help="Write both reports as one JSON file.")
-@click.option("--proxy-mode", type=click.Choice(["iptables", "nftables"]), default="iptables",
-              show_default=True)
+@click.option(
+    "--proxy-mode",
+    type=click.Choice(["iptables", "nftables"]),
+    default="iptables",
+    show_default=True,
+)
 def demo(json_dest: str | None, proxy_mode: str) -> None:
     """Build the lab, reproduce the bug, trace it, apply the fix, trace again, remove the lab."""
     from tracer.demo import run_demo

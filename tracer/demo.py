@@ -24,8 +24,21 @@ class DemoOutcome:
 
 
 def _curl(lab: seed.SeedLab) -> tuple[str, ...]:
-    return ("ip", "netns", "exec", lab.pod_a_ns, "curl", "-sS", "-m", "3", "-o", "/dev/null",
-            "-w", "curl: HTTP %{http_code}\\n", f"http://{lab.service_ip}:{lab.service_port}/")
+    return (
+        "ip",
+        "netns",
+        "exec",
+        lab.pod_a_ns,
+        "curl",
+        "-sS",
+        "-m",
+        "3",
+        "-o",
+        "/dev/null",
+        "-w",
+        "curl: HTTP %{http_code}\\n",
+        f"http://{lab.service_ip}:{lab.service_port}/",
+    )
 
 
 def _trace(lab: seed.SeedLab, live: bool) -> TraceResult:
@@ -43,23 +56,36 @@ def run_demo(proxy_mode: str = "iptables", live: bool = True) -> DemoOutcome:
     lab = seed.SEED
     seed.up(lab, bridge_nf_call_iptables=0, proxy_mode=proxy_mode)
     try:
-        console.print(Rule("1. the bug: pod A -> ClusterIP -> pod B on the same bridge, "
-                           "bridge-nf-call-iptables=0"))
-        console.print(f"lab: {lab.pod_a_ns} {lab.pod_a_ip} -> {lab.service_ip}:"
-                      f"{lab.service_port} -> {lab.pod_b_ns} {lab.pod_b_ip}:{lab.pod_b_port} "
-                      f"on {lab.bridge} in {lab.node_ns} ({proxy_mode} rules)")
+        console.print(
+            Rule(
+                "1. the bug: pod A -> ClusterIP -> pod B on the same bridge, "
+                "bridge-nf-call-iptables=0"
+            )
+        )
+        console.print(
+            f"lab: {lab.pod_a_ns} {lab.pod_a_ip} -> {lab.service_ip}:"
+            f"{lab.service_port} -> {lab.pod_b_ns} {lab.pod_b_ip}:{lab.pod_b_port} "
+            f"on {lab.bridge} in {lab.node_ns} ({proxy_mode} rules)"
+        )
         broken = _trace(lab, live)
-        console.print(Rule("2. the fix: net.bridge.bridge-nf-call-iptables=1 in "
-                           f"{lab.node_ns}"))
+        console.print(Rule(f"2. the fix: net.bridge.bridge-nf-call-iptables=1 in {lab.node_ns}"))
         seed.set_bridge_nf_call_iptables(1, lab)
         console.print(Rule("3. the same curl, traced again"))
         fixed = _trace(lab, live)
     finally:
         removed = seed.down(lab)
     before, after = _verdicts(broken), _verdicts(fixed)
-    ok = (any(v == ("broken", EXPECTED_CAUSE) for v in before)
-          and bool(after) and all(v == "ok" for v, _ in after))
-    summary = (f"demo: before the fix {before}; after {after}; lab removed "
-               f"({len(removed)} steps). " + ("As expected." if ok else "NOT as expected."))
-    return DemoOutcome({"broken": build(broken.run, broken.results),
-                        "fixed": build(fixed.run, fixed.results)}, ok, summary)
+    ok = (
+        any(v == ("broken", EXPECTED_CAUSE) for v in before)
+        and bool(after)
+        and all(v == "ok" for v, _ in after)
+    )
+    summary = (
+        f"demo: before the fix {before}; after {after}; lab removed "
+        f"({len(removed)} steps). " + ("As expected." if ok else "NOT as expected.")
+    )
+    return DemoOutcome(
+        {"broken": build(broken.run, broken.results), "fixed": build(fixed.run, fixed.results)},
+        ok,
+        summary,
+    )

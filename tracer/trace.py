@@ -147,8 +147,9 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def run_trace(opts: TraceOptions, sink: Sink | None = None,
-              clock: Callable[[], int] = time.monotonic_ns) -> TraceResult:
+def run_trace(
+    opts: TraceOptions, sink: Sink | None = None, clock: Callable[[], int] = time.monotonic_ns
+) -> TraceResult:
     """Trace until the duration ends, CMD exits (+grace), or SIGINT/SIGTERM."""
     netns = resolve_netns(opts.netns)
     rb_size = opts.ringbuf_bytes
@@ -182,9 +183,23 @@ def run_trace(opts: TraceOptions, sink: Sink | None = None,
         attach_s = process_age()
         start_ns, started_at = clock(), time.time()
         topo = snapshot(opts.service_ip, opts.service_port or None)
-        run = RunInfo(__version__, os.uname().release, provider.name, reason, opts.service_ip,
-                      opts.service_port, netns.name, 0, 0, {}, tuple(attached),
-                      round(attach_s, 3), started_at, start_ns, opts.command)
+        run = RunInfo(
+            __version__,
+            os.uname().release,
+            provider.name,
+            reason,
+            opts.service_ip,
+            opts.service_port,
+            netns.name,
+            0,
+            0,
+            {},
+            tuple(attached),
+            round(attach_s, 3),
+            started_at,
+            start_ns,
+            opts.command,
+        )
         if sink:
             sink.attached(run)
         if opts.ready_file:
@@ -229,8 +244,15 @@ def run_trace(opts: TraceOptions, sink: Sink | None = None,
         topo = snapshot(opts.service_ip, opts.service_port or None)
     has_drops = any(ev.point == Point.DROP for ev in events)
     ctx = _context(opts, topo, loss_windows, end_ns, drop_reason_names() if has_drops else {})
-    run = RunInfo(**{**run.__dict__, "events": len(events), "lost_events": lost,
-                     "lost_by_point": by_point, "command_status": status})
+    run = RunInfo(
+        **{
+            **run.__dict__,
+            "events": len(events),
+            "lost_events": lost,
+            "lost_by_point": by_point,
+            "command_status": status,
+        }
+    )
     return TraceResult(run, events, ctx, topo, analyse(events, ctx), records)
 
 
@@ -244,13 +266,23 @@ def drop_reason_names() -> dict[int, str]:
         return {}
 
 
-def _context(opts: TraceOptions, topo: Topology, loss: list[tuple[int, int]], end_ns: int,
-             drops: dict[int, str]) -> Context:
-    return Context(opts.service_ip, opts.service_port, TopologyNames(topo), end_ns,
-                   tuple(loss), drops)
+def _context(
+    opts: TraceOptions,
+    topo: Topology,
+    loss: list[tuple[int, int]],
+    end_ns: int,
+    drops: dict[int, str],
+) -> Context:
+    return Context(
+        opts.service_ip, opts.service_port, TopologyNames(topo), end_ns, tuple(loss), drops
+    )
 
 
-def _analyse(events: list[Event], opts: TraceOptions, topo: Topology,
-             loss: list[tuple[int, int]], now_ns: int) -> list[tuple[Connection, Diagnosis]]:
+def _analyse(
+    events: list[Event],
+    opts: TraceOptions,
+    topo: Topology,
+    loss: list[tuple[int, int]],
+    now_ns: int,
+) -> list[tuple[Connection, Diagnosis]]:
     return analyse(events, _context(opts, topo, loss, now_ns, drops={}))
-

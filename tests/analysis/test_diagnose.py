@@ -48,7 +48,11 @@ def test_seed_broken_is_diagnosed_on_the_syn_ack_in_the_node(broken: Fixture) ->
     b = diag.brk
     assert b is not None
     assert (b.packet_role, b.netns, b.dev, b.cause) == (
-        "SYN+ACK", "node", "cni0", "bridge-nf-call-iptables-off")
+        "SYN+ACK",
+        "node",
+        "cni0",
+        "bridge-nf-call-iptables-off",
+    )
     assert b.point == "net_dev_start_xmit"
     assert "bridge-nf-call-iptables=1" in b.fix
     joined = "\n".join(b.evidence)
@@ -114,8 +118,7 @@ def test_lost_events_make_the_connection_incomplete(broken: Fixture) -> None:
 
 
 def test_trace_cut_right_after_the_syn_is_incomplete(broken: Fixture) -> None:
-    first_synack = next(i for i, e in enumerate(broken.events)
-                        if e.tcp_flags & 0x12 == 0x12)
+    first_synack = next(i for i, e in enumerate(broken.events) if e.tcp_flags & 0x12 == 0x12)
     events = broken.events[:first_synack]
     ctx = broken.context(end_ns=events[-1].ts_ns + 1000)
     conn, diag = analyse(events, ctx)[0]
@@ -158,8 +161,11 @@ def test_recovered_when_a_later_attempt_succeeds(broken: Fixture, healthy: Fixtu
         ct = ev.ct
         if ct is not None:
             o, r = ct.orig, ct.reply
-            ct = replace(ct, orig=replace(o, sport=port_map.get(o.sport, o.sport)),
-                         reply=replace(r, dport=port_map.get(r.dport, r.dport)))
+            ct = replace(
+                ct,
+                orig=replace(o, sport=port_map.get(o.sport, o.sport)),
+                reply=replace(r, dport=port_map.get(r.dport, r.dport)),
+            )
         return replace(ev, tuple=t, ct=ct, ts_ns=ev.ts_ns + shift)
 
     events = broken.events + [moved(e) for e in healthy.events]
@@ -171,8 +177,14 @@ def test_recovered_when_a_later_attempt_succeeds(broken: Fixture, healthy: Fixtu
 
 def test_provider_neutral_function_points_count_as_netfilter(broken: Fixture) -> None:
     """A SYN+ACK seen by br_nf_pre_routing (fentry provider) is not 'bypassed netfilter'."""
-    synack_in_node = next(e for e in broken.events
-                          if e.tcp_flags & 0x12 == 0x12 and e.dev == "veth-podb")
+    synack_in_node = next(
+        e for e in broken.events if e.tcp_flags & 0x12 == 0x12 and e.dev == "veth-podb"
+    )
     seen = replace(synack_in_node, point=Point.BR_NF_PRE_ROUTING, ts_ns=synack_in_node.ts_ns + 1)
     _, diag = analyse(broken.events + [seen], broken.context())[0]
     assert diag.brk is not None and diag.brk.cause != "bridge-nf-call-iptables-off"
+
+
+def test_break_names_the_bridge_ports_crossed(broken: Fixture) -> None:
+    _, diag = _one(broken)
+    assert diag.brk is not None and diag.brk.via == ("veth-podb", "veth-poda")

@@ -36,17 +36,46 @@ def test_config_struct_is_what_the_loader_writes(bpf_object: Path) -> None:
     cfg = object_btf(bpf_object).find("ht_config", KIND_STRUCT)
     assert cfg is not None and cfg.size_or_type == 8
     assert [(n, b // 8) for n, _t, b in cfg.members] == [
-        ("svc_addr", 0), ("svc_port", 4), ("proto", 6), ("_pad", 7)]
+        ("svc_addr", 0),
+        ("svc_port", 4),
+        ("proto", 6),
+        ("_pad", 7),
+    ]
 
 
 def _record(**kw: object) -> bytes:
-    tup = struct.pack("!4s4sHH", socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2"),
-                      1234, 80)
-    ct = struct.pack("!4s4sHH", socket.inet_aton("10.0.0.1"), socket.inet_aton("10.9.9.9"),
-                     1234, 80)
-    return struct.pack("<QQQQIIHBBi12sIIHBBII12s12sIB3x16s", 5, 0xffff0001, 0xdead, 0, 4026531840,
-                       7, int(kw.get("point", 6)), 0, 0x12, -99, tup, 100, 200, 42, 1, 2, 0x1a0,
-                       0, ct, ct[4:8] + ct[0:4] + ct[10:12] + ct[8:10], 0, 6, b"cni0")
+    tup = struct.pack(
+        "!4s4sHH", socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2"), 1234, 80
+    )
+    ct = struct.pack(
+        "!4s4sHH", socket.inet_aton("10.0.0.1"), socket.inet_aton("10.9.9.9"), 1234, 80
+    )
+    return struct.pack(
+        "<QQQQIIHBBi12sIIHBBII12s12sIB3x16s",
+        5,
+        0xFFFF0001,
+        0xDEAD,
+        0,
+        4026531840,
+        7,
+        int(kw.get("point", 6)),
+        0,
+        0x12,
+        -99,
+        tup,
+        100,
+        200,
+        42,
+        1,
+        2,
+        0x1A0,
+        0,
+        ct,
+        ct[4:8] + ct[0:4] + ct[10:12] + ct[8:10],
+        0,
+        6,
+        b"cni0",
+    )
 
 
 def test_decode_fields() -> None:
@@ -55,7 +84,7 @@ def test_decode_fields() -> None:
     assert ev.point == Point.NF_PRE_NAT and ev.info.name == "nf:PREROUTING@dnat"
     assert str(ev.tuple) == "10.0.0.1:1234 -> 10.0.0.2:80"
     assert (ev.seq, ev.ack_seq, ev.ip_id, ev.tcp_flags, ev.nf_prio) == (100, 200, 42, 0x12, -99)
-    assert ev.ct is not None and ev.ct.id == 0xdead and ev.ct.ctinfo == 2
+    assert ev.ct is not None and ev.ct.id == 0xDEAD and ev.ct.ctinfo == 2
     assert str(ev.ct.orig) == "10.0.0.1:1234 -> 10.9.9.9:80"
     assert str(ev.ct.reply) == "10.9.9.9:80 -> 10.0.0.1:1234"
     assert ev.ct.status_names == ["DST_NAT", "SRC_NAT_DONE", "DST_NAT_DONE"]

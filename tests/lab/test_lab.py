@@ -50,7 +50,10 @@ def curl_from(ns: str, url: str) -> subprocess.CompletedProcess[str]:
     """``ip netns exec NS curl -m 3 URL``, exactly as an operator would type it."""
     return subprocess.run(
         ["ip", "netns", "exec", ns, "curl", "-sS", "-m", str(CURL_TIMEOUT), url],
-        capture_output=True, text=True, timeout=CURL_TIMEOUT + 10, check=False,
+        capture_output=True,
+        text=True,
+        timeout=CURL_TIMEOUT + 10,
+        check=False,
     )
 
 
@@ -115,8 +118,14 @@ def seed_script(request: pytest.FixtureRequest) -> ScriptRunner:
         pytest.fail(f"namespaces {SCRIPT_NAMESPACES} already exist; run seed-lab.sh down")
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", str(SEED_SCRIPT), *args], capture_output=True, text=True,
-                              env={**os.environ, **SCRIPT_ENV}, timeout=60, check=False)
+        return subprocess.run(
+            ["bash", str(SEED_SCRIPT), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **SCRIPT_ENV},
+            timeout=60,
+            check=False,
+        )
 
     request.addfinalizer(lambda: run("down"))
     return run
@@ -138,8 +147,11 @@ def test_iptables_rules_have_kube_proxy_shape() -> None:
     assert "-j DNAT --to-destination 100.96.54.247:80" in rules
     assert "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000" in rules
     assert "-j MASQUERADE --random-fully" in rules
-    for hook, chain in (("PREROUTING", "KUBE-SERVICES"), ("OUTPUT", "KUBE-SERVICES"),
-                        ("POSTROUTING", "KUBE-POSTROUTING")):
+    for hook, chain in (
+        ("PREROUTING", "KUBE-SERVICES"),
+        ("OUTPUT", "KUBE-SERVICES"),
+        ("POSTROUTING", "KUBE-POSTROUTING"),
+    ):
         assert f"-A {hook} " in rules and f"-j {chain}\n" in rules
 
 
@@ -259,7 +271,8 @@ class TestPythonLab:
     def test_a_failed_test_still_leaves_nothing_behind(self, tmp_path: Path) -> None:
         require_lab_host()
         pid_file = tmp_path / "server.pid"
-        (tmp_path / "test_inner.py").write_text(textwrap.dedent(f"""\
+        (tmp_path / "test_inner.py").write_text(
+            textwrap.dedent(f"""\
             import sys
             sys.path.insert(0, {str(REPO_ROOT)!r})
             from tests.lab.test_lab import lab_factory  # the fixture under test
@@ -268,12 +281,27 @@ class TestPythonLab:
                 state = lab_factory(bridge_nf_call_iptables=0)
                 open({str(pid_file)!r}, "w").write(str(state.server_pid))
                 assert False, "deliberate failure"
-            """))
+            """)
+        )
         env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
         inner = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
-             str(tmp_path), str(tmp_path / "test_inner.py")],
-            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env, check=False,
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "--rootdir",
+                str(tmp_path),
+                str(tmp_path / "test_inner.py"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=env,
+            check=False,
         )
         assert "1 failed" in inner.stdout, inner.stdout + inner.stderr
         assert "deliberate failure" in inner.stdout

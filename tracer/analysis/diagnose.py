@@ -30,6 +30,7 @@ class Break:
     explanation: str
     evidence: tuple[str, ...]
     fix: str
+    via: tuple[str, ...] = ()  # devices the packet crossed in that netns
 
 
 @dataclass(frozen=True)
@@ -111,14 +112,23 @@ def _overlapping_loss(conn: Connection, ctx: Context) -> str | None:
 def _unanswered(conn: Connection, ctx: Context) -> tuple[Break | None, str, list[str]]:
     syns = [(i, p) for i, p in enumerate(conn.packets) if p.role == "SYN"]
     if not syns:
-        return None, "incomplete", ["no SYN of this connection was seen (it began before the trace)"]
+        return (
+            None,
+            "incomplete",
+            ["no SYN of this connection was seen (it began before the trace)"],
+        )
     i, last_syn = syns[-1]
     waited = ctx.end_ns - last_syn.hops[-1].ts_ns
     if any(p.role == "SYN+ACK" for p in conn.packets) or waited < ctx.reply_timeout_ns:
         return None, "incomplete", ["the trace ended before the handshake finished"]
     hop = last_syn.hops[-1]
     brk = Break(
-        "SYN", i, hop.netns_name, hop.dev, hop.point, "unexplained",
+        "SYN",
+        i,
+        hop.netns_name,
+        hop.dev,
+        hop.point,
+        "unexplained",
         f"No SYN+ACK was seen within {waited / 1e9:.1f}s; the SYN was last seen at "
         f"{hop.netns_name}/{hop.dev} ({hop.point}) as {hop.tuple}.",
         tuple(_path_evidence(last_syn)),
@@ -129,8 +139,9 @@ def _unanswered(conn: Connection, ctx: Context) -> tuple[Break | None, str, list
 
 
 def _path_evidence(pkt: Packet) -> list[str]:
-    return [f"{pkt.role} path: " + " -> ".join(f"{h.netns_name}/{h.dev}:{h.point}"
-                                              for h in pkt.hops)]
+    return [
+        f"{pkt.role} path: " + " -> ".join(f"{h.netns_name}/{h.dev}:{h.point}" for h in pkt.hops)
+    ]
 
 
 def _dropped(conn: Connection, roles: _Roles, ctx: Context) -> Break | None:
@@ -139,7 +150,12 @@ def _dropped(conn: Connection, roles: _Roles, ctx: Context) -> Break | None:
             if hop.kind != "drop" or hop.drop_reason in _EXPECTED_DROPS:
                 continue
             return Break(
-                pkt.role, i, hop.netns_name, hop.dev, hop.point, "packet-dropped",
+                pkt.role,
+                i,
+                hop.netns_name,
+                hop.dev,
+                hop.point,
+                "packet-dropped",
                 f"The {pkt.role} {hop.tuple} was dropped in {hop.netns_name} on {hop.dev} "
                 f"(drop reason {hop.drop_reason}).",
                 tuple(_path_evidence(pkt) + [f"drop reason: {hop.drop_reason}"]),
@@ -149,8 +165,9 @@ def _dropped(conn: Connection, roles: _Roles, ctx: Context) -> Break | None:
     return None
 
 
-def _untranslated_reply(conn: Connection, index: int, pkt: Packet, delivered: Hop,
-                        roles: _Roles, ctx: Context) -> Break:
+def _untranslated_reply(
+    conn: Connection, index: int, pkt: Packet, delivered: Hop, roles: _Roles, ctx: Context
+) -> Break:
     svc = _fmt(conn.key.dst, conn.key.dport)
     seen_src = _fmt(delivered.tuple.src, delivered.tuple.sport)
     client_name = delivered.netns_name
@@ -159,8 +176,7 @@ def _untranslated_reply(conn: Connection, index: int, pkt: Packet, delivered: Ho
         h = roles.nat_hop
         ct = h.ct
         what = h.nat or (f"conntrack binding {ct.orig} / reply {ct.reply}" if ct else "")
-        evidence.append(f"SYN {conn.key} was DNATed in netns {h.netns_name} at {h.point} "
-                        f"({what})")
+        evidence.append(f"SYN {conn.key} was DNATed in netns {h.netns_name} at {h.point} ({what})")
     nat_ns = roles.nat_ns
     in_nat = [h for h in pkt.hops if h.netns == nat_ns]
     nf_seen = [h for h in in_nat if h.kind in NETFILTER_KINDS]
@@ -168,34 +184,61 @@ def _untranslated_reply(conn: Connection, index: int, pkt: Packet, delivered: Ho
     place = in_nat[-1] if in_nat else delivered
     if in_nat:
         path = " -> ".join(f"{h.dev}:{h.point}" for h in in_nat)
-        evidence.append(f"{pkt.role} {pkt.hops[0].tuple} crossed netns {place.netns_name} as "
-                        f"{path}" + (f" (ports of bridge {bridge})" if bridge else ""))
+        evidence.append(
+            f"{pkt.role} {pkt.hops[0].tuple} crossed netns {place.netns_name} as "
+            f"{path}" + (f" (ports of bridge {bridge})" if bridge else "")
+        )
     if not nf_seen and in_nat:
-        evidence.append(f"no conntrack, NAT or netfilter hook saw the {pkt.role} in netns "
-                        f"{place.netns_name}: reverse translation never ran")
-    evidence.append(f"client netns {client_name} received the {pkt.role} from {seen_src} "
-                    f"instead of the service address {svc}")
+        evidence.append(
+            f"no conntrack, NAT or netfilter hook saw the {pkt.role} in netns "
+            f"{place.netns_name}: reverse translation never ran"
+        )
+    evidence.append(
+        f"client netns {client_name} received the {pkt.role} from {seen_src} "
+        f"instead of the service address {svc}"
+    )
     reset = next((p for p in conn.packets if p.role == "RST" and p.caused_by == index), None)
     if reset is not None:
-        evidence.append(f"the client answered with RST {reset.hops[0].tuple} "
-                        f"(in {reset.hops[0].netns_name})")
+        evidence.append(
+            f"the client answered with RST {reset.hops[0].tuple} (in {reset.hops[0].netns_name})"
+        )
     if conn.last_ct is not None and not conn.last_ct.status & IPS_SEEN_REPLY:
-        evidence.append(f"conntrack entry {conn.last_ct.orig} never saw a reply "
-                        "(no SEEN_REPLY, shown as [UNREPLIED] by conntrack -L)")
+        evidence.append(
+            f"conntrack entry {conn.last_ct.orig} never saw a reply "
+            "(no SEEN_REPLY, shown as [UNREPLIED] by conntrack -L)"
+        )
     cause = "unexplained"
-    explanation = (f"The {pkt.role} reached the client with the backend's source {seen_src} "
-                   f"instead of {svc}; hairtrace cannot tell why reverse NAT did not run.")
-    fix = ("Check that replies of DNATed connections return through the namespace that holds "
-           "the conntrack entry.")
+    explanation = (
+        f"The {pkt.role} reached the client with the backend's source {seen_src} "
+        f"instead of {svc}; hairtrace cannot tell why reverse NAT did not run."
+    )
+    fix = (
+        "Check that replies of DNATed connections return through the namespace that holds "
+        "the conntrack entry."
+    )
     if bridge is not None and not nf_seen and nat_ns is not None:
         value = ctx.names.sysctl(nat_ns, SYSCTL_BR_NF)
-        evidence.append(f"{SYSCTL_BR_NF} = {value if value is not None else 'absent'} in netns "
-                        f"{place.netns_name}")
-        cause, explanation, fix = _bridge_cause(value, pkt.role, bridge, place.netns_name,
-                                                seen_src, svc)
+        evidence.append(
+            f"{SYSCTL_BR_NF} = {value if value is not None else 'absent'} in netns "
+            f"{place.netns_name}"
+        )
+        cause, explanation, fix = _bridge_cause(
+            value, pkt.role, bridge, place.netns_name, seen_src, svc
+        )
     dev = bridge or place.dev
-    return Break(pkt.role, index, place.netns_name, dev, place.point, cause, explanation,
-                 tuple(evidence), fix)
+    via = tuple(dict.fromkeys(h.dev for h in in_nat))
+    return Break(
+        pkt.role,
+        index,
+        place.netns_name,
+        dev,
+        place.point,
+        cause,
+        explanation,
+        tuple(evidence),
+        fix,
+        via,
+    )
 
 
 def _bridged_by(hops: list[Hop], ctx: Context, ns: int) -> str | None:
@@ -212,25 +255,42 @@ def _bridged_by(hops: list[Hop], ctx: Context, ns: int) -> str | None:
     return None
 
 
-def _bridge_cause(value: str | None, role: str, bridge: str, ns: str, seen: str,
-                  svc: str) -> tuple[str, str, str]:
+def _bridge_cause(
+    value: str | None, role: str, bridge: str, ns: str, seen: str, svc: str
+) -> tuple[str, str, str]:
     if value is None:
-        return ("br-netfilter-not-loaded",
-                (f"The {role} from {seen} was switched by bridge {bridge} in {ns} straight to "
-                 f"the client. br_netfilter is not loaded, so bridged frames never reach "
-                 f"iptables/conntrack and the reply's source is not translated back to {svc}."),
-                (f"Load br_netfilter (modprobe br_netfilter; persist it in "
-                 f"/etc/modules-load.d/) and set {SYSCTL_BR_NF}=1 in {ns}."))
+        return (
+            "br-netfilter-not-loaded",
+            (
+                f"The {role} from {seen} was switched by bridge {bridge} in {ns} straight to "
+                f"the client. br_netfilter is not loaded, so bridged frames never reach "
+                f"iptables/conntrack and the reply's source is not translated back to {svc}."
+            ),
+            (
+                f"Load br_netfilter (modprobe br_netfilter; persist it in "
+                f"/etc/modules-load.d/) and set {SYSCTL_BR_NF}=1 in {ns}."
+            ),
+        )
     if value == "0":
-        return ("bridge-nf-call-iptables-off",
-                (f"The {role} from {seen} was switched by bridge {bridge} in {ns} straight to "
-                 f"the client without passing netfilter ({SYSCTL_BR_NF}=0), so conntrack never "
-                 f"reverse-translated its source to the service address {svc}; the client "
-                 f"does not recognise it and resets."),
-                (f"Set {SYSCTL_BR_NF}=1 in {ns} (sysctl -w {SYSCTL_BR_NF}=1, persisted in "
-                 f"/etc/sysctl.d/); kube-proxy needs it whenever client and backend pods "
-                 f"share a bridge."))
-    return ("unexplained",
-            (f"The {role} from {seen} was bridged by {bridge} in {ns} without netfilter "
-             f"although {SYSCTL_BR_NF}={value}; hairtrace cannot tell why."),
-            "Check the bridge's own nf_call_iptables setting and ebtables/nftables bridge rules.")
+        return (
+            "bridge-nf-call-iptables-off",
+            (
+                f"The {role} from {seen} was switched by bridge {bridge} in {ns} straight to "
+                f"the client without passing netfilter ({SYSCTL_BR_NF}=0), so conntrack never "
+                f"reverse-translated its source to the service address {svc}; the client "
+                f"does not recognise it and resets."
+            ),
+            (
+                f"Set {SYSCTL_BR_NF}=1 in {ns} (sysctl -w {SYSCTL_BR_NF}=1, persisted in "
+                f"/etc/sysctl.d/); kube-proxy needs it whenever client and backend pods "
+                f"share a bridge."
+            ),
+        )
+    return (
+        "unexplained",
+        (
+            f"The {role} from {seen} was bridged by {bridge} in {ns} without netfilter "
+            f"although {SYSCTL_BR_NF}={value}; hairtrace cannot tell why."
+        ),
+        "Check the bridge's own nf_call_iptables setting and ebtables/nftables bridge rules.",
+    )

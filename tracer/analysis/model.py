@@ -18,13 +18,24 @@ IPS_EXPECTED, IPS_SEEN_REPLY, IPS_ASSURED, IPS_CONFIRMED = 1, 2, 4, 8
 IPS_SRC_NAT, IPS_DST_NAT = 0x10, 0x20
 IPS_SRC_NAT_DONE, IPS_DST_NAT_DONE, IPS_DYING = 0x80, 0x100, 0x200
 _CT_STATUS_NAMES = (
-    (IPS_SEEN_REPLY, "SEEN_REPLY"), (IPS_ASSURED, "ASSURED"), (IPS_CONFIRMED, "CONFIRMED"),
-    (IPS_SRC_NAT, "SRC_NAT"), (IPS_DST_NAT, "DST_NAT"), (IPS_SRC_NAT_DONE, "SRC_NAT_DONE"),
-    (IPS_DST_NAT_DONE, "DST_NAT_DONE"), (IPS_DYING, "DYING"),
+    (IPS_SEEN_REPLY, "SEEN_REPLY"),
+    (IPS_ASSURED, "ASSURED"),
+    (IPS_CONFIRMED, "CONFIRMED"),
+    (IPS_SRC_NAT, "SRC_NAT"),
+    (IPS_DST_NAT, "DST_NAT"),
+    (IPS_SRC_NAT_DONE, "SRC_NAT_DONE"),
+    (IPS_DST_NAT_DONE, "DST_NAT_DONE"),
+    (IPS_DYING, "DYING"),
 )
 # enum ip_conntrack_info
-CTINFO_NAMES = {0: "ESTABLISHED", 1: "RELATED", 2: "NEW", 3: "ESTABLISHED_REPLY",
-                4: "RELATED_REPLY", 7: "UNTRACKED"}
+CTINFO_NAMES = {
+    0: "ESTABLISHED",
+    1: "RELATED",
+    2: "NEW",
+    3: "ESTABLISHED_REPLY",
+    4: "RELATED_REPLY",
+    7: "UNTRACKED",
+}
 NF_HOOKS = {0: "PREROUTING", 1: "INPUT", 2: "FORWARD", 3: "OUTPUT", 4: "POSTROUTING"}
 
 
@@ -137,8 +148,11 @@ class Conntrack:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "id": f"{self.id:#x}", "state": CTINFO_NAMES.get(self.ctinfo, str(self.ctinfo)),
-            "status": self.status_names, "original": str(self.orig), "reply": str(self.reply),
+            "id": f"{self.id:#x}",
+            "state": CTINFO_NAMES.get(self.ctinfo, str(self.ctinfo)),
+            "status": self.status_names,
+            "original": str(self.orig),
+            "reply": str(self.reply),
         }
 
 

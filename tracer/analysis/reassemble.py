@@ -116,8 +116,18 @@ def _hop(ev: Event, prev: Tuple | None, ctx: Context) -> Hop:
     reason = None
     if info.kind == "drop":
         reason = ctx.drop_reasons.get(ev.reason, f"reason-{ev.reason}")
-    return Hop(ev.ts_ns, ev.netns, ctx.names.ns_name(ev.netns), ev.dev, info.name, info.kind,
-               ev.tuple, ev.ct, _nat_change(prev, ev.tuple) if prev else None, reason)
+    return Hop(
+        ev.ts_ns,
+        ev.netns,
+        ctx.names.ns_name(ev.netns),
+        ev.dev,
+        info.name,
+        info.kind,
+        ev.tuple,
+        ev.ct,
+        _nat_change(prev, ev.tuple) if prev else None,
+        reason,
+    )
 
 
 def _direction(t: Tuple, key: Tuple, cts: list[Conntrack]) -> str:
@@ -138,8 +148,14 @@ def _packets(events: list[Event], key: Tuple, ctx: Context) -> list[Packet]:
         if pkt is not None and any((h.netns, h.dev, h.point) == place for h in pkt.hops):
             pkt = None
         if pkt is None:
-            pkt = Packet(role_of(ev.tcp_flags), _direction(ev.tuple, key, cts), ev.tcp_flags,
-                         ev.seq, ev.ack_seq, ev.ip_id)
+            pkt = Packet(
+                role_of(ev.tcp_flags),
+                _direction(ev.tuple, key, cts),
+                ev.tcp_flags,
+                ev.seq,
+                ev.ack_seq,
+                ev.ip_id,
+            )
             packets.append(pkt)
             open_by_id[ident] = pkt
         prev = pkt.hops[-1].tuple if pkt.hops else None
@@ -173,6 +189,9 @@ def reassemble(events: list[Event], ctx: Context) -> list[Connection]:
     for key, evs in groups.items():
         cts = [e.ct for e in evs if e.ct is not None and e.ct.orig == key]
         backend = next(((ct.reply.src, ct.reply.sport) for ct in reversed(cts) if ct.dnat), None)
-        conns.append(Connection(key, backend, _packets(evs, key, ctx), {c.id for c in cts},
-                                cts[-1] if cts else None))
+        conns.append(
+            Connection(
+                key, backend, _packets(evs, key, ctx), {c.id for c in cts}, cts[-1] if cts else None
+            )
+        )
     return sorted(conns, key=lambda c: c.first_ns)

@@ -25,9 +25,17 @@ VMLINUX = Path("/sys/kernel/btf/vmlinux")
 def kernel_btf_path() -> Path:
     """The running kernel's BTF; HAIRTRACE_KERNEL_BTF points elsewhere (tests, external BTF)."""
     return Path(os.environ.get("HAIRTRACE_KERNEL_BTF", VMLINUX))
+
+
 # bytes that follow struct btf_type, per member (vlen) and fixed, by kind
-_PER_MEMBER = {KIND_STRUCT: 12, KIND_UNION: 12, KIND_ENUM: 8, KIND_FUNC_PROTO: 8,
-               KIND_DATASEC: 12, KIND_ENUM64: 12}
+_PER_MEMBER = {
+    KIND_STRUCT: 12,
+    KIND_UNION: 12,
+    KIND_ENUM: 8,
+    KIND_FUNC_PROTO: 8,
+    KIND_DATASEC: 12,
+    KIND_ENUM64: 12,
+}
 _FIXED = {KIND_INT: 4, KIND_ARRAY: 12, KIND_VAR: 4, KIND_DECL_TAG: 4}
 
 
@@ -50,9 +58,9 @@ class Btf:
         if magic != BTF_MAGIC:
             raise HairtraceError("not BTF data (bad magic)")
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
-        self._strs = data[hdr_len + str_off: hdr_len + str_off + str_len]
+        self._strs = data[hdr_len + str_off : hdr_len + str_off + str_len]
         self.types: list[BtfType] = []
-        self._parse(data[hdr_len + type_off: hdr_len + type_off + type_len])
+        self._parse(data[hdr_len + type_off : hdr_len + type_off + type_len])
 
     def _str(self, off: int) -> str:
         end = self._strs.find(b"\0", off)
@@ -111,12 +119,12 @@ def object_btf(obj_path: Path) -> Btf:
     data = obj_path.read_bytes()
     if data[:4] != b"\x7fELF":
         raise HairtraceError(f"{obj_path} is not an ELF object")
-    shoff, = struct.unpack_from("<Q", data, 0x28)
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
     sections = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
     str_sec = sections[shstrndx]
     for sh_name, _t, _f, _a, off, size in sections:
         end = data.find(b"\0", str_sec[4] + sh_name)
-        if data[str_sec[4] + sh_name:end] == b".BTF":
-            return Btf(data[off:off + size])
+        if data[str_sec[4] + sh_name : end] == b".BTF":
+            return Btf(data[off : off + size])
     raise HairtraceError(f"{obj_path} has no .BTF section (build with clang -g)")

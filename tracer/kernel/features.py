@@ -37,6 +37,7 @@ def _effective_caps() -> int:
 def privileged() -> str | None:
     """None when we may load and attach BPF, else why not."""
     caps = _effective_caps()
+
     def have(bit: int) -> bool:
         return bool(caps >> bit & 1)
 
@@ -81,8 +82,9 @@ def probe(ringbuf_ok: bool | None = None) -> Features:
     btf_path = kernel_btf_path()
     btf = btf_path.exists()
     if not btf:
-        missing["btf"] = (f"no kernel BTF at {btf_path}: the kernel was built without "
-                          "CONFIG_DEBUG_INFO_BTF")
+        missing["btf"] = (
+            f"no kernel BTF at {btf_path}: the kernel was built without CONFIG_DEBUG_INFO_BTF"
+        )
     names = _btf_has_names([b"btf_trace_netif_receive_skb", b"bpf_nf_ctx"])
     tp_btf = btf and names[b"btf_trace_netif_receive_skb"]
     if btf and not tp_btf:
@@ -91,11 +93,13 @@ def probe(ringbuf_ok: bool | None = None) -> Features:
     if btf and not nf_link:
         missing["netfilter_link"] = "no BPF netfilter programs (needs Linux 6.4+)"
     kprobes = kernel_config("CONFIG_KPROBES") not in ("n",) and (
-        Path("/sys/bus/event_source/devices/kprobe").exists())
+        Path("/sys/bus/event_source/devices/kprobe").exists()
+    )
     if not kprobes:
         missing["kprobes"] = "kernel built without CONFIG_KPROBES"
     ringbuf = bool(ringbuf_ok) if ringbuf_ok is not None else btf
     if not ringbuf:
         missing["ringbuf"] = "BPF ring buffer maps unsupported (needs Linux 5.8+)"
-    return Features(os.uname().release, why is None, btf, tp_btf, nf_link, ringbuf, kprobes,
-                    missing)
+    return Features(
+        os.uname().release, why is None, btf, tp_btf, nf_link, ringbuf, kprobes, missing
+    )

@@ -80,7 +80,9 @@ class _Unavailable:
         return f"the {self.name} provider is not implemented in this version"
 
     def prepare(self, obj: BpfObject) -> None:
-        raise HairtraceError(self.can_run(Features("", False, False, False, False, False, False)) or "")
+        raise HairtraceError(
+            self.can_run(Features("", False, False, False, False, False, False)) or ""
+        )
 
     def attach(self, obj: BpfObject, netns_path: str) -> list[str]:
         raise HairtraceError(f"the {self.name} provider cannot attach")

@@ -57,9 +57,7 @@ def plugin_binary(conf: Mapping[str, Any], cni_path: str = DEFAULT_CNI_PATH) -> 
     return binary
 
 
-def _plugin_env(
-    command: str, attachment: Attachment, cni_path: str
-) -> dict[str, str]:
+def _plugin_env(command: str, attachment: Attachment, cni_path: str) -> dict[str, str]:
     """The environment a CNI runtime passes to a plugin for one command."""
     env = dict(os.environ)
     env.update(
@@ -129,7 +127,10 @@ def invoke(
 
 
 def add(
-    conf: Mapping[str, Any], attachment: Attachment, *, run_in_netns: str,
+    conf: Mapping[str, Any],
+    attachment: Attachment,
+    *,
+    run_in_netns: str,
     cni_path: str = DEFAULT_CNI_PATH,
 ) -> dict[str, Any]:
     """CNI ADD: create the pod's interface and address; return the plugin's result."""
@@ -137,7 +138,10 @@ def add(
 
 
 def delete(
-    conf: Mapping[str, Any], attachment: Attachment, *, run_in_netns: str,
+    conf: Mapping[str, Any],
+    attachment: Attachment,
+    *,
+    run_in_netns: str,
     cni_path: str = DEFAULT_CNI_PATH,
 ) -> None:
     """CNI DEL: remove the pod's interface and release its address (idempotent in the plugin)."""

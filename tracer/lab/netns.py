@@ -74,9 +74,7 @@ def run_in(
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command inside network namespace ``ns``; raise HairtraceError on failure."""
-    return run(
-        exec_argv(ns, argv), input_text=input_text, env=env, timeout=timeout, check=check
-    )
+    return run(exec_argv(ns, argv), input_text=input_text, env=env, timeout=timeout, check=check)
 
 
 def list_netns() -> list[str]:

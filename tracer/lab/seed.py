@@ -81,8 +81,11 @@ class SeedLab:
         if len(set(self.namespaces)) != 3:
             raise UsageError(f"lab namespaces must be distinct: {self.namespaces}")
         subnet = self.pod_subnet
-        for label, ip in (("bridge", self.bridge_ip), ("pod A", self.pod_a_ip),
-                          ("pod B", self.pod_b_ip)):
+        for label, ip in (
+            ("bridge", self.bridge_ip),
+            ("pod A", self.pod_a_ip),
+            ("pod B", self.pod_b_ip),
+        ):
             if _ip(ip) not in subnet:
                 raise UsageError(f"{label} address {ip} is outside the pod subnet {subnet}")
         _ip(self.service_ip)
@@ -464,8 +467,16 @@ def load_state(lab: SeedLab = SEED) -> LabState | None:
 
 def _server_argv(lab: SeedLab) -> list[str]:
     """pod B's HTTP server command (run inside pod B's netns)."""
-    return [sys.executable or "python3", "-m", "http.server", str(lab.pod_b_port),
-            "--bind", lab.pod_b_ip, "--directory", str(lab.server_dir)]
+    return [
+        sys.executable or "python3",
+        "-m",
+        "http.server",
+        str(lab.pod_b_port),
+        "--bind",
+        lab.pod_b_ip,
+        "--directory",
+        str(lab.server_dir),
+    ]
 
 
 def _start_server(lab: SeedLab) -> int:
@@ -476,11 +487,25 @@ def _start_server(lab: SeedLab) -> int:
     pid_file.unlink(missing_ok=True)
     # setsid -f forks so the server is not our child; the shell records its own pid,
     # which the server keeps because `sh` and `ip netns exec` both exec.
-    argv = ["setsid", "-f", "sh", "-c", 'echo $$ > "$0"; exec "$@"', str(pid_file),
-            *netns.exec_argv(lab.pod_b_ns, _server_argv(lab))]
+    argv = [
+        "setsid",
+        "-f",
+        "sh",
+        "-c",
+        'echo $$ > "$0"; exec "$@"',
+        str(pid_file),
+        *netns.exec_argv(lab.pod_b_ns, _server_argv(lab)),
+    ]
     with open(lab.server_dir / "server.log", "ab") as log:
-        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True,
-                       cwd=lab.server_dir, timeout=10)
+        subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            check=True,
+            cwd=lab.server_dir,
+            timeout=10,
+        )
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
         text = pid_file.read_text().strip() if pid_file.exists() else ""
@@ -584,8 +609,12 @@ def _clear_stale_dirs(lab: SeedLab) -> None:
 
 def _attach_pod(lab: SeedLab, pod_ns: str) -> None:
     """CNI ADD pod ``pod_ns`` to the bridge and check it got its seed address."""
-    result = cni.add(cni_config(lab), cni_attachment(lab, pod_ns), run_in_netns=lab.node_ns,
-                     cni_path=lab.cni_path)
+    result = cni.add(
+        cni_config(lab),
+        cni_attachment(lab, pod_ns),
+        run_in_netns=lab.node_ns,
+        cni_path=lab.cni_path,
+    )
     want = f"{lab.pod_ip(pod_ns)}/{lab.pod_prefix_len}"
     got = cni.result_addresses(result)
     if want not in got:
@@ -694,8 +723,12 @@ def _cni_del(lab: SeedLab, state: LabState | None) -> list[str]:
     pods = state.cni_attached if state else lab.pod_namespaces
     done = []
     for pod_ns in pods:
-        cni.delete(cni_config(lab), cni_attachment(lab, pod_ns), run_in_netns=lab.node_ns,
-                   cni_path=lab.cni_path)
+        cni.delete(
+            cni_config(lab),
+            cni_attachment(lab, pod_ns),
+            run_in_netns=lab.node_ns,
+            cni_path=lab.cni_path,
+        )
         done.append(f"CNI DEL {pod_ns}")
     return done
 
@@ -771,8 +804,9 @@ def _detect_rules(lab: SeedLab) -> str | None:
 
 def _bridge_option_nf_call_iptables(lab: SeedLab) -> int | None:
     """The lab bridge's per-bridge nf_call_iptables option, or None if there is no bridge."""
-    proc = netns.run_in(lab.node_ns, ["ip", "-d", "-j", "link", "show", "dev", lab.bridge],
-                        check=False)
+    proc = netns.run_in(
+        lab.node_ns, ["ip", "-d", "-j", "link", "show", "dev", lab.bridge], check=False
+    )
     if proc.returncode != 0:
         return None
     try:

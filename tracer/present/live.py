@@ -25,7 +25,8 @@ def _header(run: RunInfo) -> Text:
     return Text.from_markup(
         f"[bold]hairtrace[/] {run.tool_version}  service {run.service_ip}:{port}  netns "
         f"{run.netns}  kernel {run.kernel}\nprovider {run.provider_reason}; "
-        f"attached {len(run.attached)} programs in {run.attach_seconds:.3f}s")
+        f"attached {len(run.attached)} programs in {run.attach_seconds:.3f}s"
+    )
 
 
 def _table(results: list[tuple[Connection, Diagnosis]]) -> Table:
@@ -34,23 +35,50 @@ def _table(results: list[tuple[Connection, Diagnosis]]) -> Table:
         table.add_column(col)
     for conn, diag in results:
         backend = f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "-"
-        roles = " ".join(p.role for p in conn.packets)
+        roles = compact_roles([p.role for p in conn.packets])
         where = ""
         if diag.brk:
             b = diag.brk
             where = f"{b.packet_role} at {b.netns}/{b.dev} ({b.point}): {b.cause}"
-        table.add_row(f"{conn.key.src}:{conn.key.sport}", f"{conn.key.dst}:{conn.key.dport}",
-                      backend, roles, Text(diag.verdict, style=_STYLE.get(diag.verdict, "")),
-                      where)
+        table.add_row(
+            f"{conn.key.src}:{conn.key.sport}",
+            f"{conn.key.dst}:{conn.key.dport}",
+            backend,
+            roles,
+            Text(diag.verdict, style=_STYLE.get(diag.verdict, "")),
+            where,
+        )
     return table
+
+
+def compact_roles(roles: list[str]) -> str:
+    """'SYN SYN+ACK RST SYN SYN+ACK RST' -> 'SYN SYN+ACK RST x2' (retries stay readable)."""
+    out: list[str] = []
+    i = 0
+    while i < len(roles):
+        for size in range(min(4, (len(roles) - i) // 2), 0, -1):
+            unit = roles[i : i + size]
+            n = 1
+            while roles[i + n * size : i + (n + 1) * size] == unit:
+                n += 1
+            if n > 1:
+                out.append(" ".join(unit) + f" x{n}")
+                i += n * size
+                break
+        else:
+            out.append(roles[i])
+            i += 1
+    return " ".join(out)
 
 
 def _losses(stats: Stats) -> Text:
     if not stats.lost:
         return Text(f"{stats.events} events, 0 lost")
     per = ", ".join(f"{k} {v}" for k, v in stats.lost_by_point.items())
-    return Text(f"{stats.events} events, {stats.lost} LOST ({per}): affected connections are "
-                "incomplete", style="bold red")
+    return Text(
+        f"{stats.events} events, {stats.lost} LOST ({per}): affected connections are incomplete",
+        style="bold red",
+    )
 
 
 class LiveSink:
@@ -63,8 +91,12 @@ class LiveSink:
 
     def attached(self, run: RunInfo) -> None:
         self.header = _header(run)
-        self.live = Live(Group(self.header, Text("waiting for packets...")),
-                         console=self.console, refresh_per_second=4, transient=True)
+        self.live = Live(
+            Group(self.header, Text("waiting for packets...")),
+            console=self.console,
+            refresh_per_second=4,
+            transient=True,
+        )
         self.live.start()
 
     def update(self, results: list[tuple[Connection, Diagnosis]], stats: Stats) -> None:
@@ -108,11 +140,17 @@ def render_summary(result: TraceResult, console: Console | None = None) -> None:
         body = Text()
         body.append(f"{b.explanation}\n\n", style="bold")
         body.append("where: ", style="bold")
-        body.append(f"{b.packet_role} in netns {b.netns}, dev {b.dev}, at {b.point}\n")
+        via = f" (via {' -> '.join(b.via)})" if b.via else ""
+        body.append(f"{b.packet_role} in netns {b.netns}, dev {b.dev}{via}, at {b.point}\n")
         body.append("evidence:\n", style="bold")
         for item in b.evidence:
             body.append(f"  - {item}\n")
         body.append("fix: ", style="bold green")
         body.append(b.fix)
-        console.print(Panel(body, title=f"{diag.verdict}: {b.cause}  ({conn.key})",
-                            border_style=_STYLE.get(diag.verdict, "")))
+        console.print(
+            Panel(
+                body,
+                title=f"{diag.verdict}: {b.cause}  ({conn.key})",
+                border_style=_STYLE.get(diag.verdict, ""),
+            )
+        )

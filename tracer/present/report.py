@@ -42,9 +42,13 @@ def _endpoint(ip: str, port: int) -> dict[str, Any]:
 
 def _hop(h: Hop) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "netns": h.netns_name, "dev": h.dev, "point": h.point,
-        "src": f"{h.tuple.src}:{h.tuple.sport}", "dst": f"{h.tuple.dst}:{h.tuple.dport}",
-        "ct": h.ct.to_dict() if h.ct else None, "nat": h.nat,
+        "netns": h.netns_name,
+        "dev": h.dev,
+        "point": h.point,
+        "src": f"{h.tuple.src}:{h.tuple.sport}",
+        "dst": f"{h.tuple.dst}:{h.tuple.dport}",
+        "ct": h.ct.to_dict() if h.ct else None,
+        "nat": h.nat,
     }
     if h.drop_reason:
         out["drop_reason"] = h.drop_reason
@@ -53,8 +57,12 @@ def _hop(h: Hop) -> dict[str, Any]:
 
 def _packet(p: Packet, origin_ns: int) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "role": p.role, "direction": p.direction, "ts": round((p.ts_ns - origin_ns) / 1e9, 6),
-        "seq": p.seq, "ack": p.ack_seq, "hops": [_hop(h) for h in p.hops],
+        "role": p.role,
+        "direction": p.direction,
+        "ts": round((p.ts_ns - origin_ns) / 1e9, 6),
+        "seq": p.seq,
+        "ack": p.ack_seq,
+        "hops": [_hop(h) for h in p.hops],
     }
     if p.caused_by is not None:
         out["caused_by"] = p.caused_by
@@ -65,9 +73,16 @@ def break_dict(b: Break | None) -> dict[str, Any] | None:
     if b is None:
         return None
     return {
-        "packet_role": b.packet_role, "packet_index": b.packet_index, "netns": b.netns,
-        "dev": b.dev, "point": b.point, "cause": b.cause, "explanation": b.explanation,
-        "evidence": list(b.evidence), "fix": b.fix,
+        "packet_role": b.packet_role,
+        "packet_index": b.packet_index,
+        "netns": b.netns,
+        "dev": b.dev,
+        "point": b.point,
+        "cause": b.cause,
+        "explanation": b.explanation,
+        "evidence": list(b.evidence),
+        "fix": b.fix,
+        "via": list(b.via),
     }
 
 
