@@ -258,10 +258,10 @@ def run_trace(
 
 def drop_reason_names() -> dict[int, str]:
     """enum skb_drop_reason of the running kernel (numbers differ between versions)."""
-    from tracer.kernel.btf import load_vmlinux
+    from tracer.kernel.btf import kernel_enum
 
     try:
-        return load_vmlinux().enum_names("skb_drop_reason", "SKB_DROP_REASON_")
+        return kernel_enum("skb_drop_reason", "SKB_DROP_REASON_")
     except HairtraceError:
         return {}
 

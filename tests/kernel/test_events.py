@@ -93,3 +93,14 @@ def test_decode_fields() -> None:
 def test_short_record_is_an_error_not_silence() -> None:
     with pytest.raises(HairtraceError, match="do not match"):
         decode_all([_record()[:100]])
+
+
+def test_drop_reason_names_come_from_the_kernel_btf() -> None:
+    from tracer.kernel.btf import kernel_btf_path, kernel_enum, load_vmlinux
+
+    if not kernel_btf_path().exists():
+        pytest.skip("no kernel BTF on this machine")
+    fast = kernel_enum("skb_drop_reason", "SKB_DROP_REASON_")
+    assert fast == load_vmlinux().enum_names("skb_drop_reason", "SKB_DROP_REASON_")
+    assert "NO_SOCKET" in fast.values() and "NETFILTER_DROP" in fast.values()
+    assert kernel_enum("no_such_enum_xyz") == {}
