@@ -58,15 +58,20 @@ def seed_lab(request: pytest.FixtureRequest) -> Iterator[str]:
         _lab("down")
 
 
-def hairtrace(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The hairtrace command line, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "tracer.cli", "--no-live", *args],
+        [sys.executable, "-m", "tracer.cli", *args],
         check=False,
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def hairtrace(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return cli("--no-live", *args, timeout=timeout)
 
 
 def _our_programs() -> set[str]:
@@ -189,14 +194,7 @@ def test_lost_events_are_counted_and_reported(seed_lab: str, tmp_path: Path) -> 
 def test_demo_reproduces_diagnoses_fixes_and_cleans_up(tmp_path: Path) -> None:
     needs_live()
     out = tmp_path / "demo.json"
-    res = subprocess.run(
-        [sys.executable, "-m", "tracer.cli", "demo", "--json", str(out)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+    res = cli("demo", "--json", str(out), timeout=120)
     assert res.returncode == 0, res.stderr
     reports = json.loads(out.read_text())
     [broken] = reports["broken"]["connections"]
@@ -212,34 +210,14 @@ def test_demo_reproduces_diagnoses_fixes_and_cleans_up(tmp_path: Path) -> None:
 
 def test_lab_cli_up_status_down() -> None:
     needs_live()
-    cli = [sys.executable, "-m", "tracer.cli", "lab"]
     try:
-        up = subprocess.run(
-            cli + ["up", "--bridge-nf-call-iptables", "1"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-        )
+        up = cli("lab", "up", "--bridge-nf-call-iptables", "1")
         assert up.returncode == 0, up.stderr
-        st = subprocess.run(
-            cli + ["status", "--json"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=ROOT,
-        )
+        st = cli("lab", "status", "--json")
         assert st.returncode == 0, st.stderr
         data = json.loads(st.stdout)
         assert data["bridge_nf_call_iptables"] == 1 and data["server_alive"]
     finally:
-        down = subprocess.run(
-            cli + ["down"], check=False, capture_output=True, text=True, timeout=60, cwd=ROOT
-        )
+        down = cli("lab", "down")
     assert down.returncode == 0, down.stderr
-    st = subprocess.run(
-        cli + ["status"], check=False, capture_output=True, text=True, timeout=30, cwd=ROOT
-    )
-    assert st.returncode == 1
+    assert cli("lab", "status").returncode == 1
