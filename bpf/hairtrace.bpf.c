@@ -44,7 +44,6 @@ const enum ht_point *unused_ht_point __attribute__((unused));
 /* Read by user space through the mmaped .bss; never reset by BPF. */
 __u64 ht_emitted[HT_PT_MAX] = {};
 __u64 ht_lost[HT_PT_MAX] = {};
-__u64 ht_last_lost_ns = 0;
 
 /* -------------------------------------------------------------- helpers */
 
@@ -180,7 +179,6 @@ static __always_inline void emit_event(struct ht_event *ev)
 		flags = BPF_RB_FORCE_WAKEUP;
 	if (bpf_ringbuf_output(&events, ev, sizeof(*ev), flags)) {
 		__sync_fetch_and_add(&ht_lost[pt], 1);
-		ht_last_lost_ns = ev->ts_ns;
 		return;
 	}
 	__sync_fetch_and_add(&ht_emitted[pt], 1);

@@ -113,6 +113,9 @@ def main(
             _write_json(build(result.run, result.results), json_dest)
     except HairtraceError as exc:
         _fail(exc)
+    except KeyboardInterrupt:  # Ctrl-C before the probes were attached: nothing to report
+        click.echo("hairtrace: interrupted before tracing started", err=True)
+        sys.exit(130)
     sys.exit(exit_status(result.results))
 
 

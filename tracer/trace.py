@@ -14,7 +14,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, Self
 
@@ -28,7 +28,7 @@ from tracer.errors import HairtraceError, UsageError
 from tracer.kernel import events as kevents
 from tracer.kernel.features import probe
 from tracer.kernel.libbpf import BPF_MAP_TYPE_RINGBUF, BpfObject, Libbpf, RingBuffer
-from tracer.kernel.providers import choose
+from tracer.kernel.providers import Provider, choose
 from tracer.present.report import RunInfo
 from tracer.topology import Topology, resolve_netns, snapshot
 
@@ -90,12 +90,30 @@ def _config(ip: str, port: int) -> bytes:
     return struct.pack("=4s2sBx", socket.inet_aton(ip), port.to_bytes(2, "big"), IPPROTO_TCP)
 
 
-def _lost_counters(obj: BpfObject) -> tuple[int, dict[str, int]]:
-    """Totals from the object's .bss: ht_emitted[HT_PT_MAX] then ht_lost[HT_PT_MAX]."""
-    raw = obj.read_global(".bss")
-    lost = struct.unpack_from(f"<{HT_PT_MAX}Q", raw, HT_PT_MAX * 8)
-    by_point = {point_info(i).name: n for i, n in enumerate(lost) if n}
-    return sum(lost), by_point
+class _Losses:
+    """Ring-buffer losses from the object's .bss, turned into time windows.
+
+    A window spans from before the previous read to after this one, so a loss
+    counted now certainly happened inside it (the windows overlap slightly).
+    """
+
+    def __init__(self, obj: BpfObject, clock: Callable[[], int]) -> None:
+        self.obj, self.clock = obj, clock
+        self.total = 0
+        self.by_point: dict[str, int] = {}
+        self.windows: list[tuple[int, int]] = []
+        self._prev_start = clock()
+
+    def check(self) -> None:
+        start = self.clock()
+        # ht_emitted[HT_PT_MAX] then ht_lost[HT_PT_MAX] (bpf/hairtrace.bpf.c)
+        raw = self.obj.read_global(".bss")
+        lost = struct.unpack_from(f"<{HT_PT_MAX}Q", raw, HT_PT_MAX * 8)
+        if sum(lost) > self.total:
+            self.windows.append((self._prev_start, self.clock()))
+            self.total = sum(lost)
+            self.by_point = {point_info(i).name: n for i, n in enumerate(lost) if n}
+        self._prev_start = start
 
 
 def process_age() -> float:
@@ -147,79 +165,64 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def run_trace(
-    opts: TraceOptions, sink: Sink | None = None, clock: Callable[[], int] = time.monotonic_ns
-) -> TraceResult:
-    """Trace until the duration ends, CMD exits (+grace), or SIGINT/SIGTERM."""
-    netns = resolve_netns(opts.netns)
-    rb_size = opts.ringbuf_bytes
-    if rb_size is not None and (rb_size < 4096 or rb_size & (rb_size - 1)):
-        raise UsageError(f"ring buffer size {rb_size}: must be a power of two >= 4096")
-    if opts.command and shutil.which(opts.command[0]) is None:
-        raise UsageError(f"command not found: {opts.command[0]}")
+def _load(opts: TraceOptions) -> tuple[Libbpf, BpfObject, Provider, str]:
+    """Choose the provider and load its programs (configured, not yet attached)."""
     lib = Libbpf()
     feats = probe(lib.probe_map_type(BPF_MAP_TYPE_RINGBUF))
     provider, reason = choose(opts.provider, feats)
     obj = BpfObject(lib, str(object_path()))
-    events: list[Event] = []
-    records: list[bytes] = []
-    stats = Stats()
-    loss_windows: list[tuple[int, int]] = []
-    rb: RingBuffer | None = None
-    proc = None
     try:
         provider.prepare(obj)
         obj.set_rodata(_config(opts.service_ip, opts.service_port))
         if opts.ringbuf_bytes:
             obj.set_max_entries("events", opts.ringbuf_bytes)
         obj.load()
-        attached = provider.attach(obj, netns.path)
+    except BaseException:
+        obj.close()
+        raise
+    return lib, obj, provider, reason
 
-        def on_records(batch: list[bytes]) -> None:
-            events.extend(kevents.decode_all(batch))
-            records.extend(batch)
 
-        rb = RingBuffer(lib, obj.map_fd("events"), on_records)
-        attach_s = process_age()
-        start_ns, started_at = clock(), time.time()
-        topo = snapshot(opts.service_ip, opts.service_port or None)
-        run = RunInfo(
-            __version__,
-            os.uname().release,
-            provider.name,
-            reason,
-            opts.service_ip,
-            opts.service_port,
-            netns.name,
-            0,
-            0,
-            {},
-            tuple(attached),
-            round(attach_s, 3),
-            started_at,
-            start_ns,
-            opts.command,
-        )
-        if sink:
-            sink.attached(run)
-        if opts.ready_file:
-            Path(opts.ready_file).write_text(f"{attach_s:.3f}\n")
-        with _StopFlag() as stop:
-            proc = _start_command(opts.command)
+def _check_options(opts: TraceOptions) -> None:
+    size = opts.ringbuf_bytes
+    if size is not None and (size < 4096 or size & (size - 1)):
+        raise UsageError(f"ring buffer size {size}: must be a power of two >= 4096")
+    if opts.command and shutil.which(opts.command[0]) is None:
+        raise UsageError(f"command not found: {opts.command[0]}")
+
+
+@dataclass
+class _Live:
+    """What one trace accumulates while it runs."""
+
+    events: list[Event] = field(default_factory=list)
+    records: list[bytes] = field(default_factory=list)
+
+    def add(self, batch: list[bytes]) -> None:
+        self.events.extend(kevents.decode_all(batch))
+        self.records.extend(batch)
+
+
+def _drain(
+    opts: TraceOptions,
+    rb: RingBuffer,
+    live: _Live,
+    losses: _Losses,
+    update: Callable[[], None] | None,
+) -> int | None:
+    """Poll until the duration ends, CMD exits (+grace) or a signal; CMD's exit status."""
+    with _StopFlag() as stop:
+        proc = _start_command(opts.command)
+        try:
             deadline = time.monotonic() + opts.duration if opts.duration else None
             cmd_done_at: float | None = None
-            last_update, seen_lost, last_check = 0.0, 0, clock()
+            last_update = 0.0
             while not stop.set:
                 rb.poll(opts.poll_ms)
+                losses.check()
                 now = time.monotonic()
-                lost, by_point = _lost_counters(obj)
-                if lost > seen_lost:
-                    loss_windows.append((last_check, clock()))
-                    seen_lost = lost
-                last_check = clock()
-                stats.events, stats.lost, stats.lost_by_point = len(events), lost, by_point
-                if sink and now - last_update >= 0.25:
-                    sink.update(_analyse(events, opts, topo, loss_windows, clock()), stats)
+                if update and now - last_update >= 0.25:
+                    update()
                     last_update = now
                 if deadline is not None and now >= deadline:
                     break
@@ -227,33 +230,63 @@ def run_trace(
                     cmd_done_at = now
                 if cmd_done_at is not None and now - cmd_done_at >= opts.grace:
                     break
-        status = _stop_command(proc)
-        proc = None
+        finally:
+            status = _stop_command(proc)
+    return status
+
+
+def run_trace(
+    opts: TraceOptions, sink: Sink | None = None, clock: Callable[[], int] = time.monotonic_ns
+) -> TraceResult:
+    """Trace until the duration ends, CMD exits (+grace), or SIGINT/SIGTERM."""
+    netns = resolve_netns(opts.netns)
+    _check_options(opts)
+    lib, obj, provider, reason = _load(opts)
+    live, losses = _Live(), _Losses(obj, clock)
+    rb: RingBuffer | None = None
+    try:
+        attached = provider.attach(obj, netns.path)
+        rb = RingBuffer(lib, obj.map_fd("events"), live.add)
+        attach_s = process_age()
+        start_ns, started_at = clock(), time.time()
+        topo = snapshot(opts.service_ip, opts.service_port or None)
+        run = RunInfo(
+            __version__, os.uname().release, provider.name, reason, opts.service_ip,
+            opts.service_port, netns.name, attached=tuple(attached),
+            attach_seconds=round(attach_s, 3), started_at=started_at, start_ns=start_ns,
+            command=opts.command,
+        )  # fmt: skip
+        stats = Stats()
+        update = None
+        if sink:
+            sink.attached(run)
+
+            def update() -> None:
+                stats.events, stats.lost, stats.lost_by_point = (
+                    len(live.events),
+                    losses.total,
+                    losses.by_point,
+                )
+                sink.update(_analyse(live.events, opts, topo, losses.windows, clock()), stats)
+
+        if opts.ready_file:
+            Path(opts.ready_file).write_text(f"{attach_s:.3f}\n")
+        status = _drain(opts, rb, live, losses, update)
         obj.detach_all()
         rb.poll(0)
+        losses.check()
         end_ns = clock()
-        lost, by_point = _lost_counters(obj)
-        if lost > seen_lost:
-            loss_windows.append((last_check, end_ns))
     finally:
-        _stop_command(proc)
         if rb is not None:
             rb.close()
         obj.close()
-    if any(topo.namespace(ev.netns) is None for ev in events):
+    if any(topo.namespace(ev.netns) is None for ev in live.events):
         topo = snapshot(opts.service_ip, opts.service_port or None)
-    has_drops = any(ev.point == Point.DROP for ev in events)
-    ctx = _context(opts, topo, loss_windows, end_ns, drop_reason_names() if has_drops else {})
-    run = RunInfo(
-        **{
-            **run.__dict__,
-            "events": len(events),
-            "lost_events": lost,
-            "lost_by_point": by_point,
-            "command_status": status,
-        }
-    )
-    return TraceResult(run, events, ctx, topo, analyse(events, ctx), records)
+    has_drops = any(ev.point == Point.DROP for ev in live.events)
+    ctx = _context(opts, topo, losses.windows, end_ns, drop_reason_names() if has_drops else {})
+    run = replace(run, events=len(live.events), lost_events=losses.total,
+                  lost_by_point=losses.by_point, command_status=status)  # fmt: skip
+    return TraceResult(run, live.events, ctx, topo, analyse(live.events, ctx), live.records)
 
 
 def drop_reason_names() -> dict[int, str]:

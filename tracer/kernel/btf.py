@@ -117,7 +117,7 @@ def kernel_enum(name: str, strip_prefix: str = "", path: Path | None = None) -> 
     if magic != BTF_MAGIC:
         raise HairtraceError(f"{path} is not BTF data (bad magic)")
     type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
-    strs = data[hdr_len + str_off: hdr_len + str_off + str_len]
+    strs = data[hdr_len + str_off : hdr_len + str_off + str_len]
     name_off = strs.find(b"\0" + name.encode() + b"\0") + 1
     if name_off == 0:
         return {}

@@ -25,8 +25,8 @@ class RunInfo:
     service_ip: str
     service_port: int
     netns: str
-    events: int
-    lost_events: int
+    events: int = 0
+    lost_events: int = 0
     lost_by_point: dict[str, int] = field(default_factory=dict)
     attached: tuple[str, ...] = ()
     attach_seconds: float | None = None
