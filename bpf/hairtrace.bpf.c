@@ -161,8 +161,16 @@ static __always_inline bool learn_ct(const struct ht_event *ev)
 
 static __always_inline void read_dev(const struct net_device *dev, struct ht_event *ev)
 {
-	if (!dev)
+	if (!dev) {
+		/* Locally generated packets may have no device yet (OUTPUT):
+		 * their conntrack entry still says which netns they are in. */
+		/* (a local: a cast inside HT_READ would relocate ev's own field) */
+		struct nf_conn *ct = (struct nf_conn *)ev->ct_id;
+
+		if (ct)
+			ev->netns = HT_READ(ct, ct_net.net, ns.inum);
 		return;
+	}
 	ev->ifindex = HT_READ(dev, ifindex);
 	ev->netns = HT_READ(dev, nd_net.net, ns.inum);
 	HT_READ_STR(&ev->dev, dev, name);
@@ -184,36 +192,57 @@ static __always_inline void emit_event(struct ht_event *ev)
 	__sync_fetch_and_add(&ht_emitted[pt], 1);
 }
 
+/* Where, in which stage, and point-specific detail of one observation. */
+struct ht_where {
+	const struct net_device *dev;
+	__u16 point;
+	__u8 hook;
+	__s32 prio;
+	__u32 aux;
+	bool ct_fallback; /* a packet may match only through its conntrack entry here */
+};
+
+/* Fill, filter, learn from and emit the event of one packet at one point.
+ * ev may come pre-filled (NAT manip: the tuple after manipulation). */
+static __always_inline int trace_event(const struct sk_buff *skb, const struct ht_where *w,
+				       struct ht_event *ev, bool parsed)
+{
+	if (!skb)
+		return 0;
+	if (!parsed && read_packet(skb, ev))
+		return 0;
+	if (!match_flow(&ev->pkt, ev->proto)) {
+		/* After DNAT the packet no longer carries the VIP and its new
+		 * tuple may not be learned yet: its conntrack entry tells. */
+		if (!w->ct_fallback)
+			return 0;
+		read_ct(skb, ev);
+		if (!learn_ct(ev))
+			return 0;
+	} else {
+		read_ct(skb, ev);
+		learn_ct(ev);
+	}
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->skb = (__u64)skb;
+	ev->point = w->point;
+	ev->hook = w->hook;
+	ev->nf_prio = w->prio;
+	ev->aux = w->aux;
+	read_dev(w->dev, ev);
+	emit_event(ev);
+	return 0;
+}
+
 /* Common path of every skb-carrying point. */
 static __always_inline int trace_skb(const struct sk_buff *skb, const struct net_device *dev,
 				     __u16 point, __u8 hook, __s32 prio, bool ct_fallback)
 {
+	struct ht_where w = { .dev = dev, .point = point, .hook = hook, .prio = prio,
+			      .ct_fallback = ct_fallback };
 	struct ht_event ev = {};
 
-	if (!skb)
-		return 0;
-	if (read_packet(skb, &ev))
-		return 0;
-	if (!match_flow(&ev.pkt, ev.proto)) {
-		/* After DNAT the packet no longer carries the VIP and its new
-		 * tuple may not be learned yet: its conntrack entry tells. */
-		if (!ct_fallback)
-			return 0;
-		read_ct(skb, &ev);
-		if (!learn_ct(&ev))
-			return 0;
-	} else {
-		read_ct(skb, &ev);
-		learn_ct(&ev);
-	}
-	ev.ts_ns = bpf_ktime_get_ns();
-	ev.skb = (__u64)skb;
-	ev.point = point;
-	ev.hook = hook;
-	ev.nf_prio = prio;
-	read_dev(dev, &ev);
-	emit_event(&ev);
-	return 0;
+	return trace_event(skb, &w, &ev, false);
 }
 
 static __always_inline int trace_nf(struct bpf_nf_ctx *ctx, __u16 point, __s32 prio)
@@ -249,22 +278,13 @@ int BPF_PROG(ht_dev_tx, const struct sk_buff *skb, const struct net_device *dev)
 SEC("tp_btf/kfree_skb")
 int BPF_PROG(ht_drop, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
 {
-	struct ht_event ev = {};
+	struct ht_event ev = { .location = (__u64)location, .reason = reason };
+	struct ht_where w = { .point = HT_PT_DROP, .hook = 0xff };
 
 	if (!skb || HT_READ(skb, protocol) != bpf_htons(HT_ETH_P_IP))
 		return 0;
-	if (read_packet(skb, &ev) || !match_flow(&ev.pkt, ev.proto))
-		return 0;
-	read_ct(skb, &ev);
-	ev.ts_ns = bpf_ktime_get_ns();
-	ev.skb = (__u64)skb;
-	ev.point = HT_PT_DROP;
-	ev.hook = 0xff;
-	ev.location = (__u64)location;
-	ev.reason = reason;
-	read_dev(HT_READ(skb, dev), &ev);
-	emit_event(&ev);
-	return 0;
+	w.dev = HT_READ(skb, dev);
+	return trace_event(skb, &w, &ev, false);
 }
 
 /* The skb is the packet being answered with a reset; NULL for resets a
@@ -296,3 +316,202 @@ HT_NF_PROG(ht_nf_out_nat, HT_PT_NF_OUT_NAT, -99)
 HT_NF_PROG(ht_nf_forward, HT_PT_NF_FORWARD, 1)
 HT_NF_PROG(ht_nf_post_nat, HT_PT_NF_POST_NAT, 101)
 HT_NF_PROG(ht_nf_in_nat, HT_PT_NF_IN_NAT, 101)
+
+/* ------------------------------------ fentry / kprobe providers: functions
+ * One helper per kernel function, called by a thin fentry (or fexit) entry
+ * point and a thin kprobe entry point with the same arguments. */
+
+static __always_inline int on_skb(const struct sk_buff *skb, const struct net_device *dev,
+				  __u16 point)
+{
+	return trace_skb(skb, dev, point, 0xff, 0, false);
+}
+
+static __always_inline int on_br_handle_frame(struct sk_buff **pskb)
+{
+	struct sk_buff *skb = NULL;
+
+	if (HT_COPY(&skb, sizeof(skb), pskb) || !skb)
+		return 0;
+	return on_skb(skb, HT_READ(skb, dev), HT_PT_BR_HANDLE_FRAME);
+}
+
+/* The device of a bridge forward is the egress port. */
+static __always_inline int on_br_forward(const struct net_bridge_port *to, struct sk_buff *skb)
+{
+	return on_skb(skb, HT_READ(to, dev), HT_PT_BR_FORWARD);
+}
+
+static __always_inline int on_hook_fn(struct sk_buff *skb, const struct nf_hook_state *state,
+				      __u16 point, __u32 aux)
+{
+	struct net_device *in = HT_READ(state, in);
+	struct ht_where w = { .dev = in ? in : HT_READ(state, out), .point = point,
+			      .hook = HT_READ(state, hook), .aux = aux, .ct_fallback = true };
+	struct ht_event ev = {};
+
+	return trace_event(skb, &w, &ev, false);
+}
+
+/* nf_nat_manip_pkt(skb, ct, mtype, dir): the event carries the tuple the
+ * manipulation produces, computed the way the kernel does (the inverse of the
+ * other direction's tuple), so entry-only kprobes report it as well as fentry. */
+static __always_inline int on_nat_manip(struct sk_buff *skb, struct nf_conn *ct, __u32 mtype,
+					__u32 dir)
+{
+	struct ht_where w = { .dev = HT_READ(skb, dev), .point = HT_PT_NAT_MANIP, .hook = 0xff,
+			      .aux = mtype | dir << 8 | HT_AUX_VALID, .ct_fallback = true };
+	struct ht_event ev = {};
+	struct ht_tuple other;
+
+	if (!skb || !ct || read_packet(skb, &ev))
+		return 0;
+	read_ct_tuple(&ct->tuplehash[dir ? 0 : 1].tuple, &other);
+	if (mtype == 0) { /* NF_NAT_MANIP_SRC */
+		ev.pkt.saddr = other.daddr;
+		ev.pkt.sport = other.dport;
+	} else {
+		ev.pkt.daddr = other.saddr;
+		ev.pkt.dport = other.sport;
+	}
+	return trace_event(skb, &w, &ev, true);
+}
+
+/* nf_nat_setup_info: the binding is chosen; learn its tuples (no packet). */
+static __always_inline int on_nat_setup(struct nf_conn *ct)
+{
+	struct ht_event ev = { .ct_flags = HT_CT_PRESENT, .ct_id = (__u64)ct, .proto = ht_cfg.proto };
+
+	if (!ct)
+		return 0;
+	read_ct_tuple(&ct->tuplehash[0].tuple, &ev.ct_orig);
+	read_ct_tuple(&ct->tuplehash[1].tuple, &ev.ct_reply);
+	learn_ct(&ev);
+	return 0;
+}
+
+SEC("fentry/br_handle_frame")
+int BPF_PROG(ht_fe_br_handle_frame, struct sk_buff **pskb)
+{
+	return on_br_handle_frame(pskb);
+}
+
+SEC("fentry/br_forward")
+int BPF_PROG(ht_fe_br_forward, const struct net_bridge_port *to, struct sk_buff *skb)
+{
+	return on_br_forward(to, skb);
+}
+
+SEC("fentry/br_pass_frame_up")
+int BPF_PROG(ht_fe_br_pass_up, struct sk_buff *skb)
+{
+	return on_skb(skb, HT_READ(skb, dev), HT_PT_BR_PASS_UP);
+}
+
+SEC("fentry/br_dev_xmit")
+int BPF_PROG(ht_fe_br_dev_xmit, struct sk_buff *skb, struct net_device *dev)
+{
+	return on_skb(skb, dev, HT_PT_BR_DEV_XMIT);
+}
+
+SEC("fentry/br_nf_pre_routing")
+int BPF_PROG(ht_fe_br_nf_pre_routing, void *priv, struct sk_buff *skb,
+	     const struct nf_hook_state *state)
+{
+	return on_hook_fn(skb, state, HT_PT_BR_NF_PRE_ROUTING, 0);
+}
+
+/* fexit: the entry is attached by then, and the verdict is known. */
+SEC("fexit/nf_conntrack_in")
+int BPF_PROG(ht_fx_ct_in, struct sk_buff *skb, const struct nf_hook_state *state,
+	     unsigned int ret)
+{
+	return on_hook_fn(skb, state, HT_PT_CT_IN, ret | HT_AUX_VALID);
+}
+
+SEC("fexit/__nf_conntrack_confirm")
+int BPF_PROG(ht_fx_ct_confirm, struct sk_buff *skb, int ret)
+{
+	return trace_skb(skb, HT_READ(skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true);
+}
+
+SEC("fentry/nf_nat_manip_pkt")
+int BPF_PROG(ht_fe_nat_manip, struct sk_buff *skb, struct nf_conn *ct, int mtype, int dir)
+{
+	return on_nat_manip(skb, ct, mtype, dir);
+}
+
+SEC("fexit/nf_nat_setup_info")
+int BPF_PROG(ht_fx_nat_setup, struct nf_conn *ct)
+{
+	return on_nat_setup(ct);
+}
+
+SEC("fentry/tcp_v4_send_reset")
+int BPF_PROG(ht_fe_tcp_v4_send_reset, const struct sock *sk, struct sk_buff *skb)
+{
+	if (!skb)
+		return 0;
+	return on_skb(skb, HT_READ(skb, dev), HT_PT_TCP_V4_SEND_RESET);
+}
+
+SEC("kprobe/br_handle_frame")
+int BPF_KPROBE(ht_kp_br_handle_frame, struct sk_buff **pskb)
+{
+	return on_br_handle_frame(pskb);
+}
+
+SEC("kprobe/br_forward")
+int BPF_KPROBE(ht_kp_br_forward, const struct net_bridge_port *to, struct sk_buff *skb)
+{
+	return on_br_forward(to, skb);
+}
+
+SEC("kprobe/br_pass_frame_up")
+int BPF_KPROBE(ht_kp_br_pass_up, struct sk_buff *skb)
+{
+	return on_skb(skb, HT_READ(skb, dev), HT_PT_BR_PASS_UP);
+}
+
+SEC("kprobe/br_dev_xmit")
+int BPF_KPROBE(ht_kp_br_dev_xmit, struct sk_buff *skb, struct net_device *dev)
+{
+	return on_skb(skb, dev, HT_PT_BR_DEV_XMIT);
+}
+
+SEC("kprobe/br_nf_pre_routing")
+int BPF_KPROBE(ht_kp_br_nf_pre_routing, void *priv, struct sk_buff *skb,
+	       const struct nf_hook_state *state)
+{
+	return on_hook_fn(skb, state, HT_PT_BR_NF_PRE_ROUTING, 0);
+}
+
+/* At entry the packet has no conntrack entry yet (no verdict either): the
+ * event proves conntrack saw it; NAT and confirm events carry the entry. */
+SEC("kprobe/nf_conntrack_in")
+int BPF_KPROBE(ht_kp_ct_in, struct sk_buff *skb, const struct nf_hook_state *state)
+{
+	return on_hook_fn(skb, state, HT_PT_CT_IN, 0);
+}
+
+SEC("kprobe/__nf_conntrack_confirm")
+int BPF_KPROBE(ht_kp_ct_confirm, struct sk_buff *skb)
+{
+	return trace_skb(skb, HT_READ(skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true);
+}
+
+/* No kprobe on nf_nat_setup_info: at its entry the binding is not chosen
+ * yet; the kprobe provider learns the NATed tuples from nf_nat_manip_pkt. */
+SEC("kprobe/nf_nat_manip_pkt")
+int BPF_KPROBE(ht_kp_nat_manip, struct sk_buff *skb, struct nf_conn *ct, int mtype, int dir)
+{
+	return on_nat_manip(skb, ct, mtype, dir);
+}
+
+SEC("kprobe/tcp_v4_send_reset")
+int BPF_KPROBE(ht_kp_tcp_v4_send_reset, const struct sock *sk, struct sk_buff *skb)
+{
+	if (!skb)
+		return 0;
+	return on_skb(skb, HT_READ(skb, dev), HT_PT_TCP_V4_SEND_RESET);
+}

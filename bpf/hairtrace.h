@@ -41,12 +41,17 @@ enum ht_point {
 	HT_PT_NAT_MANIP = 22,
 	HT_PT_NAT_SETUP = 23,
 	HT_PT_TCP_V4_SEND_RESET = 24,
+	HT_PT_BR_DEV_XMIT = 25,
 	HT_PT_MAX = 32,
 };
 
 /* ht_event.ct_flags */
 #define HT_CT_PRESENT 0x01 /* skb carried a conntrack entry */
 #define HT_CT_UNTRACKED 0x02
+
+/* ht_event.aux at HT_PT_NAT_MANIP: manip type | direction << 8 | HT_AUX_VALID */
+#define HT_AUX_VALID 0x10000
+/* ht_event.aux at HT_PT_CT_IN (fexit only): verdict | HT_AUX_VALID */
 
 /* A TCP/UDP 4-tuple, network byte order. */
 struct ht_tuple {
@@ -78,7 +83,7 @@ struct ht_event {
 	__u32 reason;   /* drop reason / reset reason */
 	struct ht_tuple ct_orig;  /* conntrack original-direction tuple */
 	struct ht_tuple ct_reply; /* conntrack reply-direction tuple */
-	__u32 aux;      /* point-specific: NAT manip type, verdict */
+	__u32 aux;      /* point-specific: NAT manip (HT_AUX_*), conntrack verdict */
 	__u8 proto;     /* IPPROTO_* */
 	__u8 _pad[3];
 	char dev[HT_DEV_LEN];

@@ -1,4 +1,4 @@
-"""`hairtrace lab up|down|status` and `hairtrace demo`: thin fronts over tracer.lab and demo."""
+"""`hairtrace lab up|down|status`, `demo` and `doctor`: thin fronts over the library."""
 
 from __future__ import annotations
 
@@ -113,7 +113,22 @@ def demo(json_dest: str | None, proxy_mode: str) -> None:
     sys.exit(0 if outcome.as_expected else 1)
 
 
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json: bool) -> None:
+    """What this kernel offers (BTF, fentry, kprobes, ring buffer, netfilter links, traceable
+    functions), the path state of each network namespace, and the provider auto would use."""
+    from tracer.doctor import diagnose_host, render_text
+
+    try:
+        data = diagnose_host()
+    except HairtraceError as exc:
+        _fail(exc)
+    click.echo(json.dumps(data, indent=2) if as_json else render_text(data))
+
+
 def register(main: click.Group) -> None:
     """Attach the lab commands to the main group (kept apart so the trace path stays small)."""
     main.add_command(lab)
     main.add_command(demo)
+    main.add_command(doctor)

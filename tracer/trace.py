@@ -27,7 +27,7 @@ from tracer.analysis.reassemble import Connection
 from tracer.errors import HairtraceError, UsageError
 from tracer.kernel import events as kevents
 from tracer.kernel.features import probe
-from tracer.kernel.libbpf import BPF_MAP_TYPE_RINGBUF, BpfObject, Libbpf, RingBuffer
+from tracer.kernel.libbpf import BpfObject, Libbpf, RingBuffer
 from tracer.kernel.providers import Provider, choose
 from tracer.present.report import RunInfo
 from tracer.topology import Topology, resolve_netns, snapshot
@@ -166,21 +166,29 @@ class _StopFlag:
 
 
 def _load(opts: TraceOptions) -> tuple[Libbpf, BpfObject, Provider, str]:
-    """Choose the provider and load its programs (configured, not yet attached)."""
+    """Choose the provider and load its programs (configured, not yet attached).
+
+    A function program this kernel cannot load (missing BTF, inlined target)
+    is dropped by the provider with a note, and the object loaded again.
+    """
     lib = Libbpf()
-    feats = probe(lib.probe_map_type(BPF_MAP_TYPE_RINGBUF))
-    provider, reason = choose(opts.provider, feats)
-    obj = BpfObject(lib, str(object_path()))
-    try:
-        provider.prepare(obj)
-        obj.set_rodata(_config(opts.service_ip, opts.service_port))
-        if opts.ringbuf_bytes:
-            obj.set_max_entries("events", opts.ringbuf_bytes)
-        obj.load()
-    except BaseException:
-        obj.close()
-        raise
-    return lib, obj, provider, reason
+    provider, reason = choose(opts.provider, probe(lib))
+    while True:
+        obj = BpfObject(lib, str(object_path()))
+        try:
+            provider.prepare(obj)
+            obj.set_rodata(_config(opts.service_ip, opts.service_port))
+            if opts.ringbuf_bytes:
+                obj.set_max_entries("events", opts.ringbuf_bytes)
+            obj.load()
+            return lib, obj, provider, reason
+        except HairtraceError:
+            obj.close()
+            if not provider.exclude_failed("".join(lib.log.lines)):
+                raise
+        except BaseException:
+            obj.close()
+            raise
 
 
 def _check_options(opts: TraceOptions) -> None:
@@ -253,6 +261,7 @@ def run_trace(
         run = RunInfo(
             __version__, os.uname().release, provider.name, reason, opts.service_ip,
             opts.service_port, netns.name, attached=tuple(attached),
+            skipped=dict(provider.skipped),
             attach_seconds=round(attach_s, 3), started_at=started_at, start_ns=start_ns,
             command=opts.command,
         )  # fmt: skip

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import gzip
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracer.kernel.btf import kernel_btf_path
+from tracer.kernel.btf import KIND_FUNC, kernel_btf_path
+from tracer.kernel.libbpf import BPF_MAP_TYPE_RINGBUF, Libbpf
 
 # capability bits (include/uapi/linux/capability.h)
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
@@ -24,6 +26,7 @@ class Features:
     netfilter_link: bool
     ringbuf: bool
     kprobes: bool
+    fentry: bool = False
     missing: dict[str, str] = field(default_factory=dict)
 
 
@@ -73,8 +76,8 @@ def kernel_config(option: str) -> str | None:
     return None
 
 
-def probe(ringbuf_ok: bool | None = None) -> Features:
-    """Probe the kernel. ringbuf_ok comes from libbpf's map-type probe when available."""
+def probe(lib: Libbpf | None = None) -> Features:
+    """Probe the kernel; with libbpf also the ring buffer and fentry by real loads."""
     missing: dict[str, str] = {}
     why = privileged()
     if why:
@@ -97,9 +100,46 @@ def probe(ringbuf_ok: bool | None = None) -> Features:
     )
     if not kprobes:
         missing["kprobes"] = "kernel built without CONFIG_KPROBES"
-    ringbuf = bool(ringbuf_ok) if ringbuf_ok is not None else btf
+    ringbuf = lib.probe_map_type(BPF_MAP_TYPE_RINGBUF) if lib and why is None else btf
     if not ringbuf:
         missing["ringbuf"] = "BPF ring buffer maps unsupported (needs Linux 5.8+)"
+    fentry_why = "needs kernel BTF" if not btf else "needs privileges" if why else None
+    if fentry_why is None:
+        fentry_why = probe_fentry(lib) if lib is not None else "not probed"
+    if fentry_why:
+        missing["fentry"] = fentry_why
     return Features(
-        os.uname().release, why is None, btf, tp_btf, nf_link, ringbuf, kprobes, missing
-    )
+        os.uname().release, why is None, btf, tp_btf, nf_link, ringbuf, kprobes,
+        fentry_why is None, missing,
+    )  # fmt: skip
+
+
+BPF_PROG_LOAD, BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY = 5, 26, 24
+
+
+def probe_fentry(lib: Libbpf, target: str = "tcp_v4_send_reset") -> str | None:
+    """Load the smallest fentry program there is; None when it loads, else why not.
+
+    Kernels may have BTF and still refuse trampolines (lockdown, an LSM, no
+    arch support), so only a real load tells.
+    """
+    ids = lib.btf_ids(str(kernel_btf_path()), {target}, KIND_FUNC)
+    if target not in ids:
+        return f"{target} not in kernel BTF, cannot test fentry"
+    insns = (ctypes.c_uint64 * 2)(0xB7, 0x95)  # r0 = 0; exit
+    license_ = ctypes.create_string_buffer(b"GPL")
+    attr = ctypes.create_string_buffer(128)
+    for off, val in (
+        (0, BPF_PROG_TYPE_TRACING),
+        (4, 2),
+        (68, BPF_TRACE_FENTRY),
+        (108, ids[target]),
+    ):
+        ctypes.c_uint32.from_buffer(attr, off).value = val
+    ctypes.c_uint64.from_buffer(attr, 8).value = ctypes.addressof(insns)
+    ctypes.c_uint64.from_buffer(attr, 16).value = ctypes.addressof(license_)
+    fd = lib.bpf_syscall(BPF_PROG_LOAD, attr)
+    if fd >= 0:
+        os.close(fd)
+        return None
+    return f"the kernel refuses fentry programs ({os.strerror(-fd)})"

@@ -6,10 +6,12 @@ asks which one ran. Auto mode takes the best that can run and says why.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
 from tracer.errors import HairtraceError, UsageError
+from tracer.kernel import ksyms
 from tracer.kernel.features import Features
 from tracer.kernel.libbpf import BpfObject
 
@@ -28,12 +30,15 @@ class NfProgram:
 
 class Provider(Protocol):
     name: str
+    skipped: dict[str, str]  # probe point -> why it is not attached
 
     def can_run(self, feats: Features) -> str | None: ...
 
     def prepare(self, obj: BpfObject) -> None: ...
 
     def attach(self, obj: BpfObject, netns_path: str) -> list[str]: ...
+
+    def exclude_failed(self, log: str) -> bool: ...
 
 
 class TracepointProvider:
@@ -50,6 +55,12 @@ class TracepointProvider:
         NfProgram("ht_nf_post_nat", POST_ROUTING, 101),
         NfProgram("ht_nf_in_nat", LOCAL_IN, 101),
     )
+
+    def __init__(self) -> None:
+        self.skipped: dict[str, str] = {}
+
+    def exclude_failed(self, log: str) -> bool:
+        return False
 
     def can_run(self, feats: Features) -> str | None:
         for need in ("btf", "tp_btf", "netfilter_link", "ringbuf"):
@@ -70,27 +81,99 @@ class TracepointProvider:
         return list(self.TRACEPOINTS) + [h.name for h in self.HOOKS]
 
 
-class _Unavailable:
-    """A provider of the design not built yet: says so instead of pretending."""
+@dataclass(frozen=True)
+class FunctionProbe:
+    """A kernel function of the design and the programs that probe it."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    function: str
+    fentry: str | None  # fentry/fexit program name
+    kprobe: str | None
+
+
+FUNCTIONS = (
+    FunctionProbe("br_handle_frame", "ht_fe_br_handle_frame", "ht_kp_br_handle_frame"),
+    FunctionProbe("br_forward", "ht_fe_br_forward", "ht_kp_br_forward"),
+    FunctionProbe("br_pass_frame_up", "ht_fe_br_pass_up", "ht_kp_br_pass_up"),
+    FunctionProbe("br_dev_xmit", "ht_fe_br_dev_xmit", "ht_kp_br_dev_xmit"),
+    FunctionProbe("br_nf_pre_routing", "ht_fe_br_nf_pre_routing", "ht_kp_br_nf_pre_routing"),
+    FunctionProbe("nf_conntrack_in", "ht_fx_ct_in", "ht_kp_ct_in"),
+    FunctionProbe("__nf_conntrack_confirm", "ht_fx_ct_confirm", "ht_kp_ct_confirm"),
+    FunctionProbe("nf_nat_manip_pkt", "ht_fe_nat_manip", "ht_kp_nat_manip"),
+    FunctionProbe("nf_nat_setup_info", "ht_fx_nat_setup", None),
+    FunctionProbe("tcp_v4_send_reset", "ht_fe_tcp_v4_send_reset", "ht_kp_tcp_v4_send_reset"),
+)
+# device and drop tracepoints complete the function probes (resets come from tcp_v4_send_reset)
+FUNCTION_TRACEPOINTS = ("ht_dev_rx", "ht_dev_tx", "ht_drop")
+_FAILED_PROG = re.compile(r"prog '(\w+)': (?:failed to|BPF program load failed)")
+
+
+class FunctionProvider:
+    """fentry/fexit or kprobe programs on the bridge, conntrack and NAT functions.
+
+    Functions this kernel lacks (not built, module not loaded, inlined) are
+    skipped with the reason; the tracepoints for devices and drops are always on.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.name = kind
+        self.skipped: dict[str, str] = {}
+        self._programs: dict[str, str] = {}  # program -> function
 
     def can_run(self, feats: Features) -> str | None:
-        return f"the {self.name} provider is not implemented in this version"
+        needs = ("btf", "tp_btf", "ringbuf", "fentry" if self.name == "fentry" else "kprobes")
+        for need in needs:
+            if need in feats.missing:
+                return feats.missing[need]
+        return None
+
+    def _candidates(self) -> dict[str, str]:
+        wanted = {f.function for f in FUNCTIONS}
+        syms = ksyms.load(wanted)
+        progs: dict[str, str] = {}
+        for f in FUNCTIONS:
+            prog = f.fentry if self.name == "fentry" else f.kprobe
+            if prog is None:
+                self.skipped[f.function] = f"no {self.name} program (by design)"
+            elif syms.module_of(f.function) is None:
+                self.skipped[f.function] = (
+                    "not in /proc/kallsyms (not built, module not loaded, or inlined)"
+                )
+            else:
+                progs[prog] = f.function
+        return progs
 
     def prepare(self, obj: BpfObject) -> None:
-        raise HairtraceError(
-            self.can_run(Features("", False, False, False, False, False, False)) or ""
-        )
+        if not self._programs:
+            self._programs = self._candidates()
+        obj.select(set(self._programs) | set(FUNCTION_TRACEPOINTS))
+
+    def exclude_failed(self, log: str) -> bool:
+        """After a failed load: drop the function program libbpf names, if any."""
+        for prog in _FAILED_PROG.findall(log):
+            if prog in self._programs:
+                func = self._programs.pop(prog)
+                line = next((ln for ln in log.splitlines() if prog in ln and "fail" in ln), "")
+                self.skipped[func] = f"{self.name} program failed to load: {line.strip()[:160]}"
+                return True
+        return False
 
     def attach(self, obj: BpfObject, netns_path: str) -> list[str]:
-        raise HairtraceError(f"the {self.name} provider cannot attach")
+        for name in FUNCTION_TRACEPOINTS:
+            obj.attach(name)
+        attached = list(FUNCTION_TRACEPOINTS)
+        for prog, func in list(self._programs.items()):
+            try:
+                obj.attach(prog)
+            except HairtraceError as exc:
+                self.skipped[func] = f"attach failed: {str(exc).splitlines()[0]}"
+                continue
+            attached.append(prog)
+        return attached
 
 
 def all_providers() -> list[Provider]:
     """Best first: fentry > kprobe > tracepoint."""
-    return [_Unavailable("fentry"), _Unavailable("kprobe"), TracepointProvider()]
+    return [FunctionProvider("fentry"), FunctionProvider("kprobe"), TracepointProvider()]
 
 
 def choose(name: str, feats: Features) -> tuple[Provider, str]:

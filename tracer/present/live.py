@@ -26,6 +26,7 @@ def _header(run: RunInfo) -> Text:
         f"[bold]hairtrace[/] {run.tool_version}  service {run.service_ip}:{port}  netns "
         f"{run.netns}  kernel {run.kernel}\nprovider {run.provider_reason}; "
         f"attached {len(run.attached)} programs in {run.attach_seconds:.3f}s"
+        + "".join(f"\n  skipped {k}: {v}" for k, v in run.skipped.items())
     )
 
 

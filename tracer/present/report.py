@@ -29,6 +29,7 @@ class RunInfo:
     lost_events: int = 0
     lost_by_point: dict[str, int] = field(default_factory=dict)
     attached: tuple[str, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)  # probe point -> why not attached
     attach_seconds: float | None = None
     started_at: float | None = None  # wall clock
     start_ns: int = 0  # monotonic origin of packet timestamps
@@ -112,6 +113,7 @@ def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str
         "lost_events": run.lost_events,
         "lost_by_point": run.lost_by_point,
         "attached": list(run.attached),
+        "skipped_points": run.skipped,
         "attach_seconds": run.attach_seconds,
         "started_at": run.started_at,
         "command": list(run.command),
