@@ -61,6 +61,7 @@ def diagnose_host() -> dict[str, Any]:
     """Everything `doctor` shows, as plain data (JSON-ready)."""
     lib = Libbpf()
     feats = probe(lib)
+    auto: dict[str, str | None]
     try:
         provider, reason = choose("auto", feats)
         auto = {"provider": provider.name, "reason": reason}
@@ -76,7 +77,7 @@ def diagnose_host() -> dict[str, Any]:
             "kprobes": feats.kprobes,
             "ringbuf": feats.ringbuf,
             "netfilter_link": feats.netfilter_link,
-        },  # fmt: skip
+        },
         "missing": feats.missing,
         "functions": _functions(lib, feats.fentry, feats.kprobes),
         "auto": auto,
