@@ -1,0 +1,78 @@
+"""Provider choice and skipping, on synthetic feature sets (no kernel needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tracer.errors import HairtraceError, UsageError
+from tracer.kernel.features import Features
+from tracer.kernel.providers import FUNCTIONS, FunctionProvider, choose
+
+
+def feats(**missing: str) -> Features:
+    return Features(
+        "6.x",
+        "privileges" not in missing,
+        "btf" not in missing,
+        True,
+        True,
+        True,
+        "kprobes" not in missing,
+        "fentry" not in missing,
+        dict(missing),
+    )
+
+
+def test_auto_prefers_fentry() -> None:
+    provider, why = choose("auto", feats())
+    assert provider.name == "fentry" and "auto" in why
+
+
+def test_auto_falls_back_and_says_why() -> None:
+    provider, why = choose("auto", feats(fentry="refused (EPERM)"))
+    assert provider.name == "kprobe" and "fentry: refused (EPERM)" in why
+    provider, why = choose("auto", feats(fentry="refused", kprobes="no CONFIG_KPROBES"))
+    assert provider.name == "tracepoint"
+    assert "fentry: refused" in why and "kprobe: no CONFIG_KPROBES" in why
+
+
+def test_explicit_choice_that_cannot_run_is_an_error_with_the_reason() -> None:
+    with pytest.raises(HairtraceError, match="provider fentry cannot run here: refused"):
+        choose("fentry", feats(fentry="refused"))
+    with pytest.raises(UsageError, match="unknown provider"):
+        choose("ebpf", feats())
+
+
+def test_no_privileges_or_btf_fail_first() -> None:
+    with pytest.raises(HairtraceError, match="not root"):
+        choose("auto", feats(privileges="not root"))
+    with pytest.raises(HairtraceError, match="no kernel BTF"):
+        choose("auto", feats(btf="no kernel BTF at x"))
+
+
+def test_a_function_program_that_fails_to_load_is_skipped_with_the_log_line() -> None:
+    p = FunctionProvider("fentry")
+    p._programs = {f.fentry: f.function for f in FUNCTIONS if f.fentry}
+    log = (
+        "libbpf: prog 'ht_fe_br_pass_up': failed to find kernel BTF type ID of "
+        "'br_pass_frame_up': -3\nlibbpf: failed to load object 'x.o'\n"
+    )
+    assert p.exclude_failed(log)
+    assert "ht_fe_br_pass_up" not in p._programs
+    assert "br_pass_frame_up" in p.skipped["br_pass_frame_up"]
+    assert not p.exclude_failed("libbpf: something else failed\n")
+
+
+def test_every_function_of_the_design_has_programs() -> None:
+    names = {f.function for f in FUNCTIONS}
+    assert {
+        "br_forward",
+        "br_handle_frame",
+        "br_nf_pre_routing",
+        "nf_conntrack_in",
+        "__nf_conntrack_confirm",
+        "nf_nat_manip_pkt",
+        "tcp_v4_send_reset",
+    } <= names
+    assert all(f.kprobe for f in FUNCTIONS if f.function != "nf_nat_setup_info")
+    assert all(f.fentry for f in FUNCTIONS)
