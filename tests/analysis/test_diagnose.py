@@ -175,14 +175,21 @@ def test_recovered_when_a_later_attempt_succeeds(broken: Fixture, healthy: Fixtu
     assert diag.brk is not None and diag.brk.cause == "bridge-nf-call-iptables-off"
 
 
-def test_provider_neutral_function_points_count_as_netfilter(broken: Fixture) -> None:
-    """A SYN+ACK seen by br_nf_pre_routing (fentry provider) is not 'bypassed netfilter'."""
-    synack_in_node = next(
-        e for e in broken.events if e.tcp_flags & 0x12 == 0x12 and e.dev == "veth-podb"
-    )
-    seen = replace(synack_in_node, point=Point.BR_NF_PRE_ROUTING, ts_ns=synack_in_node.ts_ns + 1)
-    _, diag = analyse(broken.events + [seen], broken.context())[0]
+def test_conntrack_function_point_counts_as_netfilter(broken: Fixture) -> None:
+    """A SYN+ACK seen by nf_conntrack_in (fentry/kprobe) did not bypass netfilter."""
+    synack = next(e for e in broken.events if e.tcp_flags & 0x12 == 0x12 and e.dev == "veth-podb")
+    seen = replace(synack, point=Point.CT_IN, ts_ns=synack.ts_ns + 1)
+    _, diag = analyse([*broken.events, seen], broken.context())[0]
     assert diag.brk is not None and diag.brk.cause != "bridge-nf-call-iptables-off"
+
+
+def test_br_nf_pre_routing_alone_is_not_netfilter(broken: Fixture) -> None:
+    """br_nf_pre_routing is entered with the sysctl off too: still the seed cause."""
+    synack = next(e for e in broken.events if e.tcp_flags & 0x12 == 0x12 and e.dev == "veth-podb")
+    seen = replace(synack, point=Point.BR_NF_PRE_ROUTING, ts_ns=synack.ts_ns + 1)
+    _, diag = analyse([*broken.events, seen], broken.context())[0]
+    assert diag.brk is not None and diag.brk.cause == "bridge-nf-call-iptables-off"
+    assert any("br_nf_pre_routing was entered" in e for e in diag.brk.evidence)
 
 
 def test_break_names_the_bridge_ports_crossed(broken: Fixture) -> None:

@@ -30,6 +30,8 @@ def test_point_numbers_match_the_header(bpf_object: Path) -> None:
     for point in Point:
         assert header[point.name] == point.value, point
     assert set(POINTS) == set(Point)
+    in_header = {n for n, v in header.items() if 0 < v < header["MAX"]}
+    assert in_header == {p.name for p in Point}, "header and Python points differ"
 
 
 def test_config_struct_is_what_the_loader_writes(bpf_object: Path) -> None:

@@ -76,3 +76,18 @@ def test_every_function_of_the_design_has_programs() -> None:
     } <= names
     assert all(f.kprobe for f in FUNCTIONS if f.function != "nf_nat_setup_info")
     assert all(f.fentry for f in FUNCTIONS)
+
+
+def test_the_skip_reason_quotes_the_verifier() -> None:
+    p = FunctionProvider("fentry")
+    p._programs = {"ht_fe_br_handle_frame": "br_handle_frame"}
+    log = (
+        "libbpf: prog 'ht_fe_br_handle_frame': BPF program load failed: Permission denied\n"
+        "libbpf: prog 'ht_fe_br_handle_frame': -- BEGIN PROG LOAD LOG --\n"
+        "0: (79) r3 = *(u64 *)(r1 +0)\n"
+        "func 'br_handle_frame' arg0 type PTR is not a struct\n"
+        "invalid bpf_context access off=0 size=8\n"
+        "processed 1 insns (limit 1000000) max_states_per_insn 0\n"
+    )
+    assert p.exclude_failed(log)
+    assert "arg0 type PTR is not a struct" in p.skipped["br_handle_frame"]

@@ -193,6 +193,11 @@ def _untranslated_reply(
             f"no conntrack, NAT or netfilter hook saw the {pkt.role} in netns "
             f"{place.netns_name}: reverse translation never ran"
         )
+        if any(h.kind == "bridge_nf" for h in in_nat):
+            evidence.append(
+                "br_nf_pre_routing was entered but handed the frame to no IPv4 hook "
+                "(it returns at once when bridge-nf-call-iptables is off)"
+            )
     evidence.append(
         f"client netns {client_name} received the {pkt.role} from {seen_src} "
         f"instead of the service address {svc}"

@@ -62,6 +62,7 @@ class Point(IntEnum):
     NAT_MANIP = 22
     NAT_SETUP = 23
     TCP_V4_SEND_RESET = 24
+    BR_DEV_XMIT = 25
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,13 @@ POINTS: dict[int, PointInfo] = {
     Point.NAT_MANIP: PointInfo("nf_nat_manip_pkt", "nat"),
     Point.NAT_SETUP: PointInfo("nf_nat_setup_info", "nat"),
     Point.TCP_V4_SEND_RESET: PointInfo("tcp_v4_send_reset", "reset"),
+    Point.BR_DEV_XMIT: PointInfo("br_dev_xmit", "bridge"),
 }
 
-# Kinds that prove netfilter (conntrack / NAT) saw the packet.
-NETFILTER_KINDS = frozenset({"netfilter", "bridge_nf", "conntrack", "nat"})
+# Kinds that prove netfilter (conntrack / NAT) saw the packet. Not "bridge_nf":
+# br_nf_pre_routing is entered for every bridged IPv4 frame once br_netfilter is
+# loaded, and returns at once when bridge-nf-call-iptables is off.
+NETFILTER_KINDS = frozenset({"netfilter", "conntrack", "nat"})
 
 
 def point_info(point: int) -> PointInfo:

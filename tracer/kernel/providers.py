@@ -107,6 +107,15 @@ FUNCTION_TRACEPOINTS = ("ht_dev_rx", "ht_dev_tx", "ht_drop")
 _FAILED_PROG = re.compile(r"prog '(\w+)': (?:failed to|BPF program load failed)")
 
 
+def _why(log: str, prog: str) -> str:
+    """The verifier's own reason (the lines before its 'processed N insns'), else libbpf's."""
+    lines = [ln.strip() for ln in log.splitlines()]
+    for i, line in enumerate(lines):
+        if line.startswith("processed ") and "insns" in line and i > 0:
+            return "; ".join(lines[max(0, i - 2) : i])[:240]
+    return next((ln for ln in lines if prog in ln and "fail" in ln), "unknown")[:200]
+
+
 class FunctionProvider:
     """fentry/fexit or kprobe programs on the bridge, conntrack and NAT functions.
 
@@ -152,8 +161,7 @@ class FunctionProvider:
         for prog in _FAILED_PROG.findall(log):
             if prog in self._programs:
                 func = self._programs.pop(prog)
-                line = next((ln for ln in log.splitlines() if prog in ln and "fail" in ln), "")
-                self.skipped[func] = f"{self.name} program failed to load: {line.strip()[:160]}"
+                self.skipped[func] = f"{self.name} program refused: {_why(log, prog)}"
                 return True
         return False
 
