@@ -1,0 +1,116 @@
+"""The seed scenario on a Debian 6.1 kernel under qemu, with the fentry and kprobe providers.
+
+One VM boot runs all four cases (provider x bridge-nf-call-iptables) through
+scripts/scenario-seed, the same script the host runs; each prints its JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import needs_binary, needs_live
+
+ROOT = Path(__file__).resolve().parent.parent
+VIP = "100.67.30.133:80"
+CONNTRACK_NAT = {"nf_conntrack_in", "__nf_conntrack_confirm", "nf_nat_manip_pkt"}
+CASES = [(p, k) for p in ("fentry", "kprobe") for k in ("0", "1")]
+
+pytestmark = pytest.mark.live
+
+
+def _documents(text: str) -> list[dict[str, Any]]:
+    dec, i, docs = json.JSONDecoder(), 0, []
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i >= len(text):
+            return docs
+        doc, i = dec.raw_decode(text, i)
+        docs.append(doc)
+
+
+@pytest.fixture(scope="module")
+def vm_reports() -> dict[tuple[str, str], dict[str, Any]]:
+    needs_live()
+    needs_binary("qemu-system-x86_64")
+    script = "; ".join(f"scripts/scenario-seed {k} --provider {p}; echo" for p, k in CASES)
+    res = subprocess.run(
+        [str(ROOT / "scripts" / "vm-run"), "--timeout", "1500", "--", "sh", "-c", script],
+        check=False, capture_output=True, text=True, timeout=1600, cwd=ROOT,
+    )  # fmt: skip
+    docs = _documents(res.stdout)
+    assert len(docs) == len(CASES), f"vm-run exit {res.returncode}: {res.stderr[-3000:]}"
+    return dict(zip(CASES, docs, strict=True))
+
+
+def _only(report: dict[str, Any]) -> dict[str, Any]:
+    [conn] = report["connections"]
+    return conn
+
+
+def _packet(conn: dict[str, Any], role: str) -> dict[str, Any]:
+    return next(p for p in conn["packets"] if p["role"] == role)
+
+
+@pytest.mark.parametrize("provider", ["fentry", "kprobe"])
+def test_seed_broken_in_vm(vm_reports: dict[tuple[str, str], Any], provider: str) -> None:
+    r = vm_reports[(provider, "0")]
+    assert r["provider"] == provider and r["kernel"].startswith("6.1.")
+    assert r["lost_events"] == 0
+    conn = _only(r)
+    assert conn["verdict"] == "broken"
+    brk = conn["break"]
+    assert (brk["packet_role"], brk["netns"], brk["cause"]) == (
+        "SYN+ACK",
+        "node",
+        "bridge-nf-call-iptables-off",
+    )
+    syn = _packet(conn, "SYN")
+    syn_points = {h["point"] for h in syn["hops"]}
+    assert {"nf_conntrack_in", "nf_nat_manip_pkt"} <= syn_points
+    assert any(
+        h["point"] == "nf_nat_manip_pkt" and h["nat"] and "DNAT" in h["nat"] for h in syn["hops"]
+    )
+    synack = _packet(conn, "SYN+ACK")
+    node = [h for h in synack["hops"] if h["netns"] == "node"]
+    assert any(h["point"] == "br_forward" for h in node)
+    assert not CONNTRACK_NAT & {h["point"] for h in node}
+    assert any(h["point"] == "tcp_v4_send_reset" and h["netns"] == "poda" for h in synack["hops"])
+
+
+@pytest.mark.parametrize("provider", ["fentry", "kprobe"])
+def test_seed_healthy_in_vm(vm_reports: dict[tuple[str, str], Any], provider: str) -> None:
+    r = vm_reports[(provider, "1")]
+    assert r["provider"] == provider
+    conn = _only(r)
+    assert conn["verdict"] == "ok" and conn["break"] is None
+    synack = _packet(conn, "SYN+ACK")
+    assert any(
+        h["point"] == "nf_nat_manip_pkt" and h["nat"] and h["nat"].endswith(f"-> {VIP}")
+        for h in synack["hops"]
+    )
+
+
+def test_vm_and_host_agree(vm_reports: dict[tuple[str, str], Any]) -> None:
+    """Same scenario, three providers on two kernels: same verdict and cause."""
+    res = subprocess.run(
+        [str(ROOT / "scripts" / "scenario-seed"), "0"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    host = json.loads(res.stdout)
+    assert host["provider"] == "tracepoint"
+    verdicts = {
+        (r["provider"], _only(r)["verdict"], _only(r)["break"]["cause"])
+        for (_p, k), r in vm_reports.items()
+        if k == "0"
+    } | {(host["provider"], _only(host)["verdict"], _only(host)["break"]["cause"])}
+    assert {(v, c) for _p, v, c in verdicts} == {("broken", "bridge-nf-call-iptables-off")}
+    assert {p for p, _v, _c in verdicts} == {"fentry", "kprobe", "tracepoint"}
