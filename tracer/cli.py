@@ -17,7 +17,7 @@ def _fail(exc: HairtraceError) -> None:
     sys.exit(exc.exit_code)
 
 
-def _write_json(data: dict[str, Any], dest: str) -> None:
+def write_json(data: dict[str, Any], dest: str) -> None:
     text = json.dumps(data, indent=2) + "\n"
     if dest == "-":
         click.echo(text, nl=False)
@@ -59,6 +59,8 @@ class _Main(click.Group):
     help="Probe provider.",
 )
 @click.option("--no-live", is_flag=True, help="No live view; print the summary at the end.")
+@click.option("--record", metavar="FILE", help="Record the session to FILE (see `replay`).")
+@click.option("--force", is_flag=True, help="With --record: overwrite an existing FILE.")
 @click.option("--ready-file", hidden=True, help="Write this file once attached (tests).")
 @click.option("--ringbuf-bytes", type=int, hidden=True, help="Ring buffer size (tests).")
 @click.version_option(__version__, prog_name="hairtrace")
@@ -71,6 +73,8 @@ def main(
     json_dest: str | None,
     provider: str,
     no_live: bool,
+    record: str | None,
+    force: bool,
     ready_file: str | None,
     ringbuf_bytes: int | None,
 ) -> None:
@@ -107,10 +111,12 @@ def main(
             provider,
             ringbuf_bytes=ringbuf_bytes,
             ready_file=ready_file,
+            record=record,
+            force=force,
         )
         result = trace_with_view(opts, live=not no_live and sys.stderr.isatty())
         if json_dest:
-            _write_json(build(result.run, result.results), json_dest)
+            write_json(build(result.run, result.results), json_dest)
     except HairtraceError as exc:
         _fail(exc)
     except KeyboardInterrupt:  # Ctrl-C before the probes were attached: nothing to report
@@ -119,9 +125,10 @@ def main(
     sys.exit(exit_status(result.results))
 
 
-from tracer import cli_lab  # registers lab and demo
+from tracer import cli_lab, cli_session  # registers lab, demo, doctor, replay, export, diff
 
 cli_lab.register(main)
+cli_session.register(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -56,6 +57,8 @@ class TraceOptions:
     poll_ms: int = 50
     ringbuf_bytes: int | None = None  # power of two, multiple of the page size; None = built-in
     ready_file: str | None = None  # written once every probe is attached (for scripts)
+    record: str | None = None  # session file to record to
+    force: bool = False  # overwrite an existing session file
 
 
 @dataclass
@@ -197,6 +200,10 @@ def _check_options(opts: TraceOptions) -> None:
         raise UsageError(f"ring buffer size {size}: must be a power of two >= 4096")
     if opts.command and shutil.which(opts.command[0]) is None:
         raise UsageError(f"command not found: {opts.command[0]}")
+    if opts.record:
+        from tracer.session import check_target
+
+        check_target(opts.record, overwrite=opts.force)
 
 
 @dataclass
@@ -205,10 +212,13 @@ class _Live:
 
     events: list[Event] = field(default_factory=list)
     records: list[bytes] = field(default_factory=list)
+    writer: Any = None  # tracer.session.SessionWriter when recording
 
     def add(self, batch: list[bytes]) -> None:
         self.events.extend(kevents.decode_all(batch))
         self.records.extend(batch)
+        if self.writer is not None:
+            self.writer.write_records(batch)
 
 
 def _drain(
@@ -278,6 +288,8 @@ def run_trace(
                 )
                 sink.update(_analyse(live.events, opts, topo, losses.windows, clock()), stats)
 
+        drops = drop_reason_names() if opts.record else None
+        live.writer = _open_recording(opts, run, topo, drops or {})
         if opts.ready_file:
             Path(opts.ready_file).write_text(f"{attach_s:.3f}\n")
         status = _drain(opts, rb, live, losses, update)
@@ -289,13 +301,36 @@ def run_trace(
         if rb is not None:
             rb.close()
         obj.close()
-    if any(topo.namespace(ev.netns) is None for ev in live.events):
+        if live.writer is not None and sys.exc_info()[0] is not None:
+            live.writer.close()  # no footer: the file reads as a trace that did not finish
+    retaken = any(topo.namespace(ev.netns) is None for ev in live.events)
+    if retaken:
         topo = snapshot(opts.service_ip, opts.service_port or None)
-    has_drops = any(ev.point == Point.DROP for ev in live.events)
-    ctx = _context(opts, topo, losses.windows, end_ns, drop_reason_names() if has_drops else {})
+    if drops is None:
+        has_drops = any(ev.point == Point.DROP for ev in live.events)
+        drops = drop_reason_names() if has_drops else {}
+    ctx = _context(opts, topo, losses.windows, end_ns, drops)
     run = replace(run, events=len(live.events), lost_events=losses.total,
                   lost_by_point=losses.by_point, command_status=status)  # fmt: skip
+    if live.writer is not None:
+        from tracer.session import footer_from_trace
+
+        footer = footer_from_trace(
+            run, end_ns=end_ns, loss_windows=losses.windows, topology=topo if retaken else None
+        )
+        live.writer.close(footer)
     return TraceResult(run, live.events, ctx, topo, analyse(live.events, ctx), live.records)
+
+
+def _open_recording(
+    opts: TraceOptions, run: RunInfo, topo: Topology, drops: dict[int, str]
+) -> Any:
+    """The session writer when recording (tracer.session is imported only then)."""
+    if not opts.record:
+        return None
+    from tracer.session import SessionWriter, header_from_trace
+
+    return SessionWriter(opts.record, header_from_trace(run, topo, drops), overwrite=opts.force)
 
 
 def drop_reason_names() -> dict[int, str]:

@@ -106,3 +106,14 @@ def test_drop_reason_names_come_from_the_kernel_btf() -> None:
     assert fast == load_vmlinux().enum_names("skb_drop_reason", "SKB_DROP_REASON_")
     assert "NO_SOCKET" in fast.values() and "NETFILTER_DROP" in fast.values()
     assert kernel_enum("no_such_enum_xyz") == {}
+
+
+def test_unsigned_enum_values_stay_unsigned() -> None:
+    """enum skb_drop_reason has SUBSYS_MASK = 0xffff0000: not -65536."""
+    from tracer.kernel.btf import kernel_btf_path, kernel_enum
+
+    if not kernel_btf_path().exists():
+        pytest.skip("no kernel BTF on this machine")
+    names = kernel_enum("skb_drop_reason", "SKB_DROP_REASON_")
+    assert min(names) >= 0
+    assert names.get(0xFFFF0000) in (None, "SUBSYS_MASK")

@@ -79,8 +79,9 @@ class Btf:
                     bit_off = m_off & 0xFFFFFF if info & 0x80000000 else m_off
                     members.append((self._str(m_name), m_type, bit_off))
             elif kind == KIND_ENUM:
+                fmt = "<Ii" if info & 0x80000000 else "<II"  # kind_flag: signed
                 for i in range(vlen):
-                    e_name, e_val = struct.unpack_from("<Ii", blob, pos + 8 * i)
+                    e_name, e_val = struct.unpack_from(fmt, blob, pos + 8 * i)
                     members.append((self._str(e_name), e_val, 0))
             elif kind == KIND_DATASEC:
                 for i in range(vlen):
@@ -129,8 +130,10 @@ def kernel_enum(name: str, strip_prefix: str = "", path: Path | None = None) -> 
         pos += 12
         if kind == KIND_ENUM and t_name == name_off:
             out = {}
+            # kind_flag set = signed enum; otherwise values are unsigned (0xffff0000 masks)
+            fmt = "<Ii" if info & 0x80000000 else "<II"
             for i in range(vlen):
-                e_name, e_val = unpack("<Ii", data, pos + 8 * i)
+                e_name, e_val = unpack(fmt, data, pos + 8 * i)
                 stop = strs.find(b"\0", e_name)
                 out[e_val] = strs[e_name:stop].decode().removeprefix(strip_prefix)
             return out

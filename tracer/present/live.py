@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -122,7 +124,17 @@ def trace_with_view(opts: TraceOptions, live: bool) -> TraceResult:
     return result
 
 
-def render_summary(result: TraceResult, console: Console | None = None) -> None:
+class Outcome(Protocol):
+    """A live trace's result or a replayed session's: what the summary needs."""
+
+    @property
+    def run(self) -> RunInfo: ...
+
+    @property
+    def results(self) -> list[tuple[Connection, Diagnosis]]: ...
+
+
+def render_summary(result: Outcome, console: Console | None = None) -> None:
     """Everything a person needs at the end: table, then each break in full."""
     console = console or _console()
     run = result.run

@@ -1,0 +1,69 @@
+"""`hairtrace replay`, `export` and `diff`: sessions analysed without root or BPF."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import click
+
+from tracer.errors import HairtraceError
+
+
+def _fail(exc: HairtraceError) -> None:
+    click.echo(f"hairtrace: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _warn(warnings: Sequence[str]) -> None:
+    for w in warnings:
+        click.echo(f"hairtrace: warning: {w}", err=True)
+
+
+@click.command()
+@click.argument("session", metavar="FILE")
+@click.option("--json", "json_dest", metavar="FILE|-", help="Write the JSON report.")
+def replay(session: str, json_dest: str | None) -> None:
+    """Analyse a recorded session exactly as the live trace did (no root, no BPF).
+
+    Exit status as for a live trace: 0 none broken, 3 at least one broken.
+    """
+    from tracer.cli import write_json
+    from tracer.present.live import render_summary
+    from tracer.present.report import build, exit_status
+    from tracer.session import replay as replay_session
+
+    try:
+        res = replay_session(session)
+        _warn(res.warnings)
+        render_summary(res)
+        if json_dest:
+            write_json(build(res.run, res.results), json_dest)
+    except HairtraceError as exc:
+        _fail(exc)
+    sys.exit(exit_status(res.results))
+
+
+@click.command()
+@click.argument("session", metavar="FILE")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "jsonl"]), required=True)
+@click.option("--out", metavar="PATH|-", help="Output file (default: FILE with the format's suffix).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def export(session: str, fmt: str, out: str | None, force: bool) -> None:
+    """Export a session's events, one row per event (streamed: bounded memory)."""
+    from tracer.session import default_out, export_session
+
+    target = sys.stdout.buffer if out == "-" else (out or default_out(session, fmt))
+    try:
+        summary = export_session(session, fmt, target, overwrite=force)
+    except HairtraceError as exc:
+        _fail(exc)
+    _warn(summary.warnings)
+    if out != "-":
+        click.echo(f"{summary.rows} events -> {summary.out}", err=True)
+
+
+def register(main: click.Group) -> None:
+    """Attach the session commands to the main group."""
+    main.add_command(replay)
+    main.add_command(export)

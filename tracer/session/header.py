@@ -1,0 +1,200 @@
+"""What a session file says about its recording: the header (start) and footer (end).
+
+Both are JSON chunks (tracer.session.format). from_dict checks every field it
+reads and turns anything malformed into one HairtraceError line; keys it does
+not know are ignored, so later versions may add fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracer.errors import HairtraceError
+from tracer.kernel.events import EVENT_SIZE
+from tracer.session.format import FORMAT_NAME
+from tracer.topology.model import Topology
+
+CLOCK = "CLOCK_MONOTONIC"  # the clock of ht_event.ts_ns (bpf_ktime_get_ns)
+
+
+@dataclass(frozen=True)
+class SessionHeader:
+    """Everything known when recording starts: how, where, what was traced, and the topology.
+
+    start_ns is the CLOCK_MONOTONIC origin that event timestamps are reported against,
+    started_at the wall-clock time (seconds since the epoch) at that same instant, so
+    wall(ts_ns) = started_at + (ts_ns - start_ns) / 1e9. drop_reasons are the names of
+    enum skb_drop_reason on the recording kernel (numbers differ between kernels).
+    """
+
+    tool_version: str
+    kernel: str
+    hostname: str
+    provider: str
+    provider_reason: str
+    service_ip: str
+    service_port: int  # 0 = any port
+    netns: str
+    start_ns: int
+    started_at: float | None
+    topology: Topology
+    attached: tuple[str, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
+    attach_seconds: float | None = None
+    command: tuple[str, ...] = ()
+    drop_reasons: dict[int, str] = field(default_factory=dict)
+    record_size: int = EVENT_SIZE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "tool_version": self.tool_version,
+            "kernel": self.kernel,
+            "hostname": self.hostname,
+            "provider": self.provider,
+            "provider_reason": self.provider_reason,
+            "service_ip": self.service_ip,
+            "service_port": self.service_port,
+            "netns": self.netns,
+            "clock": CLOCK,
+            "start_ns": self.start_ns,
+            "started_at": self.started_at,
+            "attached": list(self.attached),
+            "skipped": dict(self.skipped),
+            "attach_seconds": self.attach_seconds,
+            "command": list(self.command),
+            "drop_reasons": {str(k): v for k, v in sorted(self.drop_reasons.items())},
+            "record_size": self.record_size,
+            "topology": self.topology.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> SessionHeader:
+        g = _Fields(d, "header")
+        if g.get("format", str) != FORMAT_NAME:
+            raise HairtraceError(f"bad session header: format is {d['format']!r}")
+        record_size = g.get("record_size", int)
+        if record_size < EVENT_SIZE:
+            raise HairtraceError(
+                f"bad session header: records of {record_size} bytes, expected {EVENT_SIZE}"
+            )
+        reasons = g.get("drop_reasons", dict)
+        if not all(isinstance(v, str) and k.isascii() and k.isdigit() for k, v in reasons.items()):
+            raise HairtraceError("bad session header: 'drop_reasons' is not number -> name")
+        return cls(
+            tool_version=g.get("tool_version", str),
+            kernel=g.get("kernel", str),
+            hostname=g.get("hostname", str),
+            provider=g.get("provider", str),
+            provider_reason=g.get("provider_reason", str),
+            service_ip=g.get("service_ip", str),
+            service_port=g.get("service_port", int),
+            netns=g.get("netns", str),
+            start_ns=g.get("start_ns", int),
+            started_at=g.number("started_at", optional=True),
+            topology=_topology(g.get("topology", dict), "header"),
+            attached=tuple(g.strings("attached")),
+            skipped=g.str_map("skipped"),
+            attach_seconds=g.number("attach_seconds", optional=True),
+            command=tuple(g.strings("command")),
+            drop_reasons={int(k): v for k, v in reasons.items()},
+            record_size=record_size,
+        )
+
+
+@dataclass(frozen=True)
+class SessionFooter:
+    """Everything known when recording ends. topology: the final snapshot, when re-taken."""
+
+    end_ns: int  # CLOCK_MONOTONIC time the trace stopped
+    events: int
+    lost_events: int = 0
+    lost_by_point: dict[str, int] = field(default_factory=dict)
+    loss_windows: tuple[tuple[int, int], ...] = ()  # (first_ns, last_ns) where events were lost
+    command_status: int | None = None
+    topology: Topology | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "end_ns": self.end_ns,
+            "events": self.events,
+            "lost_events": self.lost_events,
+            "lost_by_point": dict(self.lost_by_point),
+            "loss_windows": [list(w) for w in self.loss_windows],
+            "command_status": self.command_status,
+            "topology": self.topology.to_dict() if self.topology else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> SessionFooter:
+        g = _Fields(d, "footer")
+        by_point = g.get("lost_by_point", dict)
+        if not all(_is_int(v) for v in by_point.values()):
+            raise HairtraceError("bad session footer: 'lost_by_point' is not point -> count")
+        windows = g.get("loss_windows", list)
+        if not all(isinstance(w, list) and len(w) == 2 and all(map(_is_int, w)) for w in windows):
+            raise HairtraceError("bad session footer: 'loss_windows' is not [[first, last], ...]")
+        topo = g.get("topology", dict, optional=True)
+        return cls(
+            end_ns=g.get("end_ns", int),
+            events=g.get("events", int),
+            lost_events=g.get("lost_events", int),
+            lost_by_point=dict(by_point),
+            loss_windows=tuple((w[0], w[1]) for w in windows),
+            command_status=g.get("command_status", int, optional=True),
+            topology=_topology(topo, "footer") if topo is not None else None,
+        )
+
+
+def _topology(d: dict[str, Any], what: str) -> Topology:
+    try:
+        return Topology.from_dict(d)
+    except OverflowError:  # a number too large for a float
+        raise HairtraceError(f"bad session {what}: topology holds an out-of-range number") from None
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Fields:
+    """Typed access to the keys of one JSON object; a wrong one -> HairtraceError."""
+
+    def __init__(self, d: Any, what: str) -> None:
+        if not isinstance(d, Mapping):
+            raise HairtraceError(f"bad session {what}: not a JSON object")
+        self.d, self.what = d, what
+
+    def _fail(self, key: str) -> HairtraceError:
+        value = repr(self.d[key]) if key in self.d else "missing"
+        return HairtraceError(f"bad session {self.what}: {key!r} is {value[:60]}")
+
+    def get(self, key: str, typ: type, *, optional: bool = False) -> Any:
+        v = self.d.get(key)
+        if v is None and optional:
+            return None
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise self._fail(key)
+        return v
+
+    def number(self, key: str, *, optional: bool = False) -> float | None:
+        v = self.d.get(key)
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int | float) or abs(v) > 1e300:
+            raise self._fail(key)
+        return float(v)
+
+    def strings(self, key: str) -> list[str]:
+        v = self.get(key, list)
+        if not all(isinstance(x, str) for x in v):
+            raise self._fail(key)
+        return v
+
+    def str_map(self, key: str) -> dict[str, str]:
+        v = self.get(key, dict)
+        if not all(isinstance(x, str) for x in v.values()):
+            raise self._fail(key)
+        return dict(v)

@@ -1,0 +1,157 @@
+"""Replay a session file: rebuild what a live trace produces, without root or a kernel.
+
+ReplayResult has the attribute names of tracer.trace.TraceResult (run, events,
+context, topology, results, records), so the live summary and the JSON report
+take either. header_from_trace / footer_from_trace build the header and footer
+from what run_trace knows, for the recording side.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tracer import __version__
+from tracer.analysis import analyse
+from tracer.analysis.context import Context, TopologyNames
+from tracer.analysis.diagnose import Diagnosis
+from tracer.analysis.model import Event
+from tracer.analysis.reassemble import Connection
+from tracer.kernel.events import decode_all
+from tracer.present.report import RunInfo
+from tracer.session.header import SessionFooter, SessionHeader
+from tracer.session.reader import open_session
+from tracer.topology.model import Topology
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """A replayed session: what a live trace returns, plus where it came from."""
+
+    run: RunInfo
+    events: list[Event]
+    context: Context
+    topology: Topology
+    results: list[tuple[Connection, Diagnosis]]
+    records: list[bytes]
+    header: SessionHeader
+    footer: SessionFooter | None  # None: the recording did not finish
+    warnings: tuple[str, ...]  # cut-off file, missing footer, event count mismatch
+
+
+def header_from_trace(
+    run: RunInfo,
+    topology: Topology,
+    drop_reasons: dict[int, str],
+    *,
+    hostname: str | None = None,
+) -> SessionHeader:
+    """The session header for a live trace, once every probe is attached."""
+    return SessionHeader(
+        tool_version=run.tool_version,
+        kernel=run.kernel,
+        hostname=hostname if hostname is not None else socket.gethostname(),
+        provider=run.provider,
+        provider_reason=run.provider_reason,
+        service_ip=run.service_ip,
+        service_port=run.service_port,
+        netns=run.netns,
+        start_ns=run.start_ns,
+        started_at=run.started_at,
+        topology=topology,
+        attached=tuple(run.attached),
+        skipped=dict(run.skipped),
+        attach_seconds=run.attach_seconds,
+        command=tuple(run.command),
+        drop_reasons=dict(drop_reasons),
+    )
+
+
+def footer_from_trace(
+    run: RunInfo,
+    *,
+    end_ns: int,
+    loss_windows: Iterable[tuple[int, int]] = (),
+    topology: Topology | None = None,
+) -> SessionFooter:
+    """The session footer from the final RunInfo; topology only when it was re-taken."""
+    return SessionFooter(
+        end_ns=end_ns,
+        events=run.events,
+        lost_events=run.lost_events,
+        lost_by_point=dict(run.lost_by_point),
+        loss_windows=tuple((a, b) for a, b in loss_windows),
+        command_status=run.command_status,
+        topology=topology,
+    )
+
+
+def topology_of(header: SessionHeader, footer: SessionFooter | None) -> Topology:
+    """The snapshot the analysis names things with: the final one when re-taken."""
+    return footer.topology if footer is not None and footer.topology else header.topology
+
+
+def context_of(header: SessionHeader, footer: SessionFooter | None, end_ns: int) -> Context:
+    """The analysis Context of a recording (end_ns: the footer's, else the last event's)."""
+    return Context(
+        header.service_ip,
+        header.service_port,
+        TopologyNames(topology_of(header, footer)),
+        footer.end_ns if footer is not None else end_ns,
+        footer.loss_windows if footer is not None else (),
+        dict(header.drop_reasons),
+    )
+
+
+def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -> RunInfo:
+    """The RunInfo of a replay: the recording's, analysed by this hairtrace version."""
+    return RunInfo(
+        tool_version=__version__,
+        kernel=header.kernel,
+        provider=header.provider,
+        provider_reason=header.provider_reason,
+        service_ip=header.service_ip,
+        service_port=header.service_port,
+        netns=header.netns,
+        events=events,
+        lost_events=footer.lost_events if footer else 0,
+        lost_by_point=dict(footer.lost_by_point) if footer else {},
+        attached=header.attached,
+        skipped=dict(header.skipped),
+        attach_seconds=header.attach_seconds,
+        started_at=header.started_at,
+        start_ns=header.start_ns,
+        command=header.command,
+        command_status=footer.command_status if footer else None,
+    )
+
+
+def replay(path: str | Path) -> ReplayResult:
+    """Read a whole session and analyse it as the live trace would have (all events in memory)."""
+    reader = open_session(path)
+    records: list[bytes] = []
+    for batch in reader.record_batches():
+        records.extend(batch)
+    events = decode_all(records)
+    header, footer = reader.header, reader.footer
+    warnings = list(reader.warnings)
+    if footer is not None and footer.events != len(events):
+        warnings.append(
+            f"session file {path}: the footer counts {footer.events} events, "
+            f"the file holds {len(events)}"
+        )
+    last = max((ev.ts_ns for ev in events), default=header.start_ns)
+    ctx = context_of(header, footer, last)
+    return ReplayResult(
+        run=run_info(header, footer, len(events)),
+        events=events,
+        context=ctx,
+        topology=topology_of(header, footer),
+        results=analyse(events, ctx),
+        records=records,
+        header=header,
+        footer=footer,
+        warnings=tuple(warnings),
+    )
