@@ -3,7 +3,10 @@
 Layout of <cache>/<package>/ (default cache /var/cache/hairtrace/vm, or $HAIRTRACE_VM_CACHE):
 
     <package>_<version>_amd64.deb   what `apt-get download` fetched
-    root/                           `dpkg-deb -x` of it, modules indexed by `depmod -b`
+    root/                           `dpkg-deb -x` of it, modules indexed by `depmod -b`;
+                                    root/boot/vmlinux-<release>: the ELF kernel taken out of
+                                    vmlinuz, booted through PVH (skips the decompression,
+                                    seconds under TCG) when the kernel has CONFIG_PVH
     release                         the kernel release (uname -r), written last: "unpacked"
     initrd-<hash>.cpio.gz           busybox-static + scripts/vm/init + the modules to
                                     mount a 9p root; <hash> covers everything that went in
@@ -18,11 +21,14 @@ from __future__ import annotations
 import fcntl
 import glob
 import hashlib
+import lzma
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +38,10 @@ METAPACKAGE = "linux-image-amd64"
 BUSYBOX = "/bin/busybox"
 # insmod'ed in this order by scripts/vm/init (their dependencies first); the
 # ones built into the kernel or missing from it are left out.
-INITRD_MODULES = (
-    "virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci "
-    "virtio_console netfs fscache 9pnet 9pnet_virtio 9p overlay"
-).split()
+INITRD_MODULES = [
+    "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
+    "virtio_console", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p", "overlay",
+]  # fmt: skip
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
 APT_OPTS = ["-q", "-o", "APT::Sandbox::User=root", "-o", "DPkg::Lock::Timeout=300"]
 
@@ -48,7 +54,7 @@ class VMError(Exception):
 class Kernel:
     package: str
     release: str  # uname -r of the guest
-    vmlinuz: Path
+    vmlinuz: Path  # what qemu -kernel gets: boot/vmlinux-<release> if there, else vmlinuz
     initrd: Path
     moddir: Path  # root/lib/modules/<release>
 
@@ -91,7 +97,12 @@ def _apt_update() -> None:
         raise VMError(f"apt-get update failed: {last}")
 
 
-def resolve_package(spec: str | None) -> str:
+def _lists_stamp() -> str:
+    files = sorted(glob.glob("/var/lib/apt/lists/*_Packages*"))
+    return hashlib.sha256(repr([(f, os.stat(f).st_mtime_ns) for f in files]).encode()).hexdigest()
+
+
+def resolve_package(spec: str | None, cache: str | None = None) -> str:
     """The kernel package for --kernel `spec`: a package name, a release, or None (current)."""
     if spec:
         spec = spec.strip()
@@ -102,11 +113,31 @@ def resolve_package(spec: str | None) -> str:
         return f"linux-image-{spec}"
     if _apt_lists_empty():
         _apt_update()
+    # apt-cache takes a second or two: remember its answer until the lists change
+    memo = _cache_dir(cache) / f"{METAPACKAGE}.resolved"
+    stamp = _lists_stamp()
+    try:
+        old_stamp, package = memo.read_text().split()
+        if old_stamp == stamp:
+            return package
+    except (OSError, ValueError):
+        pass
     res = _run(["apt-cache", "depends", METAPACKAGE], "apt-cache")
-    m = re.search(r"^\s*Depends:\s*(linux-image-\S+)", res.stdout, re.M)
+    m = re.search(r"^\s*Depends:\s*(linux-image-\S+)", res.stdout, re.MULTILINE)
     if res.returncode != 0 or not m:
         raise VMError(f"cannot resolve {METAPACKAGE} with apt-cache (is this Debian?)")
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(f"{stamp} {m.group(1)}\n")
+        tmp.rename(memo)
+    except OSError:
+        pass
     return m.group(1)
+
+
+def _cache_dir(cache: str | None) -> Path:
+    return Path(cache or os.environ.get("HAIRTRACE_VM_CACHE") or DEFAULT_CACHE)
 
 
 @contextmanager
@@ -126,18 +157,21 @@ def _download(package: str, pkgdir: Path, log) -> Path:  # type: ignore[no-untyp
         return debs[-1]
     if _apt_lists_empty():
         _apt_update()
-    log(f"downloading {package}")
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=pkgdir.parent))
     try:
         cmd = ["apt-get", *APT_OPTS, "download", package]
-        res = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=APT_ENV)
-        if "Unable to locate package" in res.stderr or "has no installation candidate" in res.stderr:
+        res = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=APT_ENV, check=False)
+        if (
+            "Unable to locate package" in res.stderr
+            or "has no installation candidate" in res.stderr
+        ):
             raise VMError(f"no such kernel package: {package}")
         got = list(tmp.glob("*.deb"))
         if res.returncode != 0 or len(got) != 1:
             last = (res.stderr.strip().splitlines() or ["?"])[-1]
             raise VMError(f"apt-get download {package} failed: {last}")
         pkgdir.mkdir(exist_ok=True)
+        log(f"downloaded {got[0].name} ({got[0].stat().st_size >> 20} MiB)")
         return got[0].rename(pkgdir / got[0].name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,6 +191,7 @@ def _unpack(deb: Path, pkgdir: Path, log) -> str:  # type: ignore[no-untyped-def
         res = _run(["depmod", "-b", str(tmp), release], "depmod")
         if res.returncode != 0:
             raise VMError(f"depmod -b {tmp} {release} failed: {res.stderr.strip()}")
+        _extract_vmlinux(tmp, release)
         shutil.rmtree(pkgdir / "root", ignore_errors=True)
         tmp.rename(pkgdir / "root")
     except BaseException:
@@ -164,6 +199,28 @@ def _unpack(deb: Path, pkgdir: Path, log) -> str:  # type: ignore[no-untyped-def
         raise
     (pkgdir / "release").write_text(release + "\n")
     return release
+
+
+def _extract_vmlinux(root: Path, release: str) -> None:
+    """Write boot/vmlinux-<release> (ELF, bootable by qemu through PVH) if vmlinuz allows."""
+    config = root / f"boot/config-{release}"
+    if not config.is_file() or "\nCONFIG_PVH=y\n" not in config.read_text():
+        return
+    data = (root / f"boot/vmlinuz-{release}").read_bytes()
+    for magic, make in (
+        (b"\xfd7zXZ\x00", lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ)),
+        (b"\x1f\x8b\x08", lambda: zlib.decompressobj(16 + zlib.MAX_WBITS)),
+    ):
+        at = data.find(magic)
+        if at < 0:
+            continue
+        try:
+            elf = make().decompress(data[at:])
+        except (lzma.LZMAError, zlib.error):
+            continue
+        if elf[:4] == b"\x7fELF":
+            (root / f"boot/vmlinux-{release}").write_bytes(elf)
+            return
 
 
 def _build_initrd(pkgdir: Path, release: str, init_script: Path, log) -> Path:  # type: ignore[no-untyped-def]
@@ -182,8 +239,8 @@ def _build_initrd(pkgdir: Path, release: str, init_script: Path, log) -> Path:  
     for name in INITRD_MODULES:
         if name in index:  # else built in, or not in this kernel at all
             add(index[name][0])
-    if not Path(BUSYBOX).is_file():
-        raise VMError(f"{BUSYBOX} missing: apt-get install busybox-static (or run scripts/setup)")
+    if not Path(BUSYBOX).is_file() or b"ld-linux" in Path(BUSYBOX).read_bytes()[:4096]:
+        raise VMError(f"{BUSYBOX} missing or not static: apt-get install busybox-static")
 
     digest = hashlib.sha256()
     for part in [init_script, Path(BUSYBOX), *(moddir / p for p in order)]:
@@ -205,19 +262,23 @@ def _build_initrd(pkgdir: Path, release: str, init_script: Path, log) -> Path:  
         out = Path(tmp) / "initrd"
         script = "find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1"
         with open(out, "wb") as fh:
-            res = subprocess.run(["sh", "-c", script], cwd=top, stdout=fh, stderr=subprocess.PIPE)
+            res = subprocess.run(
+                ["sh", "-c", script], cwd=top, stdout=fh, stderr=subprocess.PIPE, check=False
+            )
         if res.returncode != 0:
-            raise VMError(f"building the initramfs failed (cpio, gzip): {res.stderr.decode().strip()}")
+            raise VMError(
+                f"building the initramfs failed (cpio, gzip): {res.stderr.decode().strip()}"
+            )
         out.rename(initrd)
-    for old in pkgdir.glob("initrd-*.cpio.gz"):
-        if old != initrd:
+    for old in pkgdir.glob("initrd-*.cpio.gz"):  # another checkout may still use a recent one
+        if old != initrd and time.time() - old.stat().st_mtime > 86400:
             old.unlink(missing_ok=True)
     return initrd
 
 
 def prepare(package: str, init_script: Path, cache: str | None = None, log=print) -> Kernel:  # type: ignore[no-untyped-def]
     """Download, unpack and index `package` and build its initramfs, once; return the kernel."""
-    base = Path(cache or os.environ.get("HAIRTRACE_VM_CACHE") or DEFAULT_CACHE)
+    base = _cache_dir(cache)
     if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", package):
         raise VMError(f"no such kernel package: {package}")
     pkgdir = base / package
@@ -228,10 +289,12 @@ def prepare(package: str, init_script: Path, cache: str | None = None, log=print
         else:
             release = _unpack(_download(package, pkgdir, log), pkgdir, log)
         initrd = _build_initrd(pkgdir, release, init_script, log)
+    boot = pkgdir / "root/boot"
+    vmlinux = boot / f"vmlinux-{release}"
     return Kernel(
         package=package,
         release=release,
-        vmlinuz=pkgdir / "root/boot" / f"vmlinuz-{release}",
+        vmlinuz=vmlinux if vmlinux.is_file() else boot / f"vmlinuz-{release}",
         initrd=initrd,
         moddir=pkgdir / "root/lib/modules" / release,
     )
