@@ -146,3 +146,47 @@ def test_lab_needs_root() -> None:
     res = run("lab", "status", user="65534")
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "root" in res.stderr
+
+
+REPORTS = os.path.join(os.path.dirname(__file__), "fixtures", "reports")
+
+
+def test_diff_broken_vs_healthy_names_the_syn_ack_divergence() -> None:
+    res = run(
+        "diff", f"{REPORTS}/host-tracepoint-broken.json", f"{REPORTS}/host-tracepoint-healthy.json"
+    )
+    assert res.returncode == 3, res.stderr
+    assert "verdict broken -> ok" in res.stdout
+    assert "SYN+ACK: A goes straight from node/veth-podb to node/veth-poda" in res.stdout
+
+
+def test_diff_host_vs_vm_is_equivalent_at_shared_stages() -> None:
+    res = run(
+        "diff",
+        "--json",
+        f"{REPORTS}/host-tracepoint-broken.json",
+        f"{REPORTS}/vm-6.1-fentry-broken.json",
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    import json
+
+    d = json.loads(res.stdout)
+    assert d["equivalent"] is True
+    assert "tracepoint vs fentry" in d["level"]
+
+
+def test_diff_bad_input_is_a_usage_error(tmp_path: object) -> None:
+    import pathlib
+
+    bad = pathlib.Path(str(tmp_path)) / "bad.json"
+    bad.write_text("{not json")
+    res = run("diff", str(bad), f"{REPORTS}/host-tracepoint-broken.json")
+    assert_one_line_error(res, 2, "bad.json")
+
+
+def test_replay_of_a_non_session_is_a_clear_error(tmp_path: object) -> None:
+    import pathlib
+
+    bad = pathlib.Path(str(tmp_path)) / "x.hts"
+    bad.write_bytes(b"hello, not a session")
+    assert_one_line_error(run("replay", str(bad)), 1, "not a hairtrace session file")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import click
 
-from tracer.errors import HairtraceError
+from tracer.errors import EXIT_BROKEN, HairtraceError, UsageError
 
 
 def _fail(exc: HairtraceError) -> None:
@@ -47,7 +49,9 @@ def replay(session: str, json_dest: str | None) -> None:
 @click.command()
 @click.argument("session", metavar="FILE")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "jsonl"]), required=True)
-@click.option("--out", metavar="PATH|-", help="Output file (default: FILE with the format's suffix).")
+@click.option(
+    "--out", metavar="PATH|-", help="Output file (default: FILE with the format's suffix)."
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def export(session: str, fmt: str, out: str | None, force: bool) -> None:
     """Export a session's events, one row per event (streamed: bounded memory)."""
@@ -63,7 +67,56 @@ def export(session: str, fmt: str, out: str | None, force: bool) -> None:
         click.echo(f"{summary.rows} events -> {summary.out}", err=True)
 
 
+def load_report(path: str) -> dict[str, Any]:
+    """A JSON report as it is, or a session file replayed into one."""
+    from tracer.analysis.diff import parse_reports
+    from tracer.present.report import build
+    from tracer.session import replay as replay_session
+    from tracer.session.format import MAGIC
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(MAGIC))
+            if head == MAGIC:
+                res = replay_session(path)
+                _warn([f"{path}: {w}" for w in res.warnings])
+                return build(res.run, res.results)
+            text = (head + fh.read()).decode(errors="replace")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    reports = parse_reports(text, path)
+    if len(reports) != 1:
+        raise UsageError(f"{path} holds {len(reports)} reports, expected one")
+    return reports[0]
+
+
+@click.command()
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="B")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def diff(a: str, b: str, as_json: bool) -> None:
+    """Compare two traces of the same scenario (JSON reports or session files).
+
+    Aligns connections by role (client, service, backend, packet role) and shows
+    per packet role the first hop where the paths diverge, and verdict changes.
+    Traces from different providers are compared at the stages both share.
+    Exit status: 0 equivalent, 3 different.
+    """
+    from tracer.analysis.diff import diff_sources, render_text
+
+    try:
+        result = diff_sources(a, b, load_report)
+    except HairtraceError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(render_text(result), nl=False)
+    sys.exit(0 if result.equivalent else EXIT_BROKEN)
+
+
 def register(main: click.Group) -> None:
     """Attach the session commands to the main group."""
     main.add_command(replay)
     main.add_command(export)
+    main.add_command(diff)

@@ -322,9 +322,7 @@ def run_trace(
     return TraceResult(run, live.events, ctx, topo, analyse(live.events, ctx), live.records)
 
 
-def _open_recording(
-    opts: TraceOptions, run: RunInfo, topo: Topology, drops: dict[int, str]
-) -> Any:
+def _open_recording(opts: TraceOptions, run: RunInfo, topo: Topology, drops: dict[int, str]) -> Any:
     """The session writer when recording (tracer.session is imported only then)."""
     if not opts.record:
         return None
