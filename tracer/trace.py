@@ -257,6 +257,7 @@ def run_trace(
     opts: TraceOptions, sink: Sink | None = None, clock: Callable[[], int] = time.monotonic_ns
 ) -> TraceResult:
     """Trace until the duration ends, CMD exits (+grace), or SIGINT/SIGTERM."""
+    t0 = time.monotonic()
     netns = resolve_netns(opts.netns)
     _check_options(opts)
     lib, obj, provider, reason = _load(opts)
@@ -265,14 +266,15 @@ def run_trace(
     try:
         attached = provider.attach(obj, netns.path)
         rb = RingBuffer(lib, obj.map_fd("events"), live.add)
-        attach_s = process_age()
+        attach_s, since_start = process_age(), time.monotonic() - t0
         start_ns, started_at = clock(), time.time()
         topo = snapshot(opts.service_ip, opts.service_port or None)
         run = RunInfo(
             __version__, os.uname().release, provider.name, reason, opts.service_ip,
             opts.service_port, netns.name, attached=tuple(attached),
             skipped=dict(provider.skipped),
-            attach_seconds=round(attach_s, 3), started_at=started_at, start_ns=start_ns,
+            attach_seconds=round(attach_s, 3), trace_attach_seconds=round(since_start, 3),
+            started_at=started_at, start_ns=start_ns,
             command=opts.command,
         )  # fmt: skip
         stats = Stats()

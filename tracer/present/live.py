@@ -19,7 +19,9 @@ _STYLE = {"ok": "green", "broken": "bold red", "recovered": "yellow", "incomplet
 
 
 def _console() -> Console:
-    return Console(stderr=True, highlight=False)
+    # Logs and pipes get a readable width instead of rich's 80-column fallback.
+    probe = Console(stderr=True)
+    return Console(stderr=True, highlight=False, width=None if probe.is_terminal else 140)
 
 
 def _header(run: RunInfo) -> Text:
@@ -27,7 +29,8 @@ def _header(run: RunInfo) -> Text:
     return Text.from_markup(
         f"[bold]hairtrace[/] {run.tool_version}  service {run.service_ip}:{port}  netns "
         f"{run.netns}  kernel {run.kernel}\nprovider {run.provider_reason}; "
-        f"attached {len(run.attached)} programs in {run.attach_seconds:.3f}s"
+        f"attached {len(run.attached)} programs in {run.trace_attach_seconds or 0:.3f}s "
+        f"({run.attach_seconds or 0:.3f}s after process start)"
         + "".join(f"\n  skipped {k}: {v}" for k, v in run.skipped.items())
     )
 

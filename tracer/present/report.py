@@ -30,7 +30,8 @@ class RunInfo:
     lost_by_point: dict[str, int] = field(default_factory=dict)
     attached: tuple[str, ...] = ()
     skipped: dict[str, str] = field(default_factory=dict)  # probe point -> why not attached
-    attach_seconds: float | None = None
+    attach_seconds: float | None = None  # process start -> every probe attached
+    trace_attach_seconds: float | None = None  # this trace's start -> attached
     started_at: float | None = None  # wall clock
     start_ns: int = 0  # monotonic origin of packet timestamps
     command: tuple[str, ...] = ()
@@ -115,6 +116,7 @@ def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str
         "attached": list(run.attached),
         "skipped_points": run.skipped,
         "attach_seconds": run.attach_seconds,
+        "trace_attach_seconds": run.trace_attach_seconds,
         "started_at": run.started_at,
         "command": list(run.command),
         "command_status": run.command_status,

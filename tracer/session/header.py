@@ -43,6 +43,7 @@ class SessionHeader:
     attached: tuple[str, ...] = ()
     skipped: dict[str, str] = field(default_factory=dict)
     attach_seconds: float | None = None
+    trace_attach_seconds: float | None = None
     command: tuple[str, ...] = ()
     drop_reasons: dict[int, str] = field(default_factory=dict)
     record_size: int = EVENT_SIZE
@@ -64,6 +65,7 @@ class SessionHeader:
             "attached": list(self.attached),
             "skipped": dict(self.skipped),
             "attach_seconds": self.attach_seconds,
+            "trace_attach_seconds": self.trace_attach_seconds,
             "command": list(self.command),
             "drop_reasons": {str(k): v for k, v in sorted(self.drop_reasons.items())},
             "record_size": self.record_size,
@@ -98,6 +100,7 @@ class SessionHeader:
             attached=tuple(g.strings("attached")),
             skipped=g.str_map("skipped"),
             attach_seconds=g.number("attach_seconds", optional=True),
+            trace_attach_seconds=g.number("trace_attach_seconds", optional=True),
             command=tuple(g.strings("command")),
             drop_reasons={int(k): v for k, v in reasons.items()},
             record_size=record_size,

@@ -64,6 +64,7 @@ def header_from_trace(
         attached=tuple(run.attached),
         skipped=dict(run.skipped),
         attach_seconds=run.attach_seconds,
+        trace_attach_seconds=run.trace_attach_seconds,
         command=tuple(run.command),
         drop_reasons=dict(drop_reasons),
     )
@@ -121,6 +122,7 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         attached=header.attached,
         skipped=dict(header.skipped),
         attach_seconds=header.attach_seconds,
+        trace_attach_seconds=header.trace_attach_seconds,
         started_at=header.started_at,
         start_ns=header.start_ns,
         command=header.command,
