@@ -37,6 +37,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -148,6 +149,20 @@ def needs_netns() -> None:
     """Root and the ability to create network namespaces (ip, unshare, nsenter)."""
     reason = _check_netns()
     require(reason is None, reason or "")
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def nobody_can_run(code: str) -> bool:
+    """Whether uid 65534 can run this Python snippet here (checkout and venv readable)."""
+    probe = subprocess.run(
+        [*AS_NOBODY, sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    return probe.returncode == 0
 
 
 def needs_live() -> None:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import needs_root
+from conftest import AS_NOBODY, needs_root, nobody_can_run
 
 HAIRTRACE = [sys.executable, "-m", "tracer.cli"]
 
@@ -15,11 +15,11 @@ HAIRTRACE = [sys.executable, "-m", "tracer.cli"]
 def run(
     *args: str,
     env: dict[str, str] | None = None,
-    user: str | None = None,
+    as_nobody: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     cmd = HAIRTRACE + list(args)
-    if user:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    if as_nobody:
+        cmd = [*AS_NOBODY, *cmd]
     return subprocess.run(
         cmd,
         check=False,
@@ -91,30 +91,12 @@ def test_missing_btf_is_a_specific_error() -> None:
     assert_one_line_error(res, 1, "no kernel BTF at /nonexistent/vmlinux")
 
 
-def _nobody_can_run_us() -> bool:
-    probe = subprocess.run(
-        [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            "import tracer.cli",
-        ],
-        check=False,
-        capture_output=True,
-        cwd=os.path.dirname(__file__) + "/..",
-    )
-    return probe.returncode == 0
-
-
 @pytest.mark.optional
 def test_not_root_is_a_specific_error() -> None:
     needs_root()  # to drop privileges we must have them
-    if not _nobody_can_run_us():
+    if not nobody_can_run("import tracer.cli"):
         pytest.skip("this checkout is not readable by uid 65534; the capability test covers it")
-    res = run("--svc", "10.0.0.1", "--duration", "1", user="65534")
+    res = run("--svc", "10.0.0.1", "--duration", "1", as_nobody=True)
     assert_one_line_error(res, 1, "not root")
 
 
@@ -143,7 +125,7 @@ def test_root_without_capabilities_is_a_specific_error() -> None:
 
 def test_lab_needs_root() -> None:
     needs_root()
-    res = run("lab", "status", user="65534")
+    res = run("lab", "status", as_nobody=True)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "root" in res.stderr
 

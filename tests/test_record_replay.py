@@ -9,17 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import needs_live
+from conftest import AS_NOBODY, needs_live, nobody_can_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SVC = "100.67.30.133"
 pytestmark = pytest.mark.live
 
 
-def cli(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, as_nobody: bool = False) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "tracer.cli", *args]
-    if user:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    if as_nobody:
+        cmd = [*AS_NOBODY, *cmd]
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=90, cwd=ROOT)
 
 
@@ -61,30 +61,10 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return session, json.loads(report.read_text())
 
 
-def _nobody_can_read(path: Path) -> bool:
-    return (
-        subprocess.run(
-            [
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                sys.executable,
-                "-c",
-                f"open({str(path)!r}).close(); import tracer",
-            ],
-            check=False,
-            capture_output=True,
-            cwd=ROOT,
-        ).returncode
-        == 0
-    )
-
-
 def test_replay_equals_live(recorded: tuple[Path, dict]) -> None:
     session, live = recorded
-    user = "65534" if _nobody_can_read(session) else None
-    res = cli("replay", str(session), "--json", "-", user=user)
+    as_nobody = nobody_can_run(f"open({str(session)!r}).close(); import tracer")
+    res = cli("replay", str(session), "--json", "-", as_nobody=as_nobody)
     assert res.returncode == 3, res.stderr
     replayed = json.loads(res.stdout)
     assert replayed["connections"] == live["connections"]
