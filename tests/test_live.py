@@ -7,6 +7,7 @@ of hairtrace's own lab code, so the tracer is shown to work on a topology it did
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -221,3 +222,35 @@ def test_lab_cli_up_status_down() -> None:
         down = cli("lab", "down")
     assert down.returncode == 0, down.stderr
     assert cli("lab", "status").returncode == 1
+
+
+def test_other_labs_with_the_same_addresses_stay_out(tmp_path: Path) -> None:
+    """Two seed labs on one host: tracing node sees node's pods only, and says so."""
+    needs_live()
+    other = {"SEED_LAB_NODE": "xn", "SEED_LAB_POD_A": "xa", "SEED_LAB_POD_B": "xb"}
+    env = {**os.environ, **other}
+    lab = ["bash", str(SEED_LAB)]
+    subprocess.run([*lab, "down"], check=True, capture_output=True)
+    subprocess.run([*lab, "down"], check=True, capture_output=True, env=env)
+    try:
+        subprocess.run([*lab, "up", "0"], check=True, capture_output=True)
+        subprocess.run([*lab, "up", "0"], check=True, capture_output=True, env=env)
+        report = tmp_path / "r.json"
+        both = (
+            f"ip netns exec poda curl -s -m 2 http://{SVC}/ & "
+            f"ip netns exec xa curl -s -m 2 http://{SVC}/; wait"
+        )
+        res = hairtrace(
+            "--svc", SVC, "--netns", "node", "--json", str(report), "--", "sh", "-c", both
+        )
+    finally:
+        subprocess.run([*lab, "down"], check=True, capture_output=True)
+        subprocess.run([*lab, "down"], check=True, capture_output=True, env=env)
+    assert res.returncode == 3, res.stderr
+    r = json.loads(report.read_text())
+    assert r["scope"] == ["node", "poda", "podb"]
+    assert r["events_out_of_scope"] > 0
+    [conn] = r["connections"]
+    hops = {h["netns"] for p in conn["packets"] for h in p["hops"]}
+    assert hops <= {"node", "poda", "podb"}
+    assert conn["break"]["cause"] == "bridge-nf-call-iptables-off"

@@ -59,6 +59,12 @@ class _Main(click.Group):
     help="Probe provider.",
 )
 @click.option("--no-live", is_flag=True, help="No live view; print the summary at the end.")
+@click.option(
+    "--all-netns",
+    is_flag=True,
+    help="Analyse every network namespace, not only "
+    "the node's and those joined to it by veth pairs (its pods).",
+)
 @click.option("--record", metavar="FILE", help="Record the session to FILE (see `replay`).")
 @click.option("--force", is_flag=True, help="With --record: overwrite an existing FILE.")
 @click.option("--ready-file", hidden=True, help="Write this file once attached (tests).")
@@ -73,6 +79,7 @@ def main(
     json_dest: str | None,
     provider: str,
     no_live: bool,
+    all_netns: bool,
     record: str | None,
     force: bool,
     ready_file: str | None,
@@ -113,6 +120,7 @@ def main(
             ready_file=ready_file,
             record=record,
             force=force,
+            all_netns=all_netns,
         )
         result = trace_with_view(opts, live=not no_live and sys.stderr.isatty())
         if json_dest:

@@ -21,7 +21,7 @@ from typing import Any, Protocol, Self
 
 from tracer import __version__
 from tracer.analysis import analyse
-from tracer.analysis.context import Context, TopologyNames
+from tracer.analysis.context import Context, TopologyNames, node_scope, scope_fields
 from tracer.analysis.diagnose import Diagnosis
 from tracer.analysis.model import Event, Point, point_info
 from tracer.analysis.reassemble import Connection
@@ -57,6 +57,7 @@ class TraceOptions:
     poll_ms: int = 50
     ringbuf_bytes: int | None = None  # power of two, multiple of the page size; None = built-in
     ready_file: str | None = None  # written once every probe is attached (for scripts)
+    all_netns: bool = False  # analyse every namespace, not only the node and its pods
     record: str | None = None  # session file to record to
     force: bool = False  # overwrite an existing session file
 
@@ -279,6 +280,7 @@ def run_trace(
         )  # fmt: skip
         stats = Stats()
         update = None
+        live_scope = _scope(opts, topo, netns.inode)
         if sink:
             sink.attached(run)
 
@@ -288,10 +290,11 @@ def run_trace(
                     losses.total,
                     losses.by_point,
                 )
-                sink.update(_analyse(live.events, opts, topo, losses.windows, clock()), stats)
+                ctx = _context(opts, topo, losses.windows, clock(), {}, live_scope)
+                sink.update(analyse(live.events, ctx), stats)
 
         drops = drop_reason_names() if opts.record else None
-        live.writer = _open_recording(opts, run, topo, drops or {})
+        live.writer = _open_recording(opts, run, topo, drops or {}, netns.inode)
         if opts.ready_file:
             Path(opts.ready_file).write_text(f"{attach_s:.3f}\n")
         status = _drain(opts, rb, live, losses, update)
@@ -311,9 +314,11 @@ def run_trace(
     if drops is None:
         has_drops = any(ev.point == Point.DROP for ev in live.events)
         drops = drop_reason_names() if has_drops else {}
-    ctx = _context(opts, topo, losses.windows, end_ns, drops)
+    scope = _scope(opts, topo, netns.inode)
+    ctx = _context(opts, topo, losses.windows, end_ns, drops, scope)
     run = replace(run, events=len(live.events), lost_events=losses.total,
-                  lost_by_point=losses.by_point, command_status=status)  # fmt: skip
+                  lost_by_point=losses.by_point, command_status=status,
+                  **scope_fields(live.events, topo, scope))  # fmt: skip
     if live.writer is not None:
         from tracer.session import footer_from_trace
 
@@ -324,13 +329,16 @@ def run_trace(
     return TraceResult(run, live.events, ctx, topo, analyse(live.events, ctx), live.records)
 
 
-def _open_recording(opts: TraceOptions, run: RunInfo, topo: Topology, drops: dict[int, str]) -> Any:
+def _open_recording(
+    opts: TraceOptions, run: RunInfo, topo: Topology, drops: dict[int, str], node: int
+) -> Any:
     """The session writer when recording (tracer.session is imported only then)."""
     if not opts.record:
         return None
     from tracer.session import SessionWriter, header_from_trace
 
-    return SessionWriter(opts.record, header_from_trace(run, topo, drops), overwrite=opts.force)
+    header = header_from_trace(run, topo, drops, netns_inode=node, all_netns=opts.all_netns)
+    return SessionWriter(opts.record, header, overwrite=opts.force)
 
 
 def drop_reason_names() -> dict[int, str]:
@@ -349,17 +357,13 @@ def _context(
     loss: list[tuple[int, int]],
     end_ns: int,
     drops: dict[int, str],
+    scope: frozenset[int] | None = None,
 ) -> Context:
+    names = TopologyNames(topo)
     return Context(
-        opts.service_ip, opts.service_port, TopologyNames(topo), end_ns, tuple(loss), drops
+        opts.service_ip, opts.service_port, names, end_ns, tuple(loss), drops, scope=scope
     )
 
 
-def _analyse(
-    events: list[Event],
-    opts: TraceOptions,
-    topo: Topology,
-    loss: list[tuple[int, int]],
-    now_ns: int,
-) -> list[tuple[Connection, Diagnosis]]:
-    return analyse(events, _context(opts, topo, loss, now_ns, drops={}))
+def _scope(opts: TraceOptions, topo: Topology, node: int) -> frozenset[int] | None:
+    return None if opts.all_netns else node_scope(topo, node)

@@ -195,3 +195,26 @@ def test_br_nf_pre_routing_alone_is_not_netfilter(broken: Fixture) -> None:
 def test_break_names_the_bridge_ports_crossed(broken: Fixture) -> None:
     _, diag = _one(broken)
     assert diag.brk is not None and diag.brk.via == ("veth-podb", "veth-poda")
+
+
+def test_scope_is_the_node_and_its_veth_joined_pods(broken: Fixture) -> None:
+    from tracer.analysis.context import node_scope, scope_fields
+
+    node = broken.topology.find_by_name("node")
+    assert node is not None
+    scope = node_scope(broken.topology, node.inode)
+    assert scope is not None
+    assert {broken.topology.ns_name(i) for i in scope} == {"node", "poda", "podb"}
+    stranger = replace(broken.events[0], netns=1)  # same tuple, a namespace of another lab
+    events = [*broken.events, stranger]
+    fields = scope_fields(events, broken.topology, scope)
+    assert fields == {"scope": ("node", "poda", "podb"), "events_out_of_scope": 1}
+    scoped = analyse(events, broken.context(scope=scope))
+    unscoped = analyse(events, broken.context())
+    baseline = analyse(broken.events, broken.context())
+
+    def hops(results):  # type: ignore[no-untyped-def]
+        return sum(len(p.hops) for c, _ in results for p in c.packets)
+
+    assert hops(scoped) == hops(baseline)
+    assert hops(unscoped) == hops(baseline) + 1, "the stranger merges into the connection"

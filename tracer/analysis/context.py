@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tracer.analysis.model import Event
+
 
 class Names(Protocol):
     """The part of a topology snapshot the analysis needs (tracer.topology.Topology)."""
@@ -30,6 +32,9 @@ class Context:
     drop_reasons: dict[int, str] = field(default_factory=dict)
     # a SYN unanswered for this long counts as failed, not as still in progress
     reply_timeout_ns: int = 1_000_000_000
+    # network namespaces of this node (node netns + those whose veth peer is there);
+    # None = every namespace seen
+    scope: frozenset[int] | None = None
 
     def is_service(self, ip: str, port: int) -> bool:
         return ip == self.service_ip and (self.service_port == 0 or port == self.service_port)
@@ -62,3 +67,31 @@ class TopologyNames:
     def is_bridge(self, inode: int, dev: str) -> bool:
         iface = self._iface(inode, dev)
         return iface is not None and iface.kind == "bridge"
+
+
+def node_scope(topology: Any, node: int) -> frozenset[int] | None:
+    """The node's namespace and every namespace joined to it by a veth pair: on a
+    Kubernetes node, the host and its pods. None when the snapshot cannot tell
+    (no veth peer resolved), so nothing is filtered on a guess."""
+    ns = topology.namespace(node)
+    if ns is None:
+        return None
+    joined = {i.peer_netns for i in ns.interfaces if i.peer_netns not in (None, node)}
+    for other in topology.namespaces:
+        if any(i.peer_netns == node for i in other.interfaces):
+            joined.add(other.inode)
+    return frozenset({node, *joined}) if joined else None
+
+
+def in_scope(events: list[Event], scope: frozenset[int] | None) -> list[Event]:
+    return events if scope is None else [e for e in events if e.netns in scope]
+
+
+def scope_fields(
+    events: list[Event], topology: Any, scope: frozenset[int] | None
+) -> dict[str, Any]:
+    """The report's `scope` (namespace names) and `events_out_of_scope`."""
+    if scope is None:
+        return {"scope": None, "events_out_of_scope": 0}
+    names = tuple(sorted(str(topology.ns_name(i)) for i in scope))
+    return {"scope": names, "events_out_of_scope": sum(e.netns not in scope for e in events)}

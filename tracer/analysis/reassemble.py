@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tracer.analysis.context import Context
+from tracer.analysis.context import Context, in_scope
 from tracer.analysis.model import ACK, FIN, PSH, RST, SYN, Conntrack, Event, Tuple
 
 
@@ -178,7 +178,7 @@ def _link_resets(packets: list[Packet]) -> None:
 
 def reassemble(events: list[Event], ctx: Context) -> list[Connection]:
     """Group events into connections of the service, each with its packets in time order."""
-    events = sorted(events, key=lambda e: e.ts_ns)
+    events = sorted(in_scope(events, ctx.scope), key=lambda e: e.ts_ns)
     keys = _conn_keys(events, ctx)
     groups: dict[Tuple, list[Event]] = {}
     for ev in events:

@@ -36,6 +36,8 @@ class RunInfo:
     start_ns: int = 0  # monotonic origin of packet timestamps
     command: tuple[str, ...] = ()
     command_status: int | None = None
+    scope: tuple[str, ...] | None = None  # names of the namespaces analysed; None = all
+    events_out_of_scope: int = 0  # events of namespaces outside the node (other labs)
 
 
 def _endpoint(ip: str, port: int) -> dict[str, Any]:
@@ -120,6 +122,8 @@ def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str
         "started_at": run.started_at,
         "command": list(run.command),
         "command_status": run.command_status,
+        "scope": list(run.scope) if run.scope is not None else None,
+        "events_out_of_scope": run.events_out_of_scope,
         "connections": [connection_dict(c, d, run.start_ns) for c, d in results],
     }
 

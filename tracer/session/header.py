@@ -47,6 +47,8 @@ class SessionHeader:
     command: tuple[str, ...] = ()
     drop_reasons: dict[int, str] = field(default_factory=dict)
     record_size: int = EVENT_SIZE
+    netns_inode: int | None = None  # the node netns (scope of the analysis)
+    all_netns: bool = False  # the trace analysed every namespace, not only the node's
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +70,8 @@ class SessionHeader:
             "trace_attach_seconds": self.trace_attach_seconds,
             "command": list(self.command),
             "drop_reasons": {str(k): v for k, v in sorted(self.drop_reasons.items())},
+            "netns_inode": self.netns_inode,
+            "all_netns": self.all_netns,
             "record_size": self.record_size,
             "topology": self.topology.to_dict(),
         }
@@ -104,6 +108,8 @@ class SessionHeader:
             command=tuple(g.strings("command")),
             drop_reasons={int(k): v for k, v in reasons.items()},
             record_size=record_size,
+            netns_inode=g.get("netns_inode", int, optional=True),
+            all_netns=bool(g.get("all_netns", bool, optional=True)),
         )
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tracer import __version__
 from tracer.analysis import analyse
-from tracer.analysis.context import Context, TopologyNames
+from tracer.analysis.context import Context, TopologyNames, node_scope, scope_fields
 from tracer.analysis.diagnose import Diagnosis
 from tracer.analysis.model import Event
 from tracer.analysis.reassemble import Connection
@@ -47,6 +47,8 @@ def header_from_trace(
     drop_reasons: dict[int, str],
     *,
     hostname: str | None = None,
+    netns_inode: int | None = None,
+    all_netns: bool = False,
 ) -> SessionHeader:
     """The session header for a live trace, once every probe is attached."""
     return SessionHeader(
@@ -67,6 +69,8 @@ def header_from_trace(
         trace_attach_seconds=run.trace_attach_seconds,
         command=tuple(run.command),
         drop_reasons=dict(drop_reasons),
+        netns_inode=netns_inode,
+        all_netns=all_netns,
     )
 
 
@@ -103,7 +107,15 @@ def context_of(header: SessionHeader, footer: SessionFooter | None, end_ns: int)
         footer.end_ns if footer is not None else end_ns,
         footer.loss_windows if footer is not None else (),
         dict(header.drop_reasons),
+        scope=scope_of(header, footer),
     )
+
+
+def scope_of(header: SessionHeader, footer: SessionFooter | None) -> frozenset[int] | None:
+    """The namespaces the live trace analysed, derived the same way from the same snapshot."""
+    if header.all_netns or header.netns_inode is None:
+        return None
+    return node_scope(topology_of(header, footer), header.netns_inode)
 
 
 def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -> RunInfo:
@@ -146,8 +158,12 @@ def replay(path: str | Path) -> ReplayResult:
         )
     last = max((ev.ts_ns for ev in events), default=header.start_ns)
     ctx = context_of(header, footer, last)
+    run = replace(
+        run_info(header, footer, len(events)),
+        **scope_fields(events, topology_of(header, footer), ctx.scope),
+    )
     return ReplayResult(
-        run=run_info(header, footer, len(events)),
+        run=run,
         events=events,
         context=ctx,
         topology=topology_of(header, footer),
