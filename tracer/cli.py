@@ -62,8 +62,9 @@ class _Main(click.Group):
 @click.option(
     "--all-netns",
     is_flag=True,
-    help="Analyse every network namespace, not only "
-    "the node's and those joined to it by veth pairs (its pods).",
+    help="Analyse every network namespace, not only the node's and those joined to it by "
+    "veth pairs (its pods). Identical tuples in different namespaces then count as one "
+    "connection.",
 )
 @click.option("--record", metavar="FILE", help="Record the session to FILE (see `replay`).")
 @click.option("--force", is_flag=True, help="With --record: overwrite an existing FILE.")
