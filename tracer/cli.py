@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from typing import Any
 
 import click
 
 from tracer import __version__
+from tracer.cli_output import fail, write_json
 from tracer.errors import EXIT_USAGE, HairtraceError, UsageError
-
-
-def _fail(exc: HairtraceError) -> None:
-    click.echo(f"hairtrace: error: {exc}", err=True)
-    sys.exit(exc.exit_code)
-
-
-def write_json(data: dict[str, Any], dest: str) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-    if dest == "-":
-        click.echo(text, nl=False)
-        return
-    try:
-        with open(dest, "w") as fh:
-            fh.write(text)
-    except OSError as exc:
-        raise HairtraceError(f"cannot write report {dest}: {exc.strerror}") from exc
 
 
 class _Main(click.Group):
@@ -127,7 +109,7 @@ def main(
         if json_dest:
             write_json(build(result.run, result.results), json_dest)
     except HairtraceError as exc:
-        _fail(exc)
+        fail(exc)
     except KeyboardInterrupt:  # Ctrl-C before the probes were attached: nothing to report
         click.echo("hairtrace: interrupted before tracing started", err=True)
         sys.exit(130)

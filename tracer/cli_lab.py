@@ -8,12 +8,8 @@ from dataclasses import asdict
 
 import click
 
+from tracer.cli_output import fail, write_json
 from tracer.errors import HairtraceError
-
-
-def _fail(exc: HairtraceError) -> None:
-    click.echo(f"hairtrace: error: {exc}", err=True)
-    sys.exit(exc.exit_code)
 
 
 @click.group()
@@ -44,7 +40,7 @@ def lab_up(knob: int, proxy_mode: str) -> None:
     try:
         state = seed.up(bridge_nf_call_iptables=knob, proxy_mode=proxy_mode)
     except HairtraceError as exc:
-        _fail(exc)
+        fail(exc)
     lab_ = state.lab
     click.echo(
         f"lab up: node {lab_.node_ns}, pods {lab_.pod_a_ns} ({lab_.pod_a_ip}) and "
@@ -65,7 +61,7 @@ def lab_down() -> None:
     try:
         done = seed.down()
     except HairtraceError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo("lab down: " + (", ".join(done) if done else "nothing to remove"))
 
 
@@ -78,7 +74,7 @@ def lab_status(as_json: bool) -> None:
     try:
         st = seed.status()
     except HairtraceError as exc:
-        _fail(exc)
+        fail(exc)
     data = asdict(st)
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -103,12 +99,9 @@ def demo(json_dest: str | None, proxy_mode: str) -> None:
     try:
         outcome = run_demo(proxy_mode=proxy_mode, live=sys.stderr.isatty())
         if json_dest:
-            with open(json_dest, "w") as fh:
-                json.dump(outcome.reports, fh, indent=2)
+            write_json(outcome.reports, json_dest)
     except HairtraceError as exc:
-        _fail(exc)
-    except OSError as exc:
-        _fail(HairtraceError(f"cannot write {json_dest}: {exc.strerror}"))
+        fail(exc)
     click.echo(outcome.summary, err=True)
     sys.exit(0 if outcome.as_expected else 1)
 
@@ -123,7 +116,7 @@ def doctor(as_json: bool) -> None:
     try:
         data = diagnose_host()
     except HairtraceError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(json.dumps(data, indent=2) if as_json else render_text(data))
 
 

@@ -9,12 +9,8 @@ from typing import Any
 
 import click
 
+from tracer.cli_output import fail, write_json
 from tracer.errors import EXIT_BROKEN, HairtraceError, UsageError
-
-
-def _fail(exc: HairtraceError) -> None:
-    click.echo(f"hairtrace: error: {exc}", err=True)
-    sys.exit(exc.exit_code)
 
 
 def _warn(warnings: Sequence[str]) -> None:
@@ -30,7 +26,6 @@ def replay(session: str, json_dest: str | None) -> None:
 
     Exit status as for a live trace: 0 none broken, 3 at least one broken.
     """
-    from tracer.cli import write_json
     from tracer.present.live import render_summary
     from tracer.present.report import build, exit_status
     from tracer.session import replay as replay_session
@@ -42,7 +37,7 @@ def replay(session: str, json_dest: str | None) -> None:
         if json_dest:
             write_json(build(res.run, res.results), json_dest)
     except HairtraceError as exc:
-        _fail(exc)
+        fail(exc)
     sys.exit(exit_status(res.results))
 
 
@@ -61,7 +56,7 @@ def export(session: str, fmt: str, out: str | None, force: bool) -> None:
     try:
         summary = export_session(session, fmt, target, overwrite=force)
     except HairtraceError as exc:
-        _fail(exc)
+        fail(exc)
     _warn(summary.warnings)
     if out != "-":
         click.echo(f"{summary.rows} events -> {summary.out}", err=True)
@@ -107,7 +102,7 @@ def diff(a: str, b: str, as_json: bool) -> None:
     try:
         result = diff_sources(a, b, load_report)
     except HairtraceError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

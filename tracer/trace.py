@@ -225,7 +225,6 @@ class _Live:
 def _drain(
     opts: TraceOptions,
     rb: RingBuffer,
-    live: _Live,
     losses: _Losses,
     update: Callable[[], None] | None,
 ) -> int | None:
@@ -297,7 +296,7 @@ def run_trace(
         live.writer = _open_recording(opts, run, topo, drops or {}, netns.inode)
         if opts.ready_file:
             Path(opts.ready_file).write_text(f"{attach_s:.3f}\n")
-        status = _drain(opts, rb, live, losses, update)
+        status = _drain(opts, rb, losses, update)
         obj.detach_all()
         rb.poll(0)
         losses.check()
