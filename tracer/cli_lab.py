@@ -14,7 +14,8 @@ from tracer.errors import HairtraceError
 
 @click.group()
 def lab() -> None:
-    """Build, inspect and remove the seed lab (network namespaces ht-node, ht-pod-a, ht-pod-b)."""
+    """Build, inspect and remove the labs: the seed lab (network namespaces ht-node, ht-pod-a,
+    ht-pod-b) and, with --fault or --two-node, the cluster lab (ht-n1, ht-n1-a, ...)."""
 
 
 @lab.command("up")
@@ -33,9 +34,26 @@ def lab() -> None:
     show_default=True,
     help="Shape of the kube-proxy NAT rules.",
 )
-def lab_up(knob: int, proxy_mode: str) -> None:
-    """Build the lab: pod A curls ClusterIP 100.67.30.133 served by pod B on bridge cni0."""
+@click.option(
+    "--fault",
+    metavar="NAME",
+    help="Build the cluster lab with this fault on top of the healthy one (none = healthy).",
+)
+@click.option("--two-node", is_flag=True, help="Cluster lab with two nodes joined by VXLAN.")
+@click.option("--list-faults", is_flag=True, help="List the faults and their cause codes.")
+def lab_up(
+    knob: int, proxy_mode: str, fault: str | None, two_node: bool, list_faults: bool
+) -> None:
+    """Build a lab. Without --fault or --two-node: the seed lab, where pod A curls ClusterIP
+    100.67.30.133 served by pod B on bridge cni0."""
     from tracer.lab import seed
+
+    if list_faults:
+        _list_faults()
+        return
+    if fault is not None or two_node:
+        _cluster_up(fault or "none", proxy_mode, 2 if two_node else None)
+        return
 
     try:
         state = seed.up(bridge_nf_call_iptables=knob, proxy_mode=proxy_mode)
@@ -53,13 +71,45 @@ def lab_up(knob: int, proxy_mode: str) -> None:
     )
 
 
-@lab.command("down")
-def lab_down() -> None:
-    """Remove everything the lab created."""
-    from tracer.lab import seed
+def _list_faults() -> None:
+    from tracer.lab.faults import FAULTS
+
+    width = max(len(n) for n in FAULTS)
+    for f in FAULTS.values():
+        where = "VM" if f.needs else "host"
+        code = f.cause or "ok"
+        click.echo(f"{f.name:<{width}}  {code:<28} {where:<4}  {f.summary}")
+
+
+def _cluster_up(name: str, proxy_mode: str, nodes: int | None) -> None:
+    from tracer.lab import cluster, faults
 
     try:
-        done = seed.down()
+        state = faults.up(name, proxy_mode=proxy_mode, nodes=nodes)
+    except HairtraceError as exc:
+        fail(exc)
+    spec = state.spec
+    eps = ", ".join(str(e) for e in spec.endpoints) or "none"
+    click.echo(
+        f"lab up: fault {name}, {spec.nodes} node(s) {', '.join(spec.namespaces[: spec.nodes])}, "
+        f"client {spec.client.ns} ({spec.client.ip}), service {cluster.SERVICE_IP}:"
+        f"{cluster.SERVICE_PORT} -> {eps}, {proxy_mode} rules"
+    )
+    for note in state.fault_notes:
+        click.echo(f"fault: {note}")
+    click.echo(
+        f"try: hairtrace --svc {cluster.SERVICE_IP} --netns {spec.node_ns(1)} -- "
+        f"ip netns exec {spec.client.ns} curl -m 3 {spec.service_url}"
+    )
+
+
+@lab.command("down")
+def lab_down() -> None:
+    """Remove everything the labs created."""
+    from tracer.lab import cluster, seed
+
+    try:
+        done = seed.down() + cluster.down()
     except HairtraceError as exc:
         fail(exc)
     click.echo("lab down: " + (", ".join(done) if done else "nothing to remove"))
@@ -82,6 +132,38 @@ def lab_status(as_json: bool) -> None:
         for key, value in data.items():
             click.echo(f"{key}: {value}")
     sys.exit(0 if all(st.namespaces.values()) and st.server_alive else 1)
+
+
+@lab.command("load")
+@click.option("-n", "--connections", type=click.IntRange(1, 5000), default=300, show_default=True)
+@click.option("--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Every connection as JSON.")
+def lab_load(connections: int, timeout: float, as_json: bool) -> None:
+    """Open N concurrent connections from the cluster lab's client pod to the Service and
+    say which backend served each. Exit status 1 if any failed."""
+    from collections import Counter
+
+    from tracer.lab import cluster
+
+    try:
+        state = cluster.load_state()
+        if state is None:
+            raise HairtraceError("no cluster lab: run hairtrace lab up --fault NAME first")
+        results = cluster.load(state.spec, connections, timeout)
+    except HairtraceError as exc:
+        fail(exc)
+    failed = [r for r in results if r["status"] != 200]
+    if as_json:
+        click.echo(json.dumps({"connections": results}, indent=1))
+    else:
+        per = Counter(str(r["backend"]) for r in results if r["status"] == 200)
+        click.echo(
+            f"{len(results) - len(failed)}/{len(results)} ok; by backend: "
+            + ", ".join(f"{b} {n}" for b, n in sorted(per.items()))
+        )
+        for r in failed[:5]:
+            click.echo(f"failed: port {r['sport']}: {r['error'] or r['status']}")
+    sys.exit(1 if failed else 0)
 
 
 @click.command()

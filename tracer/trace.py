@@ -21,7 +21,7 @@ from typing import Any, Protocol, Self
 
 from tracer import __version__
 from tracer.analysis import analyse
-from tracer.analysis.context import Context, TopologyNames, node_scope, scope_fields
+from tracer.analysis.context import Context, RuleDrop, TopologyNames, node_scope, scope_fields
 from tracer.analysis.diagnose import Diagnosis
 from tracer.analysis.model import Event, Point, point_info
 from tracer.analysis.reassemble import Connection
@@ -32,6 +32,7 @@ from tracer.kernel.libbpf import BpfObject, Libbpf, RingBuffer
 from tracer.kernel.providers import Provider, choose
 from tracer.present.report import RunInfo
 from tracer.topology import Topology, resolve_netns, snapshot
+from tracer.topology.counters import collect_counters, drops_between
 
 HT_PT_MAX = 32
 IPPROTO_TCP = 6
@@ -269,6 +270,7 @@ def run_trace(
         attach_s, since_start = process_age(), time.monotonic() - t0
         start_ns, started_at = clock(), time.time()
         topo = snapshot(opts.service_ip, opts.service_port or None)
+        counters_before = collect_counters(netns.path)  # before CMD starts any traffic
         run = RunInfo(
             __version__, os.uname().release, provider.name, reason, opts.service_ip,
             opts.service_port, netns.name, attached=tuple(attached),
@@ -301,6 +303,7 @@ def run_trace(
         rb.poll(0)
         losses.check()
         end_ns = clock()
+        rule_drops = drops_between(counters_before, collect_counters(netns.path))
     finally:
         if rb is not None:
             rb.close()
@@ -314,15 +317,20 @@ def run_trace(
         has_drops = any(ev.point == Point.DROP for ev in live.events)
         drops = drop_reason_names() if has_drops else {}
     scope = _scope(opts, topo, netns.inode)
-    ctx = _context(opts, topo, losses.windows, end_ns, drops, scope)
+    ctx = _context(opts, topo, losses.windows, end_ns, drops, scope, rule_drops, netns.inode)
     run = replace(run, events=len(live.events), lost_events=losses.total,
                   lost_by_point=losses.by_point, command_status=status,
+                  rule_drops=rule_drops,
                   **scope_fields(live.events, topo, scope))  # fmt: skip
     if live.writer is not None:
         from tracer.session import footer_from_trace
 
         footer = footer_from_trace(
-            run, end_ns=end_ns, loss_windows=losses.windows, topology=topo if retaken else None
+            run,
+            end_ns=end_ns,
+            loss_windows=losses.windows,
+            topology=topo if retaken else None,
+            rule_drops_netns=netns.inode,
         )
         live.writer.close(footer)
     return TraceResult(run, live.events, ctx, topo, analyse(live.events, ctx), live.records)
@@ -357,11 +365,14 @@ def _context(
     end_ns: int,
     drops: dict[int, str],
     scope: frozenset[int] | None = None,
+    rule_drops: tuple[RuleDrop, ...] = (),
+    rule_drops_netns: int | None = None,
 ) -> Context:
     names = TopologyNames(topo)
     return Context(
-        opts.service_ip, opts.service_port, names, end_ns, tuple(loss), drops, scope=scope
-    )
+        opts.service_ip, opts.service_port, names, end_ns, tuple(loss), drops, scope=scope,
+        rule_drops=rule_drops, rule_drops_netns=rule_drops_netns,
+    )  # fmt: skip
 
 
 def _scope(opts: TraceOptions, topo: Topology, node: int) -> frozenset[int] | None:

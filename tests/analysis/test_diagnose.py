@@ -136,16 +136,22 @@ def test_unanswered_syn_after_timeout_is_unexplained_with_last_place(broken: Fix
     assert (diag.brk.netns, diag.brk.dev) == ("podb", "eth0")
 
 
-def test_a_drop_on_the_path_is_reported_with_its_reason(broken: Fixture) -> None:
+@pytest.mark.parametrize(("reason", "cause"), [(12, "dropped-by-rule"), (2, "packet-dropped")])
+def test_a_drop_on_the_path_is_reported_with_its_reason(
+    broken: Fixture, reason: int, cause: str
+) -> None:
     first_synack = next(i for i, e in enumerate(broken.events) if e.tcp_flags & 0x12 == 0x12)
     syn_events = broken.events[:first_synack]
-    last = syn_events[-1]
-    dropped = replace(last, point=Point.DROP, reason=12, ts_ns=last.ts_ns + 1)
+    last = syn_events[-1]  # the SYN arriving in podb
+    dropped = replace(last, point=Point.DROP, reason=reason, ts_ns=last.ts_ns + 1)
     ctx = broken.context(end_ns=last.ts_ns + 5_000_000_000)
     _, diag = analyse(syn_events + [dropped], ctx)[0]
     assert diag.verdict == "broken"
-    assert diag.brk is not None and diag.brk.cause == "packet-dropped"
-    assert "NETFILTER_DROP" in diag.brk.explanation
+    assert diag.brk is not None and diag.brk.cause == cause
+    name = ctx.drop_reasons[reason]
+    assert diag.brk.drop_reason == name
+    assert (diag.brk.netns, diag.brk.dev, diag.brk.point) == ("podb", "eth0", "kfree_skb")
+    assert name in diag.brk.explanation or name in "\n".join(diag.brk.evidence)
 
 
 def test_recovered_when_a_later_attempt_succeeds(broken: Fixture, healthy: Fixture) -> None:

@@ -16,6 +16,7 @@ from tests.session.helpers import (
     tiny_topology,
     write_fixture,
 )
+from tracer.analysis.context import RuleDrop
 from tracer.errors import HairtraceError, UsageError
 from tracer.kernel.events import decode_all
 from tracer.session import (
@@ -67,6 +68,19 @@ def test_header_and_footer_dict_round_trip() -> None:
     f = fixture_footer(fx, topology=tiny_topology())
     f = SessionFooter(**{**f.__dict__, "loss_windows": ((1, 2), (5, 9))})
     assert SessionFooter.from_dict(f.to_dict()) == f
+
+
+def test_footer_rule_drops_round_trip_and_old_footers() -> None:
+    fx = load(BROKEN)
+    drop = RuleDrop("filter", "FORWARD", "policy DROP of chain FORWARD", 2, "FORWARD")
+    f = SessionFooter(**{**fixture_footer(fx).__dict__, "rule_drops": (drop,)})
+    f = SessionFooter(**{**f.__dict__, "rule_drops_netns": 4026531840})
+    assert SessionFooter.from_dict(f.to_dict()) == f
+    old = {k: v for k, v in f.to_dict().items() if not k.startswith("rule_drops")}
+    assert SessionFooter.from_dict(old) == fixture_footer(fx)  # files before rule drops
+    for bad in ([{"table": "filter"}], [7], {"x": 1}):
+        with pytest.raises(HairtraceError, match="bad session footer: 'rule_drops'"):
+            SessionFooter.from_dict({**f.to_dict(), "rule_drops": bad})
 
 
 def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from tests.session.helpers import (
 )
 from tracer import __version__
 from tracer.analysis import analyse
+from tracer.analysis.context import RuleDrop
 from tracer.present.report import build
 from tracer.session import SessionWriter, replay
 from tracer.session.replay import ReplayResult, footer_from_trace, header_from_trace
@@ -79,6 +80,37 @@ def test_final_topology_of_the_footer_names_things(tmp_path: Path) -> None:
         w.close(fixture_footer(fx, topology=final))
     res = replay(path)
     assert res.topology == final and res.header.topology == fx.topology
+
+
+def test_rule_drops_are_recorded_and_replayed(tmp_path: Path) -> None:
+    fx = load("seed-broken.json")
+    drops = (
+        RuleDrop("filter", "KUBE-FORWARD", "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+                 3, "FORWARD"),
+        RuleDrop("filter", "FORWARD", "policy DROP of chain FORWARD", 1, "FORWARD"),
+    )  # fmt: skip
+    run = replace(fixture_run(fx), rule_drops=drops)
+    path = tmp_path / "s.hts"
+    with SessionWriter(path, fixture_header(fx)) as w:
+        w.write_records(records(fx))
+        footer = footer_from_trace(
+            run,
+            end_ns=fx.raw["end_ns"],
+            loss_windows=[tuple(w) for w in fx.raw["loss_windows"]],
+            rule_drops_netns=4026531840,
+        )
+        w.close(footer)
+    res = replay(path)
+    assert (res.context.rule_drops, res.context.rule_drops_netns) == (drops, 4026531840)
+    live_ctx = fx.context(rule_drops=drops, rule_drops_netns=4026531840)
+    report = build(res.run, res.results)
+    assert report == build(run, analyse(fx.events, live_ctx))
+    assert report["rule_drops"] == [
+        {"netns": "node", "table": "filter", "chain": "KUBE-FORWARD", "hook": "FORWARD",
+         "rule": "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP", "packets": 3},
+        {"netns": "node", "table": "filter", "chain": "FORWARD", "hook": "FORWARD",
+         "rule": "policy DROP of chain FORWARD", "packets": 1},
+    ]  # fmt: skip
 
 
 def test_event_count_mismatch_is_a_warning(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""What the pure analysis knows besides events: names, sysctls, losses, time."""
+"""What the pure analysis knows besides events: names, sysctls, losses, time, rule drops."""
 
 from __future__ import annotations
 
@@ -19,6 +19,52 @@ class Names(Protocol):
 
     def is_bridge(self, inode: int, dev: str) -> bool: ...
 
+    def kind(self, inode: int, dev: str) -> str | None: ...
+
+    def hairpin(self, inode: int, dev: str) -> bool | None: ...
+
+    def service_rules(self, inode: int) -> tuple[str, ...] | None: ...
+
+    def has_address(self, inode: int, ip: str) -> bool | None: ...
+
+
+@dataclass(frozen=True)
+class RuleDrop:
+    """A DROP/REJECT rule (or a DROP chain policy) whose packet counter rose during the trace.
+
+    rule: the iptables-save line without its [p:b] prefix, `policy DROP of chain C`, or
+    `table FAMILY NAME chain C: RULE` for nft. hook: the built-in chain(s) (or nft hook(s))
+    the rule's chain is reached from, '/'-joined; None when unreachable or unknown.
+    """
+
+    table: str
+    chain: str
+    rule: str
+    packets: int
+    hook: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "chain": self.chain,
+            "hook": self.hook,
+            "rule": self.rule,
+            "packets": self.packets,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> RuleDrop:
+        """The inverse of to_dict; TypeError or ValueError on anything malformed."""
+        if not isinstance(d, dict):
+            raise TypeError("rule drop is not an object")
+        strs = [d.get(k) for k in ("table", "chain", "rule")]
+        hook, packets = d.get("hook"), d.get("packets")
+        if not all(isinstance(v, str) for v in strs) or not (hook is None or isinstance(hook, str)):
+            raise ValueError("rule drop: table, chain, rule (and hook) must be strings")
+        if isinstance(packets, bool) or not isinstance(packets, int) or packets < 0:
+            raise ValueError("rule drop: packets must be a count")
+        return cls(d["table"], d["chain"], d["rule"], packets, hook)
+
 
 @dataclass(frozen=True)
 class Context:
@@ -35,6 +81,9 @@ class Context:
     # network namespaces of this node (node netns + those whose veth peer is there);
     # None = every namespace seen
     scope: frozenset[int] | None = None
+    # DROP/REJECT rules of the node netns whose counters rose while tracing
+    rule_drops: tuple[RuleDrop, ...] = ()
+    rule_drops_netns: int | None = None  # inode of the netns the counters were read in
 
     def is_service(self, ip: str, port: int) -> bool:
         return ip == self.service_ip and (self.service_port == 0 or port == self.service_port)
@@ -67,6 +116,26 @@ class TopologyNames:
     def is_bridge(self, inode: int, dev: str) -> bool:
         iface = self._iface(inode, dev)
         return iface is not None and iface.kind == "bridge"
+
+    def kind(self, inode: int, dev: str) -> str | None:
+        iface = self._iface(inode, dev)
+        return iface.kind if iface is not None else None
+
+    def hairpin(self, inode: int, dev: str) -> bool | None:
+        iface = self._iface(inode, dev)
+        return iface.hairpin if iface is not None else None
+
+    def has_address(self, inode: int, ip: str) -> bool | None:
+        """Whether an interface of that namespace holds ip; None when it is not in the snapshot."""
+        ns = self.topology.namespace(inode)
+        if ns is None:
+            return None
+        return any(a.split("/")[0] == ip for i in ns.interfaces for a in i.addresses)
+
+    def service_rules(self, inode: int) -> tuple[str, ...] | None:
+        """The Service's NAT rules in that namespace; None when it is not in the snapshot."""
+        ns = self.topology.namespace(inode)
+        return tuple(ns.nat_rules) if ns is not None else None
 
 
 def node_scope(topology: Any, node: int) -> frozenset[int] | None:

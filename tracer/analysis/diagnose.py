@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tracer.analysis import drops
 from tracer.analysis.context import Context
 from tracer.analysis.model import IPS_SEEN_REPLY, NETFILTER_KINDS
 from tracer.analysis.reassemble import Connection, Hop, Packet
 
 SYSCTL_BR_NF = "net.bridge.bridge-nf-call-iptables"
-# A packet freed for these reasons in the client after it was answered is the
-# normal end of an unexpected segment, not a drop on the path.
-_EXPECTED_DROPS = frozenset({"NO_SOCKET", "TCP_RESET", "TCP_FLAGS", "NOT_SPECIFIED"})
 
 
 @dataclass(frozen=True)
@@ -31,6 +29,9 @@ class Break:
     evidence: tuple[str, ...]
     fix: str
     via: tuple[str, ...] = ()  # devices the packet crossed in that netns
+    hook: str | None = None  # netfilter hook of the rule that dropped it, when known
+    rule: str | None = None  # that rule, when its counter showed it
+    drop_reason: str | None = None  # the kernel's reason, when the break is a drop
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def diagnose(conn: Connection, ctx: Context) -> Diagnosis:
         elif pkt.direction == "original" and pkt.role in ("ACK", "DATA", "FIN") and not success:
             success = any(p.role == "SYN+ACK" for p in conn.packets[:i])
     if brk is None and not success:
-        brk = _dropped(conn, roles, ctx)
+        brk = _refused(conn, roles, ctx) or _dropped(conn, roles, ctx)
     notes: list[str] = []
     verdict = "recovered" if brk and success else "broken" if brk else "ok" if success else ""
     if not verdict:
@@ -139,30 +140,45 @@ def _unanswered(conn: Connection, ctx: Context) -> tuple[Break | None, str, list
 
 
 def _path_evidence(pkt: Packet) -> list[str]:
-    return [
-        f"{pkt.role} path: " + " -> ".join(f"{h.netns_name}/{h.dev}:{h.point}" for h in pkt.hops)
-    ]
+    return [drops.path_text(pkt)]
 
 
 def _dropped(conn: Connection, roles: _Roles, ctx: Context) -> Break | None:
-    for i, pkt in enumerate(conn.packets):
-        for hop in pkt.hops:
-            if hop.kind != "drop" or hop.drop_reason in _EXPECTED_DROPS:
-                continue
-            return Break(
-                pkt.role,
-                i,
-                hop.netns_name,
-                hop.dev,
-                hop.point,
-                "packet-dropped",
-                f"The {pkt.role} {hop.tuple} was dropped in {hop.netns_name} on {hop.dev} "
-                f"(drop reason {hop.drop_reason}).",
-                tuple(_path_evidence(pkt) + [f"drop reason: {hop.drop_reason}"]),
-                "Find what drops it: for NETFILTER_DROP the filter rules of that namespace "
-                "(iptables-save / nft list ruleset); otherwise the stack's reason above.",
-            )
-    return None
+    found = drops.first_drop(conn, roles.client_ns)
+    if found is None:
+        return None
+    i, pkt, hop = found
+    f = drops.classify(conn, i, pkt, hop, roles.client_ns, ctx)
+    return Break(
+        pkt.role, i, hop.netns_name, hop.dev, hop.point, f.cause, f.explanation, f.evidence,
+        f.fix, hook=f.hook, rule=f.rule, drop_reason=hop.drop_reason,
+    )  # fmt: skip
+
+
+def _refused(conn: Connection, roles: _Roles, ctx: Context) -> Break | None:
+    found = drops.refused(conn, roles.client_ns)
+    if found is None:
+        return None
+    i, rst = found
+    first = rst.hops[0]
+    backend = f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else str(first.tuple.src)
+    evidence = [drops.path_text(p) for p in conn.packets[: i + 1] if p.role in ("SYN", "RST")][-2:]
+    evidence.append(f"the RST was sent by {first.netns_name} ({first.tuple.src}:"
+                    f"{first.tuple.sport}), not by the client")  # fmt: skip
+    no_socket = [h for p in conn.packets for h in p.hops
+                 if p.role == "SYN" and h.drop_reason == "NO_SOCKET"]  # fmt: skip
+    if no_socket:
+        evidence.append(f"the SYN was freed in {no_socket[0].netns_name} with reason NO_SOCKET: "
+                        "no socket listens on that port")  # fmt: skip
+    return Break(
+        "RST", i, first.netns_name, first.dev, first.point, "backend-refused",
+        f"The backend {backend} answered the SYN with a reset: nothing listens on that port "
+        f"in {first.netns_name}. The path and NAT worked; the client sees 'connection refused'.",
+        tuple(evidence),
+        "Make the Service's targetPort match the port the pods listen on (kubectl get "
+        "endpointslices; compare with the container's ports), or fix the server so it listens "
+        "on the pod's address.",
+    )  # fmt: skip
 
 
 def _untranslated_reply(
@@ -221,7 +237,24 @@ def _untranslated_reply(
         "Check that replies of DNATed connections return through the namespace that holds "
         "the conntrack entry."
     )
-    if bridge is not None and not nf_seen and nat_ns is not None:
+    no_entry = [h for h in nf_seen if h.kind == "netfilter" and h.ct is None and not h.untracked]
+    if no_entry:
+        h = no_entry[0]
+        evidence.append(
+            f"the {pkt.role} carried no conntrack entry at {h.netns_name}/{h.dev} ({h.point}): "
+            "conntrack classified it INVALID, so NAT could not reverse-translate it"
+        )
+        cause = "reply-without-conntrack"
+        explanation = (
+            f"The {pkt.role} from {seen_src} found no conntrack entry in {h.netns_name} "
+            f"(flushed, expired, evicted or looked up in another zone) and reached the client "
+            f"untranslated instead of from {svc}."
+        )
+        fix = (
+            "Find what removes or hides the entry between SYN and SYN+ACK: conntrack -E in that "
+            "namespace, conntrack flushes, nf_conntrack_max, CT --zone / NOTRACK rules."
+        )
+    elif bridge is not None and not nf_seen and nat_ns is not None:
         value = ctx.names.sysctl(nat_ns, SYSCTL_BR_NF)
         evidence.append(
             f"{SYSCTL_BR_NF} = {value if value is not None else 'absent'} in netns "

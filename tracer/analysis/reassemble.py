@@ -28,6 +28,7 @@ class Hop:
     ct: Conntrack | None
     nat: str | None
     drop_reason: str | None = None
+    untracked: bool = False  # the skb carried the "untracked" conntrack mark
 
 
 @dataclass
@@ -127,6 +128,7 @@ def _hop(ev: Event, prev: Tuple | None, ctx: Context) -> Hop:
         ev.ct,
         _nat_change(prev, ev.tuple) if prev else None,
         reason,
+        ev.untracked,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tracer.analysis.context import RuleDrop
 from tracer.analysis.diagnose import Break, Diagnosis
 from tracer.analysis.reassemble import Connection, Hop, Packet
 
@@ -38,6 +39,7 @@ class RunInfo:
     command_status: int | None = None
     scope: tuple[str, ...] | None = None  # names of the namespaces analysed; None = all
     events_out_of_scope: int = 0  # events of namespaces outside the node (other labs)
+    rule_drops: tuple[RuleDrop, ...] = ()  # DROP/REJECT rules of netns that dropped packets
 
 
 def _endpoint(ip: str, port: int) -> dict[str, Any]:
@@ -87,6 +89,9 @@ def break_dict(b: Break | None) -> dict[str, Any] | None:
         "evidence": list(b.evidence),
         "fix": b.fix,
         "via": list(b.via),
+        "hook": b.hook,
+        "rule": b.rule,
+        "drop_reason": b.drop_reason,
     }
 
 
@@ -124,6 +129,7 @@ def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str
         "command_status": run.command_status,
         "scope": list(run.scope) if run.scope is not None else None,
         "events_out_of_scope": run.events_out_of_scope,
+        "rule_drops": [{"netns": run.netns, **d.to_dict()} for d in run.rule_drops],
         "connections": [connection_dict(c, d, run.start_ns) for c, d in results],
     }
 

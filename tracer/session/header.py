@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tracer.analysis.context import RuleDrop
 from tracer.errors import HairtraceError
 from tracer.kernel.events import EVENT_SIZE
 from tracer.session.format import FORMAT_NAME
@@ -115,7 +116,11 @@ class SessionHeader:
 
 @dataclass(frozen=True)
 class SessionFooter:
-    """Everything known when recording ends. topology: the final snapshot, when re-taken."""
+    """Everything known when recording ends. topology: the final snapshot, when re-taken.
+
+    rule_drops: the DROP/REJECT rules whose counters rose, read in netns rule_drops_netns
+    (optional in the file: older recordings have none).
+    """
 
     end_ns: int  # CLOCK_MONOTONIC time the trace stopped
     events: int
@@ -124,6 +129,8 @@ class SessionFooter:
     loss_windows: tuple[tuple[int, int], ...] = ()  # (first_ns, last_ns) where events were lost
     command_status: int | None = None
     topology: Topology | None = None
+    rule_drops: tuple[RuleDrop, ...] = ()
+    rule_drops_netns: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -134,6 +141,8 @@ class SessionFooter:
             "loss_windows": [list(w) for w in self.loss_windows],
             "command_status": self.command_status,
             "topology": self.topology.to_dict() if self.topology else None,
+            "rule_drops": [d.to_dict() for d in self.rule_drops],
+            "rule_drops_netns": self.rule_drops_netns,
         }
 
     @classmethod
@@ -146,6 +155,12 @@ class SessionFooter:
         if not all(isinstance(w, list) and len(w) == 2 and all(map(_is_int, w)) for w in windows):
             raise HairtraceError("bad session footer: 'loss_windows' is not [[first, last], ...]")
         topo = g.get("topology", dict, optional=True)
+        try:
+            rule_drops = tuple(
+                map(RuleDrop.from_dict, g.get("rule_drops", list, optional=True) or [])
+            )
+        except (TypeError, ValueError) as e:
+            raise HairtraceError(f"bad session footer: 'rule_drops': {e}") from None
         return cls(
             end_ns=g.get("end_ns", int),
             events=g.get("events", int),
@@ -154,6 +169,8 @@ class SessionFooter:
             loss_windows=tuple((w[0], w[1]) for w in windows),
             command_status=g.get("command_status", int, optional=True),
             topology=_topology(topo, "footer") if topo is not None else None,
+            rule_drops=rule_drops,
+            rule_drops_netns=g.get("rule_drops_netns", int, optional=True),
         )
 
 

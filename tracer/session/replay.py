@@ -80,8 +80,10 @@ def footer_from_trace(
     end_ns: int,
     loss_windows: Iterable[tuple[int, int]] = (),
     topology: Topology | None = None,
+    rule_drops_netns: int | None = None,
 ) -> SessionFooter:
-    """The session footer from the final RunInfo; topology only when it was re-taken."""
+    """The session footer from the final RunInfo (its rule_drops were read in netns
+    rule_drops_netns); topology only when it was re-taken."""
     return SessionFooter(
         end_ns=end_ns,
         events=run.events,
@@ -90,6 +92,8 @@ def footer_from_trace(
         loss_windows=tuple((a, b) for a, b in loss_windows),
         command_status=run.command_status,
         topology=topology,
+        rule_drops=tuple(run.rule_drops),
+        rule_drops_netns=rule_drops_netns,
     )
 
 
@@ -108,6 +112,8 @@ def context_of(header: SessionHeader, footer: SessionFooter | None, end_ns: int)
         footer.loss_windows if footer is not None else (),
         dict(header.drop_reasons),
         scope=scope_of(header, footer),
+        rule_drops=footer.rule_drops if footer is not None else (),
+        rule_drops_netns=footer.rule_drops_netns if footer is not None else None,
     )
 
 
@@ -139,6 +145,7 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         start_ns=header.start_ns,
         command=header.command,
         command_status=footer.command_status if footer else None,
+        rule_drops=footer.rule_drops if footer else (),
     )
 
 

@@ -1,0 +1,253 @@
+"""Why a packet of a failed connection never arrived: the drop, its place and its cause.
+
+Each cause is named only from evidence in the events and the topology snapshot:
+the drop reason the kernel gave, the namespace and device, what conntrack and NAT
+did before, the sysctls, bridge-port flags, the Service's rules and the DROP/REJECT
+rules whose counters rose. Anything else stays `packet-dropped` with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tracer.analysis.context import Context, RuleDrop
+from tracer.analysis.model import NETFILTER_KINDS
+from tracer.analysis.reassemble import Connection, Hop, Packet
+
+# Drops that are the normal end of a segment nobody wanted (a reset's target, an
+# unexpected SYN+ACK in the client): consequences, never the place a path broke.
+CONSEQUENCES = frozenset({"NO_SOCKET", "TCP_RESET", "TCP_FLAGS", "TCP_INVALID_SEQUENCE"})
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What drops.classify found; diagnose turns it into a Break."""
+
+    packet_index: int
+    hop: Hop
+    cause: str
+    explanation: str
+    evidence: tuple[str, ...]
+    fix: str
+    hook: str | None = None
+    rule: str | None = None
+
+
+def path_text(pkt: Packet) -> str:
+    return f"{pkt.role} path: " + " -> ".join(f"{h.netns_name}/{h.dev}:{h.point}" for h in pkt.hops)
+
+
+def first_drop(conn: Connection, client_ns: int | None) -> tuple[int, Packet, Hop] | None:
+    """The first drop that ended a packet on its way, not as a consequence."""
+    for i, pkt in enumerate(conn.packets):
+        if pkt.role == "RST":
+            continue  # resets are dropped by whoever they reach; they are never the fault
+        for hop in pkt.hops:
+            if hop.kind != "drop" or hop.drop_reason in CONSEQUENCES:
+                continue
+            if hop.netns == client_ns and hop.drop_reason == "NOT_SPECIFIED":
+                continue  # the client discarding something it did not ask for
+            return i, pkt, hop
+    return None
+
+
+def _last_nf_before(pkt: Packet, hop: Hop) -> Hop | None:
+    idx = pkt.hops.index(hop)
+    return next(
+        (h for h in reversed(pkt.hops[:idx]) if h.netns == hop.netns and h.kind in NETFILTER_KINDS),
+        None,
+    )
+
+
+def _no_entry_hop(pkt: Packet, ns: int) -> Hop | None:
+    """A netfilter hook point in ns (all sit after conntrack's priority) where the packet
+    carried no conntrack entry and was not marked untracked: conntrack found it INVALID."""
+    return next(
+        (
+            h
+            for h in pkt.hops
+            if h.netns == ns and h.kind == "netfilter" and h.ct is None and not h.untracked
+        ),
+        None,
+    )
+
+
+def _rule_for(ctx: Context, ns: int) -> RuleDrop | None:
+    if ctx.rule_drops_netns is not None and ctx.rule_drops_netns != ns:
+        return None
+    return ctx.rule_drops[0] if ctx.rule_drops else None
+
+
+def _rule_evidence(rule: RuleDrop | None) -> list[str]:
+    if rule is None:
+        return ["no DROP/REJECT rule counter of that namespace rose (or counters were not read)"]
+    return [
+        (
+            f"rule whose counter rose during the trace: {rule.rule} (table {rule.table}, chain "
+            f"{rule.chain}, hook {rule.hook or 'unknown'}, {rule.packets} packet(s))"
+        )
+    ]
+
+
+def classify(
+    conn: Connection, index: int, pkt: Packet, hop: Hop, client_ns: int | None, ctx: Context
+) -> Finding:
+    """The cause of a drop of conn.packets[index] at hop."""
+    reason = hop.drop_reason or "unknown"
+    where = f"{hop.netns_name}/{hop.dev}"
+    ev = [path_text(pkt), f"drop reason: {reason} at {where}"]
+    last_nf = _last_nf_before(pkt, hop)
+    after = f" after {last_nf.point}" if last_nf else ""
+    backend = conn.backend
+    self_call = backend is not None and backend[0] == conn.key.src
+
+    if pkt.direction == "reply":
+        missing = _no_entry_hop(pkt, hop.netns)
+        if missing is not None:
+            return _reply_without_conntrack(conn, index, pkt, hop, missing, reason, ev, ctx)
+
+    if backend is not None and self_call and pkt.role == "SYN":
+        if hop.netns == client_ns:
+            ev.append(
+                f"the SYN was DNATed to the client's own address {backend[0]}:{backend[1]} "
+                "with its source unchanged (no masquerade)"
+            )
+            return Finding(
+                index, hop, "hairpin-without-masquerade",
+                f"The pod called its own Service and was chosen as the backend. Without the "
+                f"hairpin masquerade (SNAT to the node) the SYN came back to {hop.netns_name} "
+                f"with the pod's own address as source and was discarded ({reason}); even if "
+                f"accepted, the pod would answer itself directly, never through reverse NAT.",
+                tuple(ev),
+                "Restore kube-proxy's rule in the endpoint chain: -A KUBE-SEP-... -s "
+                f"{backend[0]}/32 -j KUBE-MARK-MASQ (let kube-proxy resync; do not remove it by hand).",
+            )  # fmt: skip
+        flag = ctx.names.hairpin(hop.netns, hop.dev)
+        if flag is False or (flag is None and reason == "NOT_SPECIFIED"):
+            ev.append(f"bridge port {hop.dev} in {hop.netns_name}: hairpin_mode "
+                      f"{'off' if flag is False else 'unknown'}")  # fmt: skip
+            ev.append(f"the SYN was DNATed to the client itself ({backend[0]}:{backend[1]}) and "
+                      f"had to leave by the port it came in on")  # fmt: skip
+            return Finding(
+                index, hop, "hairpin-mode-off",
+                f"The pod called its own Service and was chosen as the backend; the bridge must "
+                f"send the translated SYN back out of the port it came in on ({hop.dev}), which "
+                f"it refuses when that port's hairpin mode is off, so it freed the frame.",
+                tuple(ev),
+                f"Turn hairpin mode on for the pods' bridge ports (CNI bridge plugin "
+                f'"hairpinMode": true; kubelet --hairpin-mode=hairpin-veth; now: ip link set '
+                f"{hop.dev} type bridge_slave hairpin on in {hop.netns_name}).",
+            )  # fmt: skip
+
+    if reason == "NETFILTER_DROP":
+        rule = _rule_for(ctx, hop.netns)
+        if backend is None and pkt.role == "SYN" and _no_dnat_rules(ctx, hop.netns):
+            ev.append(f"no DNAT applied to the SYN{after}; the Service has no DNAT rule in "
+                      f"{hop.netns_name}'s NAT rules")  # fmt: skip
+            ev += _rule_evidence(rule)
+            return Finding(
+                index, hop, "service-no-endpoints",
+                f"The Service {conn.key.dst}:{conn.key.dport} has no endpoints: kube-proxy wrote "
+                f"no DNAT for it, only a rule that rejects its traffic, which dropped the SYN in "
+                f"{hop.netns_name} (the client sees 'connection refused').",
+                tuple(ev),
+                "Give the Service ready endpoints: check its selector matches running pods and "
+                "that their readiness probes pass (kubectl get endpointslices -l "
+                "kubernetes.io/service-name=NAME).",
+                rule.hook if rule else None, rule.rule if rule else None,
+            )  # fmt: skip
+        ev += _rule_evidence(rule)
+        hook = rule.hook if rule else None
+        return Finding(
+            index, hop, "dropped-by-rule",
+            f"The {pkt.role} {hop.tuple} was dropped by a netfilter rule in {hop.netns_name}"
+            f"{after}" + (f", in hook {hook}: {rule.rule}" if rule else "") + ".",
+            tuple(ev),
+            "Change the rule or policy named above (iptables-save -c / nft list ruleset in that "
+            "namespace) so that Service traffic is accepted; kube-proxy's own rules accept it.",
+            hook, rule.rule if rule else None,
+        )  # fmt: skip
+
+    forward = ctx.names.sysctl(hop.netns, "net.ipv4.ip_forward")
+    routed = ctx.names.has_address(hop.netns, hop.tuple.dst) is False
+    if forward == "0" and routed and hop.netns != client_ns:
+        ev.append(f"net.ipv4.ip_forward = 0 in {hop.netns_name}, which does not own "
+                  f"{hop.tuple.dst}: the packet had to be forwarded")  # fmt: skip
+        return Finding(
+            index, hop, "ip-forward-off",
+            f"{hop.netns_name} does not forward IPv4 (net.ipv4.ip_forward=0): the {pkt.role} "
+            f"had to be routed to {hop.tuple.dst} and was discarded ({reason}).",
+            tuple(ev),
+            f"Set net.ipv4.ip_forward=1 in {hop.netns_name} and persist it in /etc/sysctl.d/ "
+            "(kubeadm's preflight checks it; something reset it).",
+        )  # fmt: skip
+
+    if ctx.names.kind(hop.netns, hop.dev) == "vxlan":
+        ev.append(f"{hop.dev} is a VXLAN device: the overlay to the other node")
+        return Finding(
+            index, hop, "overlay-no-remote",
+            f"The {pkt.role} to {hop.tuple.dst} was routed into the overlay device {hop.dev} "
+            f"in {hop.netns_name}, which had no remote node to send it to ({reason}): its "
+            "forwarding database lacks the destination node's VTEP entry.",
+            tuple(ev),
+            f"Check the overlay's entries in {hop.netns_name} (bridge fdb show dev {hop.dev}; "
+            f"ip neigh show dev {hop.dev}); flanneld programs them from the node list: restart "
+            "it or fix the node's flannel annotations.",
+        )  # fmt: skip
+
+    return Finding(
+        index, hop, "packet-dropped",
+        f"The {pkt.role} {hop.tuple} was dropped in {hop.netns_name} on {hop.dev} "
+        f"(drop reason {reason}).",
+        tuple(ev),
+        "The drop reason names what the kernel objected to; look there (for NETFILTER_DROP "
+        "the rules of that namespace, for TC_* the tc filters, for IP_* the routes).",
+    )  # fmt: skip
+
+
+def _no_dnat_rules(ctx: Context, ns: int) -> bool:
+    rules = ctx.names.service_rules(ns)
+    if rules is None:
+        return False
+    return not any("DNAT" in r or "dnat to" in r for r in rules)
+
+
+def _reply_without_conntrack(
+    conn: Connection,
+    index: int,
+    pkt: Packet,
+    hop: Hop,
+    missing: Hop,
+    reason: str,
+    ev: list[str],
+    ctx: Context,
+) -> Finding:
+    ids = ", ".join(f"{i:#x}" for i in sorted(conn.ct_ids)) or "?"
+    ev.append(
+        f"the {pkt.role} carried no conntrack entry at {missing.netns_name}/{missing.dev} "
+        f"({missing.point}): conntrack classified it INVALID"
+    )
+    ev.append(f"the connection's entry ({ids}) was seen for its original direction before")
+    rule = _rule_for(ctx, hop.netns) if reason == "NETFILTER_DROP" else None
+    if reason == "NETFILTER_DROP":
+        ev += _rule_evidence(rule)
+    return Finding(
+        index, hop, "reply-without-conntrack",
+        f"The {pkt.role} from the backend found no conntrack entry in {missing.netns_name} "
+        f"(flushed, expired, evicted or looked up in another zone), so it could not be "
+        f"reverse-translated and was INVALID; it was dropped at {hop.netns_name}/{hop.dev} "
+        f"({reason}).",
+        tuple(ev),
+        "Find what removes or hides the entry between SYN and SYN+ACK: conntrack -L / -E in "
+        "that namespace, conntrack flushes (kube-proxy on endpoint changes), nf_conntrack_max "
+        "and its 'table full' messages, CT --zone / NOTRACK rules in the raw table.",
+        rule.hook if rule else None, rule.rule if rule else None,
+    )  # fmt: skip
+
+
+def refused(conn: Connection, client_ns: int | None) -> tuple[int, Packet] | None:
+    """A reset sent by the backend (not the client) in answer to the SYN."""
+    for i, pkt in enumerate(conn.packets):
+        if pkt.role == "RST" and pkt.direction == "reply" and pkt.hops[0].netns != client_ns:
+            return i, pkt
+    return None

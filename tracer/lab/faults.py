@@ -1,0 +1,219 @@
+"""The fault catalogue: each a small, readable change on top of the healthy cluster lab.
+
+A fault says what it breaks, which cause code hairtrace should give, and where it
+can be reproduced (some need a modular kernel: the VM). ``apply`` runs after the
+healthy lab is up and touches only the lab's own namespaces. docs/failure-modes.md
+explains each one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tracer.errors import HairtraceError, UsageError
+from tracer.lab import cluster, netns, seed
+from tracer.lab.cluster import ClusterSpec, ClusterState, Endpoint
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    cause: str  # the cause code hairtrace gives ("" for a healthy variant)
+    summary: str
+    nodes: int = 1  # the lab it needs
+    apply: Callable[[ClusterState], str] | None = None  # returns what it changed
+    self_service: bool = False  # the Service's endpoint is the client pod itself
+    endpoints: tuple[Endpoint, ...] | None = None  # None = the default endpoints
+    hairpin_masquerade: bool = True
+    bridge_nf: int = 1
+    needs: str = ""  # a kernel condition checked before building
+
+    def spec(self, prefix: str, proxy_mode: str, nodes: int | None = None) -> ClusterSpec:
+        n = max(self.nodes, nodes or 1)
+        base = ClusterSpec(prefix=prefix, nodes=n, proxy_mode=proxy_mode)
+        eps = self.endpoints
+        if self.self_service:
+            eps = (Endpoint(base.client.ip, 80),)
+        return replace(
+            base,
+            endpoints=cluster.default_endpoints(n) if eps is None else eps,
+            fault=self.name,
+            hairpin_masquerade=self.hairpin_masquerade,
+            bridge_nf_call_iptables=self.bridge_nf,
+        )
+
+
+def _n1(state: ClusterState) -> str:
+    return state.spec.node_ns(1)
+
+
+def _sysctl(key: str, value: int) -> Callable[[ClusterState], str]:
+    def apply(state: ClusterState) -> str:
+        netns.sysctl_write(_n1(state), key, value)
+        return f"{key}={value} in {_n1(state)}"
+
+    return apply
+
+
+def _hairpin_off(state: ClusterState) -> str:
+    port = state.host_veths[state.spec.client.ns]
+    netns.run_in(_n1(state), ["ip", "link", "set", port, "type", "bridge_slave", "hairpin", "off"])
+    return f"hairpin off on bridge port {port} ({state.spec.client.ns}) in {_n1(state)}"
+
+
+def _forward_drop(state: ClusterState) -> str:
+    netns.run_in(_n1(state), ["iptables", "-w", "5", "-P", "FORWARD", "DROP"])
+    return f"iptables -P FORWARD DROP in {_n1(state)} (as Docker sets it)"
+
+
+def _conntrack_miss(state: ClusterState) -> str:
+    # The reply is looked up in another conntrack zone: it finds no entry, exactly as
+    # when the entry was flushed, expired or evicted between SYN and SYN+ACK.
+    rule = ["-t", "raw", "-A", "PREROUTING", "-i", "cni0", "-p", "tcp", "--sport", "80",
+            "--tcp-flags", "SYN,ACK", "SYN,ACK", "-j", "CT", "--zone", "7"]  # fmt: skip
+    netns.run_in(_n1(state), ["iptables", "-w", "5", *rule])
+    return "SYN+ACKs from pods are looked up in conntrack zone 7, where no entry exists"
+
+
+def _fdb_missing(state: ClusterState) -> str:
+    other = cluster.UNDERLAY.format(2)
+    argv = ["bridge", "fdb", "del", cluster._vtep_mac(2), "dev", "flannel.1", "dst", other]
+    netns.run_in(_n1(state), argv)
+    return f"removed the FDB entry of node 2's VTEP ({other}) from flannel.1 in {_n1(state)}"
+
+
+def _unreachable(state: ClusterState) -> str:
+    backend = state.spec.endpoints[0].ip
+    netns.run_in(_n1(state), ["ip", "route", "add", "unreachable", f"{backend}/32"])
+    return f"unreachable route to the backend {backend} in {_n1(state)}"
+
+
+def _blackhole(state: ClusterState) -> str:
+    ns = state.spec.pods[1].ns
+    netns.run_in(ns, ["ip", "route", "add", "blackhole", f"{state.spec.client.ip}/32"])
+    return f"blackhole route to the client in {ns}: its SYN+ACK is never sent"
+
+
+def _require_no_br_netfilter(spec: ClusterSpec) -> None:
+    if Path("/sys/module/br_netfilter").exists() or Path("/proc/sys/net/bridge").exists():
+        raise HairtraceError(
+            "fault no-br-netfilter needs a kernel where br_netfilter is not loaded; here it "
+            "is loaded or built in. Reproduce it in the VM: scripts/vm-run -- sh -c "
+            "'modprobe -r br_netfilter && hairtrace lab up --fault no-br-netfilter'"
+        )
+
+
+FAULTS: dict[str, Fault] = {
+    f.name: f
+    for f in (
+        Fault("none", "", "healthy: pods on one bridge, bridge-nf-call-iptables=1"),
+        Fault("two-node", "", "healthy: two nodes over flannel VXLAN, endpoints on both", 2),
+        Fault(
+            "bridge-nf-off",
+            "bridge-nf-call-iptables-off",
+            "the seed case: bridge-nf-call-iptables=0, reply bridged past conntrack",
+            apply=_sysctl(seed.BRIDGE_NF_CALL_IPTABLES, 0),
+            bridge_nf=0,
+        ),
+        Fault(
+            "no-br-netfilter",
+            "br-netfilter-not-loaded",
+            "br_netfilter not loaded: bridged frames never reach iptables (VM only)",
+            needs="no-br-netfilter",
+        ),
+        Fault(
+            "hairpin-off",
+            "hairpin-mode-off",
+            "pod calls its own Service; its bridge port has hairpin mode off",
+            apply=_hairpin_off,
+            self_service=True,
+        ),
+        Fault(
+            "hairpin-no-masquerade",
+            "hairpin-without-masquerade",
+            "pod calls its own Service; kube-proxy's hairpin MASQUERADE rule is missing",
+            self_service=True,
+            hairpin_masquerade=False,
+        ),
+        Fault(
+            "forward-drop",
+            "dropped-by-rule",
+            "FORWARD policy DROP (Docker's), nothing accepts new pod-to-pod traffic",
+            apply=_forward_drop,
+        ),
+        Fault(
+            "no-endpoints",
+            "service-no-endpoints",
+            "the Service has no ready endpoints: kube-proxy's REJECT",
+            endpoints=(),
+        ),
+        Fault(
+            "conntrack-miss",
+            "reply-without-conntrack",
+            "the SYN+ACK finds no conntrack entry (INVALID), KUBE-FORWARD drops it",
+            apply=_conntrack_miss,
+        ),
+        Fault(
+            "ip-forward-off",
+            "ip-forward-off",
+            "net.ipv4.ip_forward=0 on the node",
+            apply=_sysctl("net.ipv4.ip_forward", 0),
+        ),
+        Fault(
+            "wrong-target-port",
+            "backend-refused",
+            "the endpoint's port (8080) has no listener: the backend resets",
+            endpoints=(Endpoint("100.96.54.247", 8080),),
+        ),
+        Fault(
+            "vxlan-fdb-missing",
+            "overlay-no-remote",
+            "two nodes; flannel.1 on node 1 lacks node 2's FDB entry: some requests time out",
+            2,
+            apply=_fdb_missing,
+        ),
+        Fault(
+            "route-unreachable",
+            "packet-dropped",
+            "a stale 'unreachable' route to the backend on the node: a stack drop",
+            apply=_unreachable,
+        ),
+        Fault(
+            "backend-blackhole",
+            "unexplained",
+            "the backend has a blackhole route to the client (a cause hairtrace has no code for)",
+            apply=_blackhole,
+        ),
+    )
+}
+
+
+def get(name: str) -> Fault:
+    try:
+        return FAULTS[name]
+    except KeyError:
+        raise UsageError(
+            f"unknown fault {name!r}; known: {', '.join(FAULTS)} (see hairtrace lab up --list-faults)"
+        ) from None
+
+
+def up(
+    name: str, *, prefix: str = "ht", proxy_mode: str = "iptables", nodes: int | None = None
+) -> ClusterState:
+    """Build the healthy cluster lab for fault ``name``, then apply the fault."""
+    fault = get(name)
+    spec = fault.spec(prefix, proxy_mode, nodes)
+    if fault.needs == "no-br-netfilter":
+        seed._require_root()
+        _require_no_br_netfilter(spec)
+    state = cluster.up(spec)
+    if fault.apply is None:
+        return state
+    try:
+        note = fault.apply(state)
+    except HairtraceError:
+        cluster.down(prefix)
+        raise
+    return cluster.save(replace(state, fault_notes=(*state.fault_notes, note)))
