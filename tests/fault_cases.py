@@ -1,0 +1,89 @@
+"""Where each fault of the catalogue must be diagnosed: shared by the fixture tests
+(recorded sessions) and the live tests (the lab on this kernel)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tracer.lab.faults import FAULTS
+
+
+@dataclass(frozen=True)
+class Where:
+    """The break's packet, namespace, device (prefix), point, and what else it must name."""
+
+    role: str
+    netns: str
+    dev: str  # a prefix: CNI names host veths vethXXXXXXXX
+    point: str
+    drop_reason: str | None = None
+    hook: str | None = None
+    rule_has: str | None = None
+    evidence_has: str | None = None
+
+
+WHERE: dict[str, Where] = {
+    "bridge-nf-off": Where("SYN+ACK", "ht-n1", "cni0", "net_dev_start_xmit",
+                           evidence_has="bridge-nf-call-iptables = 0"),
+    "no-br-netfilter": Where("SYN+ACK", "ht-n1", "cni0", "net_dev_start_xmit",
+                             evidence_has="bridge-nf-call-iptables = absent"),
+    "hairpin-off": Where("SYN", "ht-n1", "veth", "kfree_skb", "NOT_SPECIFIED",
+                         evidence_has="hairpin_mode off"),
+    "hairpin-no-masquerade": Where("SYN", "ht-n1-a", "eth0", "kfree_skb", "IP_LOCAL_SOURCE",
+                                   evidence_has="client's own address"),
+    "forward-drop": Where("SYN", "ht-n1", "veth", "kfree_skb", "NETFILTER_DROP", "FORWARD",
+                          "policy DROP of chain FORWARD"),
+    "no-endpoints": Where("SYN", "ht-n1", "cni0", "kfree_skb", "NETFILTER_DROP",
+                          rule_has="has no endpoints"),
+    "conntrack-miss": Where("SYN+ACK", "ht-n1", "veth", "kfree_skb", "NETFILTER_DROP",
+                            "FORWARD", "--ctstate INVALID -j DROP", "INVALID"),
+    "ip-forward-off": Where("SYN", "ht-n1", "cni0", "kfree_skb",
+                            evidence_has="net.ipv4.ip_forward = 0"),
+    "wrong-target-port": Where("RST", "ht-n1-b", "eth0", "net_dev_start_xmit",
+                               evidence_has="NO_SOCKET"),
+    "vxlan-fdb-missing": Where("SYN", "ht-n1", "flannel.1", "kfree_skb", "NO_TX_TARGET",
+                               evidence_has="VXLAN"),
+    "route-unreachable": Where("SYN", "ht-n1", "cni0", "kfree_skb"),
+    "backend-blackhole": Where("SYN", "ht-n1-b", "eth0", "netif_receive_skb"),
+}  # fmt: skip
+
+HEALTHY = [name for name, f in FAULTS.items() if not f.cause]
+BROKEN = [name for name, f in FAULTS.items() if f.cause]
+NODE2 = ("100.96.55.10", "100.96.55.11")
+
+
+def check_report(name: str, report: dict[str, Any]) -> None:
+    """Assert the report diagnoses fault `name` as the catalogue says."""
+    fault = FAULTS[name]
+    conns = report["connections"]
+    assert conns, f"{name}: no connection in the report"
+    assert report["lost_events"] == 0
+    if not fault.cause:
+        assert all(c["verdict"] == "ok" and c["break"] is None for c in conns), [
+            (c["verdict"], c["break"] and c["break"]["cause"]) for c in conns
+        ]
+        return
+    broken = [c for c in conns if c["verdict"] == "broken"]
+    assert broken, f"{name}: nothing broken: {[c['verdict'] for c in conns]}"
+    if name == "vxlan-fdb-missing":  # only the connections sent to node 2 break
+        for c in conns:
+            to_node2 = c["backend"]["ip"] in NODE2
+            assert (c["verdict"] == "broken") == to_node2, (c["backend"], c["verdict"])
+    else:
+        assert len(broken) == len(conns)
+    want = WHERE[name]
+    for c in broken:
+        b = c["break"]
+        assert b["cause"] == fault.cause, (name, b["cause"], b["explanation"])
+        assert (b["packet_role"], b["netns"], b["point"]) == (want.role, want.netns, want.point)
+        assert b["dev"].startswith(want.dev), b["dev"]
+        if want.drop_reason:
+            assert b["drop_reason"] == want.drop_reason
+        if want.hook:
+            assert b["hook"] == want.hook
+        if want.rule_has:
+            assert want.rule_has in (b["rule"] or ""), b["rule"]
+        if want.evidence_has:
+            assert want.evidence_has in "\n".join(b["evidence"] + [b["explanation"]]), b["evidence"]
+        assert b["fix"]

@@ -1,0 +1,100 @@
+"""The fault catalogue reproduced live: `hairtrace lab up --fault NAME` on this kernel (the
+VM for what the host kernel cannot reproduce), traced, and diagnosed as the catalogue says.
+Plus the no-false-alarm side: healthy variants again and again, and 300 concurrent
+connections through a three-endpoint Service on the two-node lab."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import needs_binary, needs_live
+
+from tests.fault_cases import BROKEN, check_report
+from tracer.lab.faults import FAULTS
+
+ROOT = Path(__file__).resolve().parent.parent
+HAIRTRACE = str(ROOT / ".venv" / "bin" / "hairtrace")
+SVC = "100.67.30.133"
+HOST_FAULTS = [n for n in BROKEN if not FAULTS[n].needs]
+
+pytestmark = pytest.mark.live
+
+
+def _scenario(name: str, curls: int = 1, proxy_mode: str = "iptables") -> dict[str, Any]:
+    env = {**os.environ, "CURLS": str(curls), "CURL_TIMEOUT": "2", "PROXY_MODE": proxy_mode}
+    res = subprocess.run(
+        [str(ROOT / "scripts" / "scenario-fault"), name], check=False, capture_output=True,
+        text=True, timeout=300, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert res.returncode in (0, 3), res.stderr[-3000:]
+    report: dict[str, Any] = json.loads(res.stdout)
+    assert res.returncode == (3 if FAULTS[name].cause else 0)
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _live() -> None:
+    needs_live()
+    needs_binary("curl")
+
+
+@pytest.mark.parametrize("name", HOST_FAULTS)
+def test_fault_reproduced_and_diagnosed_on_this_kernel(name: str) -> None:
+    report = _scenario(name, curls=6 if FAULTS[name].nodes == 2 else 1)
+    check_report(name, report)
+
+
+@pytest.mark.parametrize(
+    ("name", "curls", "mode"),
+    [("none", 1, "iptables")] * 3 + [("two-node", 4, "iptables")] * 2
+    + [("none", 2, "nftables"), ("two-node", 4, "nftables")],
+)  # fmt: skip
+def test_healthy_variants_are_ok_every_time(name: str, curls: int, mode: str) -> None:
+    report = _scenario(name, curls, mode)
+    check_report(name, report)
+    assert len(report["connections"]) == curls
+
+
+def test_300_concurrent_connections_through_a_multi_endpoint_service(tmp_path: Path) -> None:
+    subprocess.run([HAIRTRACE, "lab", "down"], check=True, capture_output=True, timeout=120)
+    subprocess.run([HAIRTRACE, "lab", "up", "--two-node"], check=True, capture_output=True,
+                   timeout=180)  # fmt: skip
+    try:
+        load, out = tmp_path / "load.json", tmp_path / "report.json"
+        res = subprocess.run(
+            [HAIRTRACE, "--no-live", "--svc", SVC, "--netns", "ht-n1", "--json", str(out), "--",
+             "sh", "-c", f"{HAIRTRACE} lab load -n 300 --json > {load}"],
+            check=False, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        subprocess.run([HAIRTRACE, "lab", "down"], check=True, capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    served = {c["sport"]: c["backend"] for c in json.loads(load.read_text())["connections"]}
+    assert len(served) == 300 and None not in served
+    report = json.loads(out.read_text())
+    assert report["lost_events"] == 0
+    conns = report["connections"]
+    assert len(conns) == 300
+    assert all(c["verdict"] == "ok" and c["break"] is None for c in conns)
+    traced = {c["client"]["port"]: c["backend"]["ip"] for c in conns}
+    assert traced == served  # each connection with the backend that answered it
+    assert set(traced.values()) == {"100.96.54.247", "100.96.55.10", "100.96.55.11"}
+
+
+def test_no_br_netfilter_in_the_vm() -> None:
+    """br_netfilter is built into the host kernel; the Debian VM has it as a module."""
+    needs_binary("qemu-system-x86_64")
+    script = "modprobe -r br_netfilter && CURL_TIMEOUT=3 scripts/scenario-fault no-br-netfilter"
+    res = subprocess.run(
+        [str(ROOT / "scripts" / "vm-run"), "--timeout", "900", "--", "sh", "-c", script],
+        check=False, capture_output=True, text=True, timeout=1000, cwd=ROOT,
+    )  # fmt: skip
+    assert res.returncode == 3, res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert report["provider"] == "fentry"
+    check_report("no-br-netfilter", report)
