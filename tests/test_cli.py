@@ -172,3 +172,22 @@ def test_replay_of_a_non_session_is_a_clear_error(tmp_path: object) -> None:
     bad = pathlib.Path(str(tmp_path)) / "x.hts"
     bad.write_bytes(b"hello, not a session")
     assert_one_line_error(run("replay", str(bad)), 1, "not a hairtrace session file")
+
+
+def test_lab_fault_knobs_list_and_refuse_unknown_names() -> None:
+    from tracer.lab.faults import FAULTS
+
+    res = run("lab", "up", "--list-faults")
+    assert res.returncode == 0, res.stderr
+    for f in FAULTS.values():
+        assert any(ln.split()[:2] == [f.name, f.cause or "ok"] for ln in res.stdout.splitlines())
+    assert_one_line_error(run("lab", "up", "--fault", "nope"), 2, "unknown fault 'nope'")
+
+
+def test_lab_fault_the_host_kernel_cannot_reproduce_is_refused_before_building() -> None:
+    needs_root()
+    res = run("lab", "up", "--fault", "no-br-netfilter")
+    assert_one_line_error(res, 1, "br_netfilter is not loaded")
+    assert "scripts/vm-run" in res.stderr
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert "ht-n1" not in listed.stdout

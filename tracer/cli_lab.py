@@ -126,6 +126,7 @@ def lab_status(as_json: bool) -> None:
     except HairtraceError as exc:
         fail(exc)
     data = asdict(st)
+    data["cluster"] = _cluster_status()
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
@@ -164,6 +165,28 @@ def lab_load(connections: int, timeout: float, as_json: bool) -> None:
         for r in failed[:5]:
             click.echo(f"failed: port {r['sport']}: {r['error'] or r['status']}")
     sys.exit(1 if failed else 0)
+
+
+def _cluster_status() -> dict[str, object] | None:
+    """The cluster lab's fault, nodes, endpoints and which of its namespaces exist; None if
+    there is none."""
+    from tracer.lab import cluster, netns
+
+    try:
+        state = cluster.load_state()
+    except HairtraceError as exc:
+        return {"error": str(exc)}
+    if state is None:
+        return None
+    spec = state.spec
+    return {
+        "fault": spec.fault,
+        "nodes": spec.nodes,
+        "proxy_mode": spec.proxy_mode,
+        "endpoints": [str(e) for e in spec.endpoints],
+        "namespaces": {ns: netns.exists(ns) for ns in spec.namespaces},
+        "fault_notes": list(state.fault_notes),
+    }
 
 
 @click.command()

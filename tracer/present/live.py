@@ -35,11 +35,49 @@ def _header(run: RunInfo) -> Text:
     )
 
 
+MAX_ROWS = 25  # beyond this, ok rows are tallied instead of listed
+
+
+def _shown(
+    results: list[tuple[Connection, Diagnosis]],
+) -> tuple[list[tuple[Connection, Diagnosis]], int]:
+    """The rows worth a line (every non-ok one first, then ok ones up to MAX_ROWS) and how
+    many ok rows are left out; the order of the rest is kept."""
+    if len(results) <= MAX_ROWS:
+        return results, 0
+    bad = [r for r in results if r[1].verdict != "ok"]
+    room = max(0, MAX_ROWS - len(bad))
+    keep = {id(r) for r in bad} | {
+        id(r) for r in [r for r in results if r[1].verdict == "ok"][:room]
+    }
+    shown = [r for r in results if id(r) in keep]
+    return shown, len(results) - len(shown)
+
+
+def tally(results: list[tuple[Connection, Diagnosis]]) -> str:
+    """'300 connections: 298 ok, 2 broken; backends 100.96.54.247:80 98, ...'"""
+    verdicts: dict[str, int] = {}
+    backends: dict[str, int] = {}
+    for conn, diag in results:
+        verdicts[diag.verdict] = verdicts.get(diag.verdict, 0) + 1
+        b = f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "none"
+        backends[b] = backends.get(b, 0) + 1
+    return (
+        f"{len(results)} connection(s): "
+        + ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items()))
+        + "; backends: "
+        + ", ".join(f"{b} {n}" for b, n in sorted(backends.items()))
+    )
+
+
 def _table(results: list[tuple[Connection, Diagnosis]]) -> Table:
     table = Table(expand=True, show_lines=False)
     for col in ("client", "service", "backend", "packets", "verdict", "where / cause"):
         table.add_column(col)
-    for conn, diag in results:
+    shown, hidden = _shown(results)
+    if hidden:
+        table.caption = f"... and {hidden} more ok connection(s) not listed ({tally(results)})"
+    for conn, diag in shown:
         backend = f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "-"
         roles = compact_roles([p.role for p in conn.packets])
         where = ""
@@ -147,12 +185,19 @@ def render_summary(result: Outcome, console: Console | None = None) -> None:
     console.print(_losses(stats))
     if not result.results:
         console.print("no connection to the service was seen")
+    else:
+        console.print(tally(result.results))
+    same: dict[tuple[str, ...], int] = {}
     for conn, diag in result.results:
         for note in diag.notes:
             console.print(f"[magenta]note[/] {conn.key}: {note}")
         if diag.brk is None:
             continue
         b = diag.brk
+        kind = (diag.verdict, b.cause, b.packet_role, b.netns, b.dev, b.point)
+        same[kind] = same.get(kind, 0) + 1
+        if same[kind] > 1:
+            continue  # the same break again: counted below, not repeated
         body = Text()
         body.append(f"{b.explanation}\n\n", style="bold")
         body.append("where: ", style="bold")
@@ -170,3 +215,9 @@ def render_summary(result: Outcome, console: Console | None = None) -> None:
                 border_style=_STYLE.get(diag.verdict, ""),
             )
         )
+    for (verdict, cause, role, ns, dev, point), n in same.items():
+        if n > 1:
+            console.print(
+                f"{n - 1} more connection(s) {verdict} the same way: {cause}, {role} at "
+                f"{ns}/{dev} ({point}); each is in the JSON report"
+            )
