@@ -72,21 +72,32 @@ def _no_entry_hop(pkt: Packet, ns: int) -> Hop | None:
     )
 
 
-def _rule_for(ctx: Context, ns: int) -> RuleDrop | None:
+def _rules_in(ctx: Context, ns: int) -> tuple[RuleDrop, ...]:
     if ctx.rule_drops_netns is not None and ctx.rule_drops_netns != ns:
-        return None
-    return ctx.rule_drops[0] if ctx.rule_drops else None
+        return ()
+    return ctx.rule_drops
 
 
-def _rule_evidence(rule: RuleDrop | None) -> list[str]:
-    if rule is None:
+def _rule_for(ctx: Context, ns: int) -> RuleDrop | None:
+    """The rule that dropped it, when the counters point at exactly one."""
+    rules = _rules_in(ctx, ns)
+    return rules[0] if len(rules) == 1 else None
+
+
+def _rule_evidence(ctx: Context, ns: int) -> list[str]:
+    rules = _rules_in(ctx, ns)
+    if not rules:
         return ["no DROP/REJECT rule counter of that namespace rose (or counters were not read)"]
-    return [
-        (
-            f"rule whose counter rose during the trace: {rule.rule} (table {rule.table}, chain "
-            f"{rule.chain}, hook {rule.hook or 'unknown'}, {rule.packets} packet(s))"
-        )
-    ]
+    head = (
+        "rule whose counter rose during the trace"
+        if len(rules) == 1
+        else "rules whose counters rose during the trace (which one dropped this packet "
+        "cannot be told apart)"
+    )
+    return [head + ": " + "; ".join(
+        f"{r.rule} (table {r.table}, chain {r.chain}, hook {r.hook or 'unknown'}, "
+        f"{r.packets} packet(s))" for r in rules
+    )]  # fmt: skip
 
 
 def classify(
@@ -107,7 +118,7 @@ def classify(
             return _reply_without_conntrack(conn, index, pkt, hop, missing, reason, ev, ctx)
 
     if backend is not None and self_call and pkt.role == "SYN":
-        if hop.netns == client_ns:
+        if hop.netns == client_ns and hop.tuple.src == hop.tuple.dst:
             ev.append(
                 f"the SYN was DNATed to the client's own address {backend[0]}:{backend[1]} "
                 "with its source unchanged (no masquerade)"
@@ -123,9 +134,8 @@ def classify(
                 f"{backend[0]}/32 -j KUBE-MARK-MASQ (let kube-proxy resync; do not remove it by hand).",
             )  # fmt: skip
         flag = ctx.names.hairpin(hop.netns, hop.dev)
-        if flag is False or (flag is None and reason == "NOT_SPECIFIED"):
-            ev.append(f"bridge port {hop.dev} in {hop.netns_name}: hairpin_mode "
-                      f"{'off' if flag is False else 'unknown'}")  # fmt: skip
+        if flag is False:
+            ev.append(f"bridge port {hop.dev} in {hop.netns_name}: hairpin_mode off")
             ev.append(f"the SYN was DNATed to the client itself ({backend[0]}:{backend[1]}) and "
                       f"had to leave by the port it came in on")  # fmt: skip
             return Finding(
@@ -144,7 +154,7 @@ def classify(
         if backend is None and pkt.role == "SYN" and _no_dnat_rules(ctx, hop.netns):
             ev.append(f"no DNAT applied to the SYN{after}; the Service has no DNAT rule in "
                       f"{hop.netns_name}'s NAT rules")  # fmt: skip
-            ev += _rule_evidence(rule)
+            ev += _rule_evidence(ctx, hop.netns)
             return Finding(
                 index, hop, "service-no-endpoints",
                 f"The Service {conn.key.dst}:{conn.key.dport} has no endpoints: kube-proxy wrote "
@@ -156,7 +166,7 @@ def classify(
                 "kubernetes.io/service-name=NAME).",
                 rule.hook if rule else None, rule.rule if rule else None,
             )  # fmt: skip
-        ev += _rule_evidence(rule)
+        ev += _rule_evidence(ctx, hop.netns)
         hook = rule.hook if rule else None
         return Finding(
             index, hop, "dropped-by-rule",
@@ -222,15 +232,16 @@ def _reply_without_conntrack(
     ev: list[str],
     ctx: Context,
 ) -> Finding:
-    ids = ", ".join(f"{i:#x}" for i in sorted(conn.ct_ids)) or "?"
     ev.append(
         f"the {pkt.role} carried no conntrack entry at {missing.netns_name}/{missing.dev} "
         f"({missing.point}): conntrack classified it INVALID"
     )
-    ev.append(f"the connection's entry ({ids}) was seen for its original direction before")
+    if conn.ct_ids:
+        ids = ", ".join(f"{i:#x}" for i in sorted(conn.ct_ids))
+        ev.append(f"the connection's entry ({ids}) was seen for its original direction before")
     rule = _rule_for(ctx, hop.netns) if reason == "NETFILTER_DROP" else None
     if reason == "NETFILTER_DROP":
-        ev += _rule_evidence(rule)
+        ev += _rule_evidence(ctx, hop.netns)
     return Finding(
         index, hop, "reply-without-conntrack",
         f"The {pkt.role} from the backend found no conntrack entry in {missing.netns_name} "
