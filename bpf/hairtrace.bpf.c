@@ -183,7 +183,13 @@ static __always_inline void emit_event(struct ht_event *ev)
 	__u64 flags = BPF_RB_NO_WAKEUP;
 	__u16 pt = ev->point < HT_PT_MAX ? ev->point : 0;
 
-	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= HT_WAKEUP_BYTES)
+	/* Wake the reader once per HT_WAKEUP_BYTES of pending data: when this record
+	 * crosses a multiple of it. Waking on every event past the threshold made the
+	 * traced path pay an IRQ-work interrupt per event whenever the reader lagged;
+	 * a crossing missed between CPUs is caught by the reader's own poll timeout. */
+	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+
+	if (avail / HT_WAKEUP_BYTES != (avail + sizeof(*ev) + 8) / HT_WAKEUP_BYTES)
 		flags = BPF_RB_FORCE_WAKEUP;
 	if (bpf_ringbuf_output(&events, ev, sizeof(*ev), flags)) {
 		__sync_fetch_and_add(&ht_lost[pt], 1);

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import click
 
-from tracer.cli_output import fail, write_json
+from tracer.cli_output import fail, write_json, write_json_with
 from tracer.errors import EXIT_BROKEN, HairtraceError, UsageError
 
 
@@ -18,10 +19,19 @@ def _warn(warnings: Sequence[str]) -> None:
         click.echo(f"hairtrace: warning: {w}", err=True)
 
 
+STREAM_ABOVE = 16 << 20  # bytes: bigger sessions are replayed streaming by default
+
+
 @click.command()
 @click.argument("session", metavar="FILE")
 @click.option("--json", "json_dest", metavar="FILE|-", help="Write the JSON report.")
-def replay(session: str, json_dest: str | None) -> None:
+@click.option(
+    "--stream/--no-stream",
+    default=None,
+    help="Analyse connection by connection in bounded memory, or all events at once "
+    f"(default: streaming for sessions over {STREAM_ABOVE >> 20} MiB).",
+)
+def replay(session: str, json_dest: str | None, stream: bool | None) -> None:
     """Analyse a recorded session exactly as the live trace did (no root, no BPF).
 
     Exit status as for a live trace: 0 none broken, 3 at least one broken.
@@ -31,14 +41,56 @@ def replay(session: str, json_dest: str | None) -> None:
     from tracer.session import replay as replay_session
 
     try:
-        res = replay_session(session)
-        _warn(res.warnings)
-        render_summary(res)
-        if json_dest:
-            write_json(build(res.run, res.results), json_dest)
+        if stream if stream is not None else _size(session) > STREAM_ABOVE:
+            status = _replay_streaming(session, json_dest)
+        else:
+            res = replay_session(session)
+            _warn(res.warnings)
+            render_summary(res)
+            if json_dest:
+                write_json(build(res.run, res.results), json_dest)
+            status = exit_status(res.results)
     except HairtraceError as exc:
         fail(exc)
-    sys.exit(exit_status(res.results))
+    sys.exit(status)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0  # the replay says what is wrong with it
+
+
+def _replay_streaming(session: str, json_dest: str | None) -> int:
+    """`replay` in bounded memory: the summary and the report gather connections as the
+    analysis finishes them. The exit status."""
+    from tracer.analysis.finalize import Finished
+    from tracer.present import live
+    from tracer.present.digest import Digest
+    from tracer.present.report import exit_status
+    from tracer.present.spool import ReportSpool
+    from tracer.session import open_session
+    from tracer.session.replay import replay_stream
+
+    digest = Digest(live.MAX_ROWS)
+    spool = ReportSpool(open_session(session).header.start_ns) if json_dest else None
+
+    def take(done: Finished) -> None:
+        digest.add(*done)
+        if spool is not None:
+            spool.add(*done)
+
+    try:
+        res = replay_stream(session, take)
+        _warn(res.warnings)
+        live.render_digest(res.run, digest)
+        if spool is not None and json_dest:
+            write_json_with(lambda out: spool.write(res.run, out), json_dest)
+    finally:
+        if spool is not None:
+            spool.close()
+    return exit_status(digest.results)
 
 
 @click.command()

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, Self
 
+import numpy as np
+
 from tracer import __version__
 from tracer.analysis import analyse
 from tracer.analysis.context import Context, RuleDrop, TopologyNames, node_scope, scope_fields
@@ -28,8 +30,10 @@ from tracer.analysis.reassemble import Connection
 from tracer.errors import HairtraceError, UsageError
 from tracer.kernel import events as kevents
 from tracer.kernel.features import probe
-from tracer.kernel.libbpf import BpfObject, Libbpf, RingBuffer
+from tracer.kernel.libbpf import BpfObject, Libbpf
 from tracer.kernel.providers import Provider, choose
+from tracer.kernel.ringbuf import RingReader, open_reader
+from tracer.kernel.ringbuf import records as split_records
 from tracer.present.report import RunInfo
 from tracer.topology import Topology, resolve_netns, snapshot
 from tracer.topology.counters import collect_counters, drops_between
@@ -213,19 +217,28 @@ class _Live:
     """What one trace accumulates while it runs."""
 
     events: list[Event] = field(default_factory=list)
-    records: list[bytes] = field(default_factory=list)
+    chunks: list[np.ndarray] = field(default_factory=list)  # raw records, (n, 128) uint8
     writer: Any = None  # tracer.session.SessionWriter when recording
 
-    def add(self, batch: list[bytes]) -> None:
-        self.events.extend(kevents.decode_all(batch))
-        self.records.extend(batch)
+    def add(self, batch: np.ndarray) -> None:
+        """One drained batch: decoded for the analysis, kept raw, recorded."""
+        if not len(batch):
+            return
+        self.events.extend(kevents.decode_batch(batch))
+        self.chunks.append(batch)
         if self.writer is not None:
             self.writer.write_records(batch)
+
+    def records(self) -> list[bytes]:
+        if not self.chunks:
+            return []
+        return split_records(np.concatenate(self.chunks))
 
 
 def _drain(
     opts: TraceOptions,
-    rb: RingBuffer,
+    rb: RingReader,
+    live: _Live,
     losses: _Losses,
     update: Callable[[], None] | None,
 ) -> int | None:
@@ -237,7 +250,8 @@ def _drain(
             cmd_done_at: float | None = None
             last_update = 0.0
             while not stop.set:
-                rb.poll(opts.poll_ms)
+                rb.wait(opts.poll_ms)
+                live.add(rb.drain())
                 losses.check()
                 now = time.monotonic()
                 if update and now - last_update >= 0.25:
@@ -263,10 +277,10 @@ def run_trace(
     _check_options(opts)
     lib, obj, provider, reason = _load(opts)
     live, losses = _Live(), _Losses(obj, clock)
-    rb: RingBuffer | None = None
+    rb: RingReader | None = None
     try:
         attached = provider.attach(obj, netns.path)
-        rb = RingBuffer(lib, obj.map_fd("events"), live.add)
+        rb = open_reader(lib, obj.map_fd("events"), obj.map_max_entries("events"))
         attach_s, since_start = process_age(), time.monotonic() - t0
         start_ns, started_at = clock(), time.time()
         topo = snapshot(opts.service_ip, opts.service_port or None)
@@ -298,9 +312,9 @@ def run_trace(
         live.writer = _open_recording(opts, run, topo, drops or {}, netns.inode)
         if opts.ready_file:
             Path(opts.ready_file).write_text(f"{attach_s:.3f}\n")
-        status = _drain(opts, rb, losses, update)
+        status = _drain(opts, rb, live, losses, update)
         obj.detach_all()
-        rb.poll(0)
+        live.add(rb.drain())
         losses.check()
         end_ns = clock()
         rule_drops = drops_between(counters_before, collect_counters(netns.path))
@@ -333,7 +347,7 @@ def run_trace(
             rule_drops_netns=netns.inode,
         )
         live.writer.close(footer)
-    return TraceResult(run, live.events, ctx, topo, analyse(live.events, ctx), live.records)
+    return TraceResult(run, live.events, ctx, topo, analyse(live.events, ctx), live.records())
 
 
 def _open_recording(

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tracer.analysis.model import POINTS, Point
 from tracer.errors import HairtraceError
 from tracer.kernel.btf import KIND_ENUM, KIND_STRUCT, object_btf
-from tracer.kernel.events import EVENT_SIZE, LAYOUT, decode, decode_all
+from tracer.kernel.events import (
+    EVENT_DTYPE,
+    EVENT_SIZE,
+    LAYOUT,
+    decode,
+    decode_all,
+    decode_batch,
+)
 
 
 def test_layout_matches_the_compiled_object(bpf_object: Path) -> None:
@@ -117,3 +126,51 @@ def test_unsigned_enum_values_stay_unsigned() -> None:
     names = kernel_enum("skb_drop_reason", "SKB_DROP_REASON_")
     assert min(names) >= 0
     assert names.get(0xFFFF0000) in (None, "SUBSYS_MASK")
+
+
+def test_numpy_dtype_follows_the_layout() -> None:
+    assert EVENT_DTYPE.itemsize == EVENT_SIZE
+    fields = {name: (off, dt.itemsize) for name, (dt, off) in EVENT_DTYPE.fields.items()}
+    assert fields == {name: spec for name, spec in LAYOUT.items() if name != "_pad"}
+
+
+def _fixture_records(name: str) -> list[bytes]:
+    from tests.fixtures.loader import HERE
+
+    return [bytes.fromhex(r) for r in json.loads((HERE / name).read_text())["records"]]
+
+
+@pytest.mark.parametrize("name", ["seed-broken.json", "seed-healthy.json"])
+def test_decode_batch_equals_decode_per_record(name: str) -> None:
+    recs = _fixture_records(name)
+    want = [decode(r) for r in recs]
+    assert decode_batch(b"".join(recs)) == want
+    arr = np.frombuffer(b"".join(recs), dtype=np.uint8).reshape(-1, EVENT_SIZE)
+    assert decode_batch(arr) == want
+    assert decode_batch(arr[5:9]) == want[5:9]
+    assert decode_batch(arr[::2]) == want[::2], "strided rows are copied, not misread"
+
+
+def test_decode_batch_edge_values() -> None:
+    """Unsigned fields at their maxima, a negative priority, no conntrack, odd device names."""
+    untracked = bytearray(_record(point=31))
+    struct.pack_into("<Q", untracked, 0, 2**64 - 1)  # ts_ns
+    struct.pack_into("<i", untracked, 44, -(2**31))  # nf_prio
+    struct.pack_into("<I", untracked, 76, 0xFFFF0000)  # reason
+    untracked[70] = 0x02  # ct_flags: untracked, no entry
+    untracked[112:128] = b"veth\0garbage\0\0\0\0"
+    long_name = bytearray(_record())
+    long_name[112:128] = b"a-16-byte-name!!"  # no NUL at all
+    bad_utf8 = bytearray(_record())
+    bad_utf8[112:116] = b"\xff\xfe\0\0"
+    recs = [bytes(r) for r in (untracked, long_name, bad_utf8, _record())]
+    assert decode_batch(b"".join(recs)) == [decode(r) for r in recs]
+    ev = decode_batch(recs[0])[0]
+    assert ev.ct is None and ev.untracked and ev.dev == "veth" and ev.nf_prio == -(2**31)
+
+
+def test_decode_batch_of_nothing_and_of_a_partial_record() -> None:
+    assert decode_batch(b"") == []
+    assert decode_batch(np.empty((0, EVENT_SIZE), dtype=np.uint8)) == []
+    with pytest.raises(HairtraceError, match="do not match"):
+        decode_batch(_record() + _record()[:100])

@@ -153,6 +153,34 @@ def test_records_of_the_wrong_size_are_refused(tmp_path: Path) -> None:
     w.close()
 
 
+def test_records_back_to_back_in_one_buffer_write_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drained numpy batch (or bytes) is recorded exactly as the list of its records."""
+    import numpy as np
+
+    monkeypatch.setattr(writer_mod, "CHUNK_RECORDS", 4)
+    fx = load(BROKEN)
+    recs = records(fx)[:10]
+    paths = [tmp_path / f"{n}.hts" for n in ("list", "array", "bytes")]
+    batches_as = [
+        recs,
+        np.frombuffer(b"".join(recs), dtype=np.uint8).reshape(-1, 128),
+        b"".join(recs),
+    ]
+    for path, batch in zip(paths, batches_as, strict=True):
+        with SessionWriter(path, fixture_header(fx)) as w:
+            w.write_records(batch)
+            w.write_records(b"")  # nothing to write: no chunk
+            assert w.events == 10
+    assert paths[0].read_bytes() == paths[1].read_bytes() == paths[2].read_bytes()
+    assert _all_records(paths[1]) == recs
+    w = SessionWriter(tmp_path / "bad.hts", fixture_header(fx))
+    with pytest.raises(HairtraceError, match="not all 128 bytes"):
+        w.write_records(b"".join(recs)[:-1])
+    w.close()
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -11,7 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tracer.analysis.context import Context, in_scope
-from tracer.analysis.model import ACK, FIN, PSH, RST, SYN, Conntrack, Event, Tuple
+from tracer.analysis.model import (
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    Conntrack,
+    Event,
+    PointInfo,
+    Tuple,
+    point_info,
+)
 
 
 @dataclass(frozen=True)
@@ -112,15 +123,14 @@ def _nat_change(prev: Tuple, cur: Tuple) -> str | None:
     return "; ".join(parts) or None
 
 
-def _hop(ev: Event, prev: Tuple | None, ctx: Context) -> Hop:
-    info = ev.info
+def _hop(ev: Event, info: PointInfo, ns_name: str, prev: Tuple | None, ctx: Context) -> Hop:
     reason = None
     if info.kind == "drop":
         reason = ctx.drop_reasons.get(ev.reason, f"reason-{ev.reason}")
     return Hop(
         ev.ts_ns,
         ev.netns,
-        ctx.names.ns_name(ev.netns),
+        ns_name,
         ev.dev,
         info.name,
         info.kind,
@@ -132,27 +142,30 @@ def _hop(ev: Event, prev: Tuple | None, ctx: Context) -> Hop:
     )
 
 
-def _direction(t: Tuple, key: Tuple, cts: list[Conntrack]) -> str:
-    reply_side = {key.reversed()} | {ct.reply for ct in cts}
-    return "reply" if t in reply_side else "original"
+def _reply_side(key: Tuple, events: list[Event]) -> set[Tuple]:
+    """The tuples of a connection's reply direction: the key reversed, every conntrack reply."""
+    return {key.reversed()} | {ev.ct.reply for ev in events if ev.ct is not None}
 
 
 def _packets(events: list[Event], key: Tuple, ctx: Context) -> list[Packet]:
-    cts = [ev.ct for ev in events if ev.ct is not None]
+    reply_side = _reply_side(key, events)
     packets: list[Packet] = []
     open_by_id: dict[tuple[int, int, int, int], Packet] = {}
+    places: dict[int, set[tuple[int, str, str]]] = {}  # id(packet) -> places it passed
+    names: dict[int, str] = {}  # netns -> its name
     for ev in events:
         ident = (ev.tcp_flags, ev.seq, ev.ack_seq, ev.ip_id)
         pkt = open_by_id.get(ident)
+        info = point_info(ev.point)
         # Seeing the same segment again at a place it already passed means a
         # retransmission (a SYN+ACK's IP id is 0 every time): a new packet.
-        place = (ev.netns, ev.dev, ev.info.name)
-        if pkt is not None and any((h.netns, h.dev, h.point) == place for h in pkt.hops):
+        place = (ev.netns, ev.dev, info.name)
+        if pkt is not None and place in places[id(pkt)]:
             pkt = None
         if pkt is None:
             pkt = Packet(
                 role_of(ev.tcp_flags),
-                _direction(ev.tuple, key, cts),
+                "reply" if ev.tuple in reply_side else "original",
                 ev.tcp_flags,
                 ev.seq,
                 ev.ack_seq,
@@ -160,8 +173,13 @@ def _packets(events: list[Event], key: Tuple, ctx: Context) -> list[Packet]:
             )
             packets.append(pkt)
             open_by_id[ident] = pkt
+            places[id(pkt)] = set()
+        places[id(pkt)].add(place)
+        ns_name = names.get(ev.netns)
+        if ns_name is None:
+            ns_name = names[ev.netns] = ctx.names.ns_name(ev.netns)
         prev = pkt.hops[-1].tuple if pkt.hops else None
-        pkt.hops.append(_hop(ev, prev, ctx))
+        pkt.hops.append(_hop(ev, info, ns_name, prev, ctx))
     _link_resets(packets)
     return packets
 
@@ -187,13 +205,14 @@ def reassemble(events: list[Event], ctx: Context) -> list[Connection]:
         key = _key_of(ev, keys, ctx)
         if key is not None:
             groups.setdefault(key, []).append(ev)
-    conns = []
-    for key, evs in groups.items():
-        cts = [e.ct for e in evs if e.ct is not None and e.ct.orig == key]
-        backend = next(((ct.reply.src, ct.reply.sport) for ct in reversed(cts) if ct.dnat), None)
-        conns.append(
-            Connection(
-                key, backend, _packets(evs, key, ctx), {c.id for c in cts}, cts[-1] if cts else None
-            )
-        )
+    conns = [connection_of(key, evs, ctx) for key, evs in groups.items()]
     return sorted(conns, key=lambda c: c.first_ns)
+
+
+def connection_of(key: Tuple, events: list[Event], ctx: Context) -> Connection:
+    """One connection from its events (in time order), as reassemble builds each."""
+    cts = [e.ct for e in events if e.ct is not None and e.ct.orig == key]
+    backend = next(((ct.reply.src, ct.reply.sport) for ct in reversed(cts) if ct.dnat), None)
+    return Connection(
+        key, backend, _packets(events, key, ctx), {c.id for c in cts}, cts[-1] if cts else None
+    )

@@ -6,9 +6,14 @@ against the BTF of the compiled object.
 
 from __future__ import annotations
 
+import gc
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
 
 from tracer.analysis.model import Conntrack, Event, Tuple
 from tracer.errors import HairtraceError
@@ -47,6 +52,26 @@ LAYOUT: dict[str, tuple[int, int]] = {
 _EVENT = struct.Struct("<QQQQIIHBBi12sIIHBBII12s12sIB3x16s")
 _TUPLE = struct.Struct("!4s4sHH")
 assert _EVENT.size == EVENT_SIZE
+
+# numpy types of the LAYOUT fields (struct ht_tuple in network byte order)
+_TUPLE_DTYPE = np.dtype([("saddr", ">u4"), ("daddr", ">u4"), ("sport", ">u2"), ("dport", ">u2")])
+_TYPES: dict[str, Any] = {
+    "ts_ns": "<u8", "skb": "<u8", "ct_id": "<u8", "location": "<u8", "netns": "<u4",
+    "ifindex": "<u4", "point": "<u2", "hook": "u1", "tcp_flags": "u1", "nf_prio": "<i4",
+    "pkt": _TUPLE_DTYPE, "seq": "<u4", "ack_seq": "<u4", "ip_id": "<u2", "ct_flags": "u1",
+    "ctinfo": "u1", "ct_status": "<u4", "reason": "<u4", "ct_orig": _TUPLE_DTYPE,
+    "ct_reply": _TUPLE_DTYPE, "aux": "<u4", "proto": "u1", "dev": "S16",
+}  # fmt: skip
+# struct ht_event as a numpy structured dtype, offsets from LAYOUT (padding left out)
+EVENT_DTYPE = np.dtype(
+    {
+        "names": list(_TYPES),
+        "formats": list(_TYPES.values()),
+        "offsets": [LAYOUT[name][0] for name in _TYPES],
+        "itemsize": EVENT_SIZE,
+    }
+)
+assert all(EVENT_DTYPE.fields[n][0].itemsize == LAYOUT[n][1] for n in _TYPES)  # type: ignore[index]
 
 
 def decode_tuple(raw: bytes) -> Tuple:
@@ -118,3 +143,93 @@ def decode_all(records: Iterable[bytes]) -> list[Event]:
             )
         out.append(decode(r))
     return out
+
+
+def _interned(values: list[Any], convert: Callable[[Any], Any]) -> list[Any]:
+    """convert() applied once per distinct value, the results spread back in order."""
+    table = {v: convert(v) for v in dict.fromkeys(values)}
+    return list(map(table.__getitem__, values))
+
+
+def _dev_name(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _tuples(col: np.ndarray) -> list[Tuple]:
+    """Tuple objects for a column of struct ht_tuple (one object per distinct tuple)."""
+    return _interned(col.view("V12").tolist(), decode_tuple)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic GC while building many acyclic objects (it would rescan them all)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def decode_batch(batch: np.ndarray | bytes | memoryview) -> list[Event]:
+    """Decode records back to back (a (n, EVENT_SIZE) uint8 array or bytes) column-wise.
+
+    The same events as decode_all over the single records, built from numpy
+    columns: distinct addresses, tuples and device names are converted once.
+    """
+    flat = np.frombuffer(batch, dtype=np.uint8) if not isinstance(batch, np.ndarray) else batch
+    flat = np.ascontiguousarray(flat, dtype=np.uint8).reshape(-1)
+    if len(flat) % EVENT_SIZE:
+        raise HairtraceError(
+            f"ring-buffer batch of {len(flat)} bytes is not made of {EVENT_SIZE}-byte records: "
+            "BPF object and tracer version do not match"
+        )
+    rec = flat.view(EVENT_DTYPE)
+    if not len(rec):
+        return []
+    with _gc_paused():
+        return _decode_columns(rec)
+
+
+def _decode_columns(rec: np.ndarray) -> list[Event]:
+    n = len(rec)
+    ct_flags = rec["ct_flags"]
+    cts: list[Conntrack | None] = [None] * n
+    has_ct = np.flatnonzero(ct_flags & HT_CT_PRESENT)
+    if len(has_ct):
+        sub = rec[has_ct]
+        made = map(
+            Conntrack,
+            sub["ct_id"].tolist(),
+            sub["ct_status"].tolist(),
+            sub["ctinfo"].tolist(),
+            _tuples(sub["ct_orig"]),
+            _tuples(sub["ct_reply"]),
+        )
+        for i, ct in zip(has_ct.tolist(), made, strict=True):
+            cts[i] = ct
+    return list(
+        map(
+            Event,
+            rec["ts_ns"].tolist(),
+            rec["point"].tolist(),
+            rec["netns"].tolist(),
+            rec["ifindex"].tolist(),
+            _interned(rec["dev"].tolist(), _dev_name),
+            _tuples(rec["pkt"]),
+            rec["proto"].tolist(),
+            rec["tcp_flags"].tolist(),
+            rec["seq"].tolist(),
+            rec["ack_seq"].tolist(),
+            rec["ip_id"].tolist(),
+            rec["skb"].tolist(),
+            rec["hook"].tolist(),
+            rec["nf_prio"].tolist(),
+            cts,
+            ((ct_flags & HT_CT_UNTRACKED) != 0).tolist(),
+            rec["reason"].tolist(),
+            rec["location"].tolist(),
+            rec["aux"].tolist(),
+        )
+    )

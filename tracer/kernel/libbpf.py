@@ -79,6 +79,7 @@ class Libbpf:
             "bpf_map__initial_value": (vp, [vp, ctypes.POINTER(ctypes.c_size_t)]),
             "bpf_map__value_size": (ctypes.c_uint32, [vp]),
             "bpf_map__set_max_entries": (i, [vp, ctypes.c_uint32]),
+            "bpf_map__max_entries": (ctypes.c_uint32, [vp]),
             "bpf_map_lookup_elem": (i, [i, vp, vp]),
             "libbpf_probe_bpf_map_type": (i, [u, vp]),
             "btf__parse": (vp, [cp, vp]),
@@ -211,6 +212,10 @@ class BpfObject:
     def map_fd(self, suffix: str) -> int:
         return int(self.lib.lib.bpf_map__fd(self._map(suffix)))
 
+    def map_max_entries(self, suffix: str) -> int:
+        """max_entries of a map (for a ring buffer: its data size in bytes)."""
+        return int(self.lib.lib.bpf_map__max_entries(self._map(suffix)))
+
     def read_global(self, suffix: str) -> bytes:
         """The whole value of a global-data map (.bss, .data): a consistent copy."""
         m = self._map(suffix)
@@ -278,7 +283,11 @@ def _in_netns(lib: Libbpf, path: str) -> Iterator[None]:
 
 
 class RingBuffer:
-    """Drains a BPF ring buffer in batches into a callback taking raw records."""
+    """Drains a BPF ring buffer in batches into a callback taking raw records.
+
+    One ctypes callback per record; tracer.kernel.ringbuf reads the map directly
+    and uses this only where that is not safe.
+    """
 
     def __init__(self, lib: Libbpf, map_fd: int, on_records: Callable[[list[bytes]], None]) -> None:
         self.lib = lib

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from tracer.analysis.diagnose import Diagnosis
 from tracer.analysis.reassemble import Connection
+from tracer.present.digest import Digest
 from tracer.present.report import RunInfo
 from tracer.trace import Stats, TraceOptions, TraceResult, run_trace
 
@@ -38,45 +39,17 @@ def _header(run: RunInfo) -> Text:
 MAX_ROWS = 25  # beyond this, ok rows are tallied instead of listed
 
 
-def _shown(
-    results: list[tuple[Connection, Diagnosis]],
-) -> tuple[list[tuple[Connection, Diagnosis]], int]:
-    """The rows worth a line (every non-ok one first, then ok ones up to MAX_ROWS) and how
-    many ok rows are left out; the order of the rest is kept."""
-    if len(results) <= MAX_ROWS:
-        return results, 0
-    bad = [r for r in results if r[1].verdict != "ok"]
-    room = max(0, MAX_ROWS - len(bad))
-    keep = {id(r) for r in bad} | {
-        id(r) for r in [r for r in results if r[1].verdict == "ok"][:room]
-    }
-    shown = [r for r in results if id(r) in keep]
-    return shown, len(results) - len(shown)
-
-
-def tally(results: list[tuple[Connection, Diagnosis]]) -> str:
-    """'300 connections: 298 ok, 2 broken; backends 100.96.54.247:80 98, ...'"""
-    verdicts: dict[str, int] = {}
-    backends: dict[str, int] = {}
-    for conn, diag in results:
-        verdicts[diag.verdict] = verdicts.get(diag.verdict, 0) + 1
-        b = f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "none"
-        backends[b] = backends.get(b, 0) + 1
-    return (
-        f"{len(results)} connection(s): "
-        + ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items()))
-        + "; backends: "
-        + ", ".join(f"{b} {n}" for b, n in sorted(backends.items()))
-    )
-
-
 def _table(results: list[tuple[Connection, Diagnosis]]) -> Table:
+    return _digest_table(Digest.of(results, MAX_ROWS))
+
+
+def _digest_table(digest: Digest) -> Table:
     table = Table(expand=True, show_lines=False)
     for col in ("client", "service", "backend", "packets", "verdict", "where / cause"):
         table.add_column(col)
-    shown, hidden = _shown(results)
+    shown, hidden = digest.shown()
     if hidden:
-        table.caption = f"... and {hidden} more ok connection(s) not listed ({tally(results)})"
+        table.caption = f"... and {hidden} more ok connection(s) not listed ({digest.tally()})"
     for conn, diag in shown:
         backend = f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "-"
         roles = compact_roles([p.role for p in conn.packets])
@@ -177,18 +150,22 @@ class Outcome(Protocol):
 
 def render_summary(result: Outcome, console: Console | None = None) -> None:
     """Everything a person needs at the end: table, then each break in full."""
+    render_digest(result.run, Digest.of(result.results, MAX_ROWS), console)
+
+
+def render_digest(run: RunInfo, digest: Digest, console: Console | None = None) -> None:
+    """render_summary of the connections gathered in digest (a streamed replay)."""
     console = console or _console()
-    run = result.run
     console.print(_header(run))
     stats = Stats(run.events, run.lost_events, run.lost_by_point)
-    console.print(_table(result.results))
+    console.print(_digest_table(digest))
     console.print(_losses(stats))
-    if not result.results:
+    if not digest.total:
         console.print("no connection to the service was seen")
     else:
-        console.print(tally(result.results))
+        console.print(digest.tally())
     same: dict[tuple[str, ...], int] = {}
-    for conn, diag in result.results:
+    for conn, diag in digest.results:  # every one with notes or a break is kept
         for note in diag.notes:
             console.print(f"[magenta]note[/] {conn.key}: {note}")
         if diag.brk is None:

@@ -95,14 +95,18 @@ def break_dict(b: Break | None) -> dict[str, Any] | None:
     }
 
 
-def connection_dict(c: Connection, d: Diagnosis, origin_ns: int) -> dict[str, Any]:
+def connection_dict(
+    c: Connection, d: Diagnosis, origin_ns: int, *, packets: Any = None
+) -> dict[str, Any]:
+    """One entry of "connections"; packets: what to put as "packets" instead of c's
+    (tracer.present.columnar writes them itself)."""
     return {
         "client": _endpoint(c.key.src, c.key.sport),
         "service": _endpoint(c.key.dst, c.key.dport),
         "backend": _endpoint(*c.backend) if c.backend else None,
         "verdict": d.verdict,
         "notes": list(d.notes),
-        "packets": [_packet(p, origin_ns) for p in c.packets],
+        "packets": [_packet(p, origin_ns) for p in c.packets] if packets is None else packets,
         "break": break_dict(d.brk),
     }
 

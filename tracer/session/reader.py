@@ -56,6 +56,13 @@ class SessionReader:
     def record_batches(self) -> Iterator[list[bytes]]:
         """The raw 128-byte records, one list per chunk as they were recorded."""
         size = self.header.record_size
+        for payload in self.payloads():
+            yield [payload[i : i + size] for i in range(0, len(payload), size)]
+
+    def payloads(self) -> Iterator[bytes]:
+        """The records of each chunk back to back (header.record_size bytes each), as
+        recorded: what numpy reads without copying (tracer.kernel.records.rows_of)."""
+        size = self.header.record_size
         with self._open() as f:
             pos = self._data_start
             f.seek(pos)
@@ -70,7 +77,7 @@ class SessionReader:
                     if head.length % size:
                         raise self._corrupt(pos, f"not a whole number of {size}-byte records")
                     if payload:
-                        yield [payload[i : i + size] for i in range(0, head.length, size)]
+                        yield payload
                 elif head.kind in (Kind.HEADER, Kind.FOOTER, Kind.END):
                     raise self._corrupt(pos, f"unexpected {Kind(head.kind).name.lower()} chunk")
                 pos += CHUNK.size + head.length

@@ -2,24 +2,31 @@
 
 ReplayResult has the attribute names of tracer.trace.TraceResult (run, events,
 context, topology, results, records), so the live summary and the JSON report
-take either. header_from_trace / footer_from_trace build the header and footer
-from what run_trace knows, for the recording side.
+take either. replay_stream() analyses a session of any length in bounded memory
+(tracer.analysis.stream), handing each connection to a sink as it finishes.
+header_from_trace / footer_from_trace build the header and footer from what
+run_trace knows, for the recording side.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from tracer import __version__
 from tracer.analysis import analyse
 from tracer.analysis.context import Context, TopologyNames, node_scope, scope_fields
 from tracer.analysis.diagnose import Diagnosis
+from tracer.analysis.finalize import Finished
 from tracer.analysis.model import Event
 from tracer.analysis.reassemble import Connection
+from tracer.analysis.stream import StreamAnalyser
 from tracer.kernel.events import decode_all
+from tracer.kernel.records import CODEC, rows_of
 from tracer.present.report import RunInfo
 from tracer.session.header import SessionFooter, SessionHeader
 from tracer.session.reader import open_session
@@ -180,3 +187,103 @@ def replay(path: str | Path) -> ReplayResult:
         footer=footer,
         warnings=tuple(warnings),
     )
+
+
+STREAM_BATCH = 65536  # events per batch of the streaming analysis (chunks are joined)
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """How the streaming analysis went (memory is bounded by the first two)."""
+
+    max_open_connections: int
+    max_held_events: int  # events of open connections (and waiting for one) at most
+    connections: int
+    fast_connections: int  # recognised healthy without building their packets
+    unmatched_events: int  # in scope but of no connection (analyse drops them too)
+
+
+@dataclass(frozen=True)
+class StreamedReplay:
+    """A session analysed in bounded memory: a ReplayResult without events, records and
+    results (those went to the caller's sink one connection at a time)."""
+
+    run: RunInfo
+    context: Context
+    topology: Topology
+    header: SessionHeader
+    footer: SessionFooter | None
+    warnings: tuple[str, ...]
+    stats: StreamStats
+
+
+def replay_stream(
+    path: str | Path,
+    sink: Callable[[Finished], None],
+    *,
+    batch_events: int = STREAM_BATCH,
+    **limits: int,
+) -> StreamedReplay:
+    """Analyse a session as replay() does, without holding its events: every connection
+    goes to sink as soon as it is finished (Finished.order sorts them as replay() does).
+    limits: quiet_ns / idle_ns of tracer.analysis.stream.StreamAnalyser."""
+    reader = open_session(path)
+    header, footer = reader.header, reader.footer
+    ctx = context_of(header, footer, header.start_ns)  # end_ns: fixed below
+    analyser = StreamAnalyser(ctx, CODEC, **limits)
+    done = 0
+    for rows in _batches(reader.payloads(), header.record_size, batch_events):
+        for f in analyser.feed(rows):
+            sink(f)
+            done += 1
+    last = analyser.last_event_ns if analyser.last_event_ns is not None else header.start_ns
+    ctx = context_of(header, footer, last)
+    for f in analyser.finish(ctx.end_ns):
+        sink(f)
+        done += 1
+    warnings = list(reader.warnings)
+    if footer is not None and footer.events != analyser.events:
+        warnings.append(
+            f"session file {path}: the footer counts {footer.events} events, "
+            f"the file holds {analyser.events}"
+        )
+    topology = topology_of(header, footer)
+    scope = scope_fields([], topology, ctx.scope)
+    if ctx.scope is not None:
+        scope["events_out_of_scope"] = analyser.events_out_of_scope
+    return StreamedReplay(
+        run=replace(run_info(header, footer, analyser.events), **scope),
+        context=ctx,
+        topology=topology,
+        header=header,
+        footer=footer,
+        warnings=tuple(warnings),
+        stats=StreamStats(
+            analyser.max_open_connections,
+            analyser.max_held_events,
+            done,
+            analyser.fast_connections,
+            analyser.unmatched_events,
+        ),
+    )
+
+
+def _batches(payloads: Iterable[bytes], record_size: int, size: int) -> Iterator[np.ndarray]:
+    """Chunks as batches of about `size` records: small ones joined, big ones whole."""
+    parts: list[bytes] = []
+    count = 0
+    for payload in payloads:
+        n = len(payload) // record_size
+        if n >= size // 2:  # big enough alone: no copy
+            if parts:
+                yield rows_of(b"".join(parts), record_size)
+                parts, count = [], 0
+            yield rows_of(payload, record_size)
+            continue
+        parts.append(payload)
+        count += n
+        if count >= size:
+            yield rows_of(b"".join(parts), record_size)
+            parts, count = [], 0
+    if parts:
+        yield rows_of(b"".join(parts), record_size)

@@ -15,11 +15,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from tracer.errors import HairtraceError
 from tracer.session.format import END_PAYLOAD, Kind, chunk_head, preamble
 from tracer.session.header import SessionFooter, SessionHeader
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 FSYNC_INTERVAL = 5.0  # seconds
 CHUNK_RECORDS = 65536  # a larger batch is split, so that a reader's chunks stay bounded
@@ -106,13 +109,22 @@ class SessionWriter:
             raise HairtraceError(f"writing session file {self.path}: {exc.strerror}") from None
         self._offset += total
 
-    def write_records(self, records: list[bytes]) -> None:
-        """Append one batch of raw struct ht_event records as one chunk (split if huge)."""
-        if not records:
-            return
-        payload = b"".join(records)
+    def write_records(self, records: list[bytes] | Buffer) -> None:
+        """Append one batch of raw struct ht_event records as one chunk (split if huge).
+
+        records: one bytes object per record, or the records back to back in one
+        buffer (bytes, memoryview, a C-contiguous (n, record_size) uint8 array).
+        """
         size = self.header.record_size
-        if len(payload) != len(records) * size:
+        if isinstance(records, list):
+            payload: bytes | memoryview = b"".join(records)
+            count = len(records)
+        else:
+            payload = memoryview(records).cast("B")
+            count = -(-len(payload) // size)  # a partial record makes the check below fail
+        if not count:
+            return
+        if len(payload) != count * size:
             raise HairtraceError(
                 f"ring-buffer records are not all {size} bytes: "
                 "BPF object and tracer version do not match"
@@ -121,7 +133,7 @@ class SessionWriter:
         for start in range(0, len(payload), step):
             part = view[start : start + step]
             self._write(chunk_head(Kind.EVENTS, part), part)
-        self.events += len(records)
+        self.events += count
         if self._clock() - self._synced_at >= self._fsync_interval:
             self._sync()
 

@@ -1,0 +1,46 @@
+"""Report entries written from event columns are character for character the ones
+written from Connection objects, on every recorded connection (broken ones included:
+packets, hops, NAT, drops, conntrack entries and reset links all go through)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tracer.analysis.finalize import Finalizer, LazyConnection
+from tracer.analysis.stream import StreamAnalyser
+from tracer.kernel.records import CODEC, rows_of
+from tracer.present.columnar import ColumnarWriter
+from tracer.present.jsontext import dumps_indented
+from tracer.present.report import connection_dict
+from tracer.session import replay
+
+FAULTS = Path(__file__).resolve().parent.parent / "fixtures" / "faults"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FAULTS.glob("*.hts")))
+def test_entries_from_columns_are_the_entries_from_objects(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    judged = Finalizer._healthy
+
+    def every_one_lazy(self, closing, d, seg, starts):  # type: ignore[no-untyped-def]
+        healthy, backend_at = judged(self, closing, d, seg, starts)
+        return np.ones_like(healthy), backend_at
+
+    monkeypatch.setattr(Finalizer, "_healthy", every_one_lazy)
+    res = replay(FAULTS / name)
+    analyser = StreamAnalyser(res.context, CODEC)
+    done = analyser.feed(rows_of(b"".join(res.records))) + analyser.finish()
+    assert len(done) == len(res.results)
+    writer = ColumnarWriter()
+    for f in done:
+        assert isinstance(f.conn, LazyConnection) and not f.conn.built
+        diag = next(d for c, d in res.results if c.key == f.conn.key)  # the real verdict
+        fast = {nl: writer.entry(f.conn, diag, res.run.start_ns, nl) for nl in ("\n", "\n    ")}
+        slow = dumps_indented(connection_dict(f.conn, diag, res.run.start_ns))
+        assert f.conn.built
+        for nl, text in fast.items():
+            assert text == slow.replace("\n", nl)

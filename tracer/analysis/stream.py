@@ -1,0 +1,467 @@
+"""Streaming analysis: batches of events in, each connection's diagnosis out once it is done.
+
+tracer.analysis.analyse needs every event of a trace at once. StreamAnalyser
+reads them batch by batch (rows of raw records, read through a RecordCodec),
+keeps only the connections still open, and hands back (Connection, Diagnosis)
+for each one as soon as it is finished, then forgets its events. Memory is
+bounded by the open connections, the tuple -> connection map of recent
+connections and the few events waiting for their connection to be known.
+
+A connection is finished when no event of it arrived for
+  - quiet_ns of trace time (event timestamps) after it closed: FIN in both
+    directions and an ACK after them, or a reset towards the client (or from a
+    client that had completed the handshake); late retransmissions still group;
+  - idle_ns otherwise (default: the Context's reply timeout plus IDLE_MARGIN_NS,
+    which spans TCP's SYN retransmissions up to the fifth, 31 s after the first).
+It is then judged as analyse() would have judged it at that moment: diagnose()
+with end_ns = its last event + that period. Connections still open at finish()
+are judged with the Context's end_ns, exactly as analyse() does.
+
+Grouping follows reassemble: an event belongs to the connection whose service
+conntrack entry (original or reply tuple, either direction) holds its tuple,
+else to the tuple itself when it is addressed to or from the service; anything
+else is dropped. A tuple's entry may show up after some of its events (the
+tuple after DNAT is only known once an event carrying the entry arrives), so
+events without a connection wait up to idle_ns for one (`pending`).
+
+Where streaming differs from analyse() (never in the recorded fixtures): a
+4-tuple reused after its connection finished (or silent longer than idle_ns)
+starts a new connection; silences are measured at batch boundaries, so a
+longer one inside a single batch does not split a connection; an entry learned
+more than idle_ns after a tuple's events no longer claims them.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import count
+
+import numpy as np
+
+from tracer.analysis.batch import (
+    RecordCodec,
+    RowsRef,
+    TupleIds,
+    concat_derived,
+    derive,
+    rows_from,
+    take_derived,
+)
+from tracer.analysis.context import Context
+from tracer.analysis.diagnose import Diagnosis
+from tracer.analysis.finalize import Closing, Finalizer, Finished
+from tracer.analysis.model import ACK, FIN, RST, SYN
+from tracer.analysis.reassemble import Connection
+
+QUIET_NS = 2_000_000_000
+IDLE_MARGIN_NS = 30_000_000_000
+_NEVER = int(np.iinfo(np.uint64).max)
+_ORIGINAL, _REPLY = 0, 1
+_RST_ORIG, _RST_REPLY, _CLIENT_ACK = 1, 2, 4  # _group_stats bits
+
+
+class _Open:
+    """A connection still open: its events so far and what says whether it is over."""
+
+    __slots__ = (
+        "bits",
+        "closed",
+        "deadline",
+        "derived",
+        "events",
+        "fin_orig",
+        "fin_reply",
+        "fresh",
+        "key64",
+        "last_ack",
+        "last_ts",
+        "rows",
+    )  # fmt: skip
+
+    def __init__(self, key64: int) -> None:
+        self.key64 = key64
+        self.rows: list[RowsRef] = []  # raw records
+        self.derived: list[np.ndarray] = []  # batch.DERIVED
+        self.fresh = 0  # how many of the last chunks are views into the current batch
+        self.events = 0
+        self.last_ts = 0
+        self.fin_orig = _NEVER  # first FIN of each direction
+        self.fin_reply = _NEVER
+        self.last_ack = 0  # last pure ACK
+        self.bits = 0  # _RST_ORIG | _RST_REPLY | _CLIENT_ACK seen
+        self.deadline = 0
+        self.closed = False
+
+    def done(self) -> bool:
+        """Closed by FINs both ways and an ACK after them, or by a reset towards the client
+        (or from a client that had completed the handshake)."""
+        bits = self.bits
+        if bits & _RST_REPLY or (bits & _RST_ORIG and bits & _CLIENT_ACK):
+            return True
+        fin = max(self.fin_orig, self.fin_reply)
+        return fin != _NEVER and self.last_ack > fin
+
+
+@dataclass(eq=False)
+class _Pending:
+    """Events of a tuple no connection claims yet."""
+
+    rows: list[RowsRef] = field(default_factory=list)
+    derived: list[np.ndarray] = field(default_factory=list)
+    last_ts: int = 0
+
+
+class StreamAnalyser:
+    """Feed batches in recording order with feed(); call finish() at the end.
+
+    Both return the connections finished by then (Finished: order, conn, diag);
+    sorted by `order` they are what analyse() returns for the same events.
+    """
+
+    def __init__(
+        self,
+        ctx: Context,
+        codec: RecordCodec,
+        *,
+        quiet_ns: int = QUIET_NS,
+        idle_ns: int | None = None,
+    ) -> None:
+        self.ctx, self.codec = ctx, codec
+        self.quiet_ns = quiet_ns
+        self.idle_ns = idle_ns if idle_ns is not None else ctx.reply_timeout_ns + IDLE_MARGIN_NS
+        self.tuples = TupleIds(ctx.service_ip)
+        self._finalizer = Finalizer(ctx, codec, self.tuples)
+        self._scope = np.array(sorted(ctx.scope), dtype=np.uint32) if ctx.scope else None
+        self._open: dict[int, _Open] = {}
+        # tuple -> (connection key, direction): claims by service conntrack entries. A claim
+        # holds while its key is open and until _released[key] (idle_ns after its last
+        # event); stale ones are purged every idle_ns of trace time.
+        self._keys: dict[int, tuple[int, int]] = {}
+        self._released: dict[int, int] = {}
+        self._next_purge = 0
+        self._pending: dict[int, _Pending] = {}
+        self._deadlines: list[tuple[int, int, _Open]] = []
+        self._seq = count()
+        self._closing: list[Closing] = []
+        self._touched: list[_Open] = []
+        self.watermark = 0  # latest event time seen
+        # counters
+        self.events = 0
+        self.events_out_of_scope = 0
+        self.unmatched_events = 0  # in scope, but no connection ever claimed them
+        self.held_events = 0  # events of open connections and pending, now
+        self.max_held_events = 0
+        self.max_open_connections = 0
+        self.last_event_ns: int | None = None
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    @property
+    def tracked_tuples(self) -> int:
+        """Entries of the tuple -> connection map (claims of recent connections)."""
+        return len(self._keys)
+
+    @property
+    def fast_connections(self) -> int:
+        """Connections judged healthy from their columns (no packets built)."""
+        return self._finalizer.fast
+
+    # ------------------------------------------------------------------ input
+
+    def feed(self, rows: np.ndarray) -> list[Finished]:
+        """One batch of raw records (any time order within it)."""
+        n = len(rows)
+        if not n:
+            return []
+        cols = self.codec.columns(rows)
+        first = self.events
+        self.events += n
+        top = int(cols.ts.max())
+        self.last_event_ns = top if self.last_event_ns is None else max(self.last_event_ns, top)
+        d = derive(cols, first, self.tuples)
+        sel = None  # the rows of the batch to analyse, in time order (None: all, as they are)
+        if self._scope is not None:
+            inside = np.isin(cols.netns, self._scope)
+            if not inside.all():
+                sel = np.flatnonzero(inside)
+                self.events_out_of_scope += n - len(sel)
+        ts = d["ts"] if sel is None else d["ts"][sel]
+        if len(ts) > 1 and np.any(ts[1:] < ts[:-1]):
+            by_time = np.argsort(ts, kind="stable")
+            sel = by_time if sel is None else sel[by_time]
+        if sel is None:
+            sel = np.arange(n)
+        else:
+            d = take_derived(d, sel)
+        if len(sel):
+            self._learn(d)
+            self._assign(rows, sel, d)
+        self.watermark = max(self.watermark, top)
+        self._expire()
+        self._settle()
+        return self._flush()
+
+    def finish(self, end_ns: int | None = None) -> list[Finished]:
+        """Every connection still open, judged at end_ns (default: the Context's)."""
+        end = self.ctx.end_ns if end_ns is None else end_ns
+        for conn in list(self._open.values()):
+            self._close(conn, end)
+        self.unmatched_events += sum(sum(map(len, p.derived)) for p in self._pending.values())
+        self._pending.clear()
+        self.held_events = 0
+        return self._flush()
+
+    # ------------------------------------------------------------- grouping
+
+    def _learn(self, d: np.ndarray) -> None:
+        """Claim the tuples of every service conntrack entry, earliest first."""
+        svc = self.tuples.service_id
+        if svc is None:
+            return
+        o = d["o"][d["ct"]]
+        mine = ((o >> np.uint64(32)) & np.uint64(0xFFFF)) == svc
+        if self.ctx.service_port:
+            mine &= (o & np.uint64(0xFFFF)) == self.ctx.service_port
+        o, r = o[mine], d["r"][d["ct"]][mine]
+        if not len(o):
+            return
+        head = np.ones(len(o), dtype=bool)  # entries repeat in runs: one of each run
+        head[1:] = (o[1:] != o[:-1]) | (r[1:] != r[:-1])
+        o, r = o[head], r[head]
+        by_pair = np.lexsort((r, o))  # stable: each pair's first entry is its earliest
+        os, rs = o[by_pair], r[by_pair]
+        new = np.ones(len(os), dtype=bool)
+        new[1:] = (os[1:] != os[:-1]) | (rs[1:] != rs[:-1])
+        firsts = np.sort(by_pair[new])
+        o, r = o[firsts], r[firsts]
+        rev = self.tuples.reverse
+        keys, live, released, now = self._keys, self._open, self._released, self.watermark
+        pending = self._pending
+        for ok, rok, rk, rrk in zip(o.tolist(), rev(o).tolist(), r.tolist(), rev(r).tolist()):
+            if ok not in live and ok not in released:
+                released[ok] = now + self.idle_ns  # its claims hold until then, or it opens
+            fwd, back = (ok, _ORIGINAL), (ok, _REPLY)
+            for t, hit in ((ok, fwd), (rok, back), (rk, back), (rrk, fwd)):
+                old = keys.get(t)  # a claim that still holds wins (see _key_of)
+                if old is not None and (old[0] in live or released.get(old[0], -1) >= now):
+                    continue
+                keys[t] = hit
+                if pending:
+                    waiting = pending.pop(t, None)
+                    if waiting is not None:
+                        self._adopt(ok, hit[1], waiting)
+
+    def _key_of(self, t: int) -> tuple[int, int] | None:
+        """(connection key, direction) of tuple t: the claim of a service conntrack entry
+        while it holds (its key is open, or closed less than idle_ns ago), else t itself
+        when addressed to the service, or reversed when from it; None when neither."""
+        hit = self._keys.get(t)
+        if hit is not None and (
+            hit[0] in self._open or self._released.get(hit[0], -1) >= self.watermark
+        ):
+            return hit
+        svc, port = self.tuples.service_id, self.ctx.service_port
+        if svc is None:
+            return None
+        if (t >> 32) & 0xFFFF == svc and (not port or t & 0xFFFF == port):
+            return t, _ORIGINAL
+        if t >> 48 == svc and (not port or (t >> 16) & 0xFFFF == port):
+            return self.tuples.reverse(t), _REPLY
+        return None
+
+    def _assign(self, rows: np.ndarray, sel: np.ndarray, d: np.ndarray) -> None:
+        """Append each event (in time order) to its connection; hold those without one."""
+        t, n = d["t"], len(d)
+        head = np.ones(n, dtype=bool)  # events come in runs of one tuple: key each run once
+        head[1:] = t[1:] != t[:-1]
+        run_at = np.flatnonzero(head)
+        run_len = np.diff(np.append(run_at, n))
+        uniq, inv = np.unique(t[run_at], return_inverse=True)
+        ukey = np.zeros(len(uniq), dtype=np.uint64)
+        uside = np.zeros(len(uniq), dtype=np.int8)
+        known = np.ones(len(uniq), dtype=bool)
+        key_of = self._key_of
+        for j, tk in enumerate(uniq.tolist()):
+            hit = key_of(tk)
+            if hit is None:
+                known[j] = False
+            else:
+                ukey[j], uside[j] = hit
+        if not known.all():
+            lost = ~np.repeat(known[inv], run_len)
+            self._hold(rows, sel[lost], d[lost])
+            keep = known[inv]
+            run_at, run_len, inv = run_at[keep], run_len[keep], inv[keep]
+            if not len(run_at):
+                return
+        # runs grouped by connection (stable: time order kept), then back to events
+        by_key = np.argsort(ukey[inv], kind="stable")
+        run_at, run_len, inv = run_at[by_key], run_len[by_key], inv[by_key]
+        run_key = ukey[inv]
+        offset = np.cumsum(run_len) - run_len
+        ev = np.repeat(run_at - offset, run_len) + np.arange(int(run_len.sum()))
+        src = sel[ev]
+        d = take_derived(d, ev)
+        new_key = np.ones(len(run_key), dtype=bool)
+        new_key[1:] = run_key[1:] != run_key[:-1]
+        starts = offset[new_key]
+        ends = np.append(starts[1:], len(ev))
+        side = np.repeat(uside[inv], run_len)
+        stats = _group_stats(d["flags"], d["ts"], side, starts, ends)
+        keys = run_key[new_key].tolist()
+        for g, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            self._append(keys[g], (rows, src[s:e]), d[s:e], stats[g], fresh=True)
+
+    def _append(
+        self, key64: int, rows: RowsRef, d: np.ndarray, stats: list[int], *, fresh: bool
+    ) -> None:
+        first, last, fin_o, fin_r, ack, bits = stats
+        conn = self._open.get(key64)
+        if conn is not None and first > conn.deadline:
+            self._close(conn, conn.deadline)  # silent past its deadline: that one is over
+            conn = None
+        if conn is None:
+            conn = self._open[key64] = _Open(key64)
+            if key64 in self._released:
+                del self._released[key64]
+            self.max_open_connections = max(self.max_open_connections, len(self._open))
+        conn.rows.append(rows)
+        conn.derived.append(d)
+        if fresh:
+            if not conn.fresh:
+                self._touched.append(conn)
+            conn.fresh += 1
+        n = len(d)
+        conn.events += n
+        self.held_events += n
+        self.max_held_events = max(self.max_held_events, self.held_events)
+        conn.last_ts = max(conn.last_ts, last)
+        conn.fin_orig = min(conn.fin_orig, fin_o)
+        conn.fin_reply = min(conn.fin_reply, fin_r)
+        conn.last_ack = max(conn.last_ack, ack)
+        conn.bits |= bits
+        deadline = conn.last_ts + (self.quiet_ns if conn.done() else self.idle_ns)
+        if deadline != conn.deadline:
+            conn.deadline = deadline
+            heapq.heappush(self._deadlines, (deadline, next(self._seq), conn))
+
+    def _hold(self, rows: np.ndarray, idx: np.ndarray, d: np.ndarray) -> None:
+        """Keep events no connection claims yet, by tuple, until one does or idle_ns passes."""
+        by_t = np.argsort(d["t"], kind="stable")
+        idx, d = idx[by_t], take_derived(d, by_t)
+        t64 = d["t"]
+        starts = np.flatnonzero(np.concatenate(([True], t64[1:] != t64[:-1])))
+        ends = np.append(starts[1:], len(idx))
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            p = self._pending.setdefault(int(t64[s]), _Pending())
+            p.rows.append((self.codec.take(rows, idx[s:e]), None))
+            p.derived.append(d[s:e].copy())
+            p.last_ts = max(p.last_ts, int(d["ts"][s:e].max()))
+            self._held(e - s)
+
+    def _adopt(self, key64: int, side: int, waiting: _Pending) -> None:
+        """Events that waited for their tuple's connection join it."""
+        rows = rows_from(self.codec, waiting.rows)
+        d = concat_derived(waiting.derived)
+        self.held_events -= len(d)
+        by_time = np.argsort(d["ts"], kind="stable")
+        rows, d = self.codec.take(rows, by_time), take_derived(d, by_time)
+        sides = np.full(len(d), side, dtype=np.int8)
+        ends = np.array([len(d)])
+        stats = _group_stats(d["flags"], d["ts"], sides, np.zeros(1, dtype=np.int64), ends)
+        self._append(key64, (rows, None), d, stats[0], fresh=False)
+
+    def _held(self, n: int) -> None:
+        self.held_events += n
+        self.max_held_events = max(self.max_held_events, self.held_events)
+
+    def _settle(self) -> None:
+        """Connections still open keep copies of this batch's rows, not views into it,
+        so that a long connection does not keep every batch it touched alive."""
+        take = self.codec.take
+        for conn in self._touched:
+            if not conn.closed:
+                for i in range(len(conn.rows) - conn.fresh, len(conn.rows)):
+                    src, idx = conn.rows[i]
+                    if idx is not None:
+                        conn.rows[i] = (take(src, idx), None)
+                    conn.derived[i] = conn.derived[i].copy()
+            conn.fresh = 0
+        self._touched = []
+
+    # ---------------------------------------------------------------- expiry
+
+    def _expire(self) -> None:
+        now, heap = self.watermark, self._deadlines
+        while heap and heap[0][0] < now:
+            deadline, _seq, conn = heapq.heappop(heap)
+            if not conn.closed and conn.deadline == deadline:
+                self._close(conn, deadline)
+        if now >= self._next_purge:
+            self._next_purge = now + self.idle_ns
+            live, released = self._open, {k: at for k, at in self._released.items() if at >= now}
+            self._released = released
+            self._keys = {
+                t: hit
+                for t, hit in self._keys.items()
+                if hit[0] in live or released.get(hit[0], -1) >= now
+            }
+        stale = [t for t, p in self._pending.items() if p.last_ts + self.idle_ns < now]
+        for t in stale:
+            n = sum(map(len, self._pending.pop(t).derived))
+            self.unmatched_events += n
+            self.held_events -= n
+
+    def _close(self, conn: _Open, end_ns: int) -> None:
+        conn.closed = True
+        del self._open[conn.key64]
+        self.held_events -= conn.events
+        self._released[conn.key64] = conn.last_ts + self.idle_ns
+        key = self.tuples.tuple(conn.key64)
+        self._closing.append(Closing(conn.key64, key, conn.rows, conn.derived, end_ns))
+
+    def _flush(self) -> list[Finished]:
+        closing, self._closing = self._closing, []
+        return self._finalizer.run(closing)
+
+
+def _group_stats(
+    flags: np.ndarray, ts: np.ndarray, side: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> list[list[int]]:
+    """Per group of consecutive events in time order: first and last time, first FIN of
+    each direction, last pure ACK, and bits: _RST_ORIG, _RST_REPLY, _CLIENT_ACK."""
+    orig = side == _ORIGINAL
+    fin = (flags & FIN) != 0
+    rst = (flags & RST) != 0
+    acks = (flags & ACK) != 0
+    never = np.uint64(_NEVER)
+    fin_o = np.minimum.reduceat(np.where(fin & orig, ts, never), starts)
+    fin_r = np.minimum.reduceat(np.where(fin & ~orig, ts, never), starts)
+    pure_ack = acks & ((flags & (SYN | FIN | RST)) == 0)
+    last_ack = np.maximum.reduceat(np.where(pure_ack, ts, np.uint64(0)), starts)
+    bits = (
+        (rst & orig).astype(np.uint64) * _RST_ORIG
+        | (rst & ~orig).astype(np.uint64) * _RST_REPLY
+        | (acks & ((flags & (SYN | RST)) == 0) & orig).astype(np.uint64) * _CLIENT_ACK
+    )
+    any_bits = np.bitwise_or.reduceat(bits, starts)
+    cols = (ts[starts], ts[ends - 1], fin_o, fin_r, last_ack, any_bits)
+    rows: list[list[int]] = np.stack(cols, axis=1).tolist()
+    return rows
+
+
+def analyse_stream(
+    batches: Iterable[np.ndarray], ctx: Context, codec: RecordCodec, **limits: int
+) -> list[tuple[Connection, Diagnosis]]:
+    """analyse() over batches of raw records, results in analyse's order (which needs
+    them all at the end: consumers of big sessions use StreamAnalyser's output as it comes)."""
+    analyser = StreamAnalyser(ctx, codec, **limits)
+    done: list[Finished] = []
+    for rows in batches:
+        done += analyser.feed(rows)
+    done += analyser.finish()
+    return [(f.conn, f.diag) for f in sorted(done, key=lambda f: f.order)]

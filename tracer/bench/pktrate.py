@@ -1,0 +1,74 @@
+"""Packet-rate overhead of hairtrace on the lab's paths.
+
+Outside the filter: the UDP flood across the bridge, which hairtrace's
+programs see (every device tracepoint and netfilter hook of hb-node fires)
+but filter out in the kernel. Traced: TCP to the ClusterIP, every packet of
+which becomes events. Both against the same traffic with no tracer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tracer.bench import netlab
+from tracer.bench.compare import compare
+from tracer.bench.context import Env
+from tracer.bench.rows import Row, Target
+from tracer.bench.tracerun import Tracer
+from tracer.errors import HairtraceError
+
+SECTION = "packet rate"
+UDP = Target("ratio", ">=", 0.98, ">= 0.98 x untraced (< 2% loss)")
+TCP = Target("ratio", ">=", 0.80, ">= 0.80 x untraced")
+NO_TRACER = "no tracer"
+
+
+def template() -> list[Row]:
+    return [
+        Row("pktrate.udp_outside_filter", SECTION,
+            "UDP flood outside the filter, hairtrace attached", "pps",
+            baseline_name=NO_TRACER, target=UDP),
+        Row("pktrate.tcp_traced", SECTION,
+            "TCP via the ClusterIP, traced by hairtrace", "pps",
+            baseline_name=NO_TRACER, target=TCP),
+    ]  # fmt: skip
+
+
+class HairtraceObserver:
+    """hairtrace --svc VIP --netns hb-node, started and stopped around one sample."""
+
+    def __init__(self, env: Env, stop_timeout: float) -> None:
+        self.env, self.stop_timeout = env, stop_timeout
+        self.tracer: Tracer | None = None
+
+    def start(self) -> None:
+        self.tracer = Tracer(self.env.procs, self.env.workdir, netlab.SERVICE_IP, netlab.NODE,
+                             limit=600)  # fmt: skip
+        self.tracer.wait_attached()
+
+    def stop(self) -> dict[str, Any]:
+        assert self.tracer is not None
+        try:
+            done = self.tracer.stop(self.stop_timeout)
+        except HairtraceError as exc:
+            return {"error": str(exc)}
+        report = done.report
+        return {
+            "events": report.get("events"),
+            "lost_events": report.get("lost_events"),
+            "connections": len(report.get("connections", [])),
+            "exit_status": done.status,
+            "sigterm_to_exit_s": round(done.exit_seconds, 3),
+        }
+
+
+def measure(env: Env) -> list[Row]:
+    udp_row, tcp_row = template()
+    secs = env.seconds
+    udp = compare(lambda: env.traffic.udp(secs), lambda: HairtraceObserver(env, 60), env.rounds)
+    tcp = compare(lambda: env.traffic.tcp(secs), lambda: HairtraceObserver(env, 180), env.rounds)
+    tcp_path = f"hb-a -> {netlab.SERVICE_IP}:{netlab.SERVICE_PORT}, DNAT to hb-b"
+    return [
+        udp.row(udp_row, traffic="flood.c send: 18-byte UDP, sendmmsg, hb-a -> hb-b via cni0"),
+        tcp.row(tcp_row, traffic=f"flood.c tcp-send: 64-byte writes, TCP_NODELAY, {tcp_path}"),
+    ]

@@ -1,0 +1,129 @@
+"""Raw struct ht_event records as numpy rows, for the streaming analysis.
+
+A batch of records (a ring-buffer drain or a session chunk) becomes one numpy
+structured array without copying (EVENT_DTYPE, the mirror of bpf/hairtrace.h);
+CODEC turns rows into the host-order columns tracer.analysis.stream reads, and
+decodes rows into Event objects only when a connection needs a full diagnosis.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tracer.analysis.batch import EventColumns, EventFields
+from tracer.analysis.model import Event
+from tracer.errors import HairtraceError
+from tracer.kernel.events import EVENT_DTYPE, EVENT_SIZE, HT_CT_PRESENT, LAYOUT, decode_batch
+
+_OPAQUE = np.dtype(f"V{EVENT_SIZE}")  # a record as one opaque item: fast to gather and copy
+
+
+def rows_of(payload: bytes | memoryview, record_size: int = EVENT_SIZE) -> np.ndarray:
+    """Records back to back -> rows (one opaque item per record; a view of payload when
+    record_size is EVENT_SIZE), what CODEC reads."""
+    if record_size < EVENT_SIZE or len(payload) % record_size:
+        raise HairtraceError(
+            f"a batch of {len(payload)} bytes is not made of {record_size}-byte records "
+            f"of at least {EVENT_SIZE} bytes: BPF object and tracer version do not match"
+        )
+    flat = np.frombuffer(payload, dtype=np.uint8)
+    if record_size != EVENT_SIZE:  # a newer recorder's longer records: keep the known part
+        flat = np.ascontiguousarray(flat.reshape(-1, record_size)[:, :EVENT_SIZE]).reshape(-1)
+    return flat.view(_OPAQUE)
+
+
+def _fields() -> np.dtype:
+    """The fields the columns come from, each port pair as one big-endian u32."""
+    names, formats, offsets = [], [], []
+    for name, typ in (("ts_ns", "<u8"), ("netns", "<u4"), ("tcp_flags", "u1"), ("ct_flags", "u1")):
+        names.append(name)
+        formats.append(typ)
+        offsets.append(LAYOUT[name][0])
+    for tup in ("pkt", "ct_orig", "ct_reply"):
+        base = LAYOUT[tup][0]  # struct ht_tuple: saddr, daddr, sport, dport
+        for part, delta in (("saddr", 0), ("daddr", 4), ("ports", 8)):
+            names.append(f"{tup}_{part}")
+            formats.append(">u4")
+            offsets.append(base + delta)
+    return np.dtype(
+        {"names": names, "formats": formats, "offsets": offsets, "itemsize": EVENT_SIZE}
+    )
+
+
+_FIELDS = _fields()
+
+
+class _Codec:
+    """tracer.analysis.batch.RecordCodec over rows from rows_of."""
+
+    def columns(self, rows: np.ndarray) -> EventColumns:
+        rec = rows.view(_FIELDS)
+        has_ct = (rec["ct_flags"] & HT_CT_PRESENT) != 0
+        ct = np.flatnonzero(has_ct)
+        u32 = np.uint32
+
+        def host(name: str) -> np.ndarray:
+            return rec[name].astype(u32)
+
+        def of_ct(name: str) -> np.ndarray:
+            return rec[name][ct].astype(u32)
+
+        return EventColumns(  # fields already in host order stay views (read once, later)
+            ts=rec["ts_ns"],
+            netns=rec["netns"],
+            flags=rec["tcp_flags"],
+            saddr=host("pkt_saddr"),
+            daddr=host("pkt_daddr"),
+            ports=host("pkt_ports"),
+            has_ct=has_ct,
+            o_saddr=of_ct("ct_orig_saddr"),
+            o_daddr=of_ct("ct_orig_daddr"),
+            o_ports=of_ct("ct_orig_ports"),
+            r_saddr=of_ct("ct_reply_saddr"),
+            r_daddr=of_ct("ct_reply_daddr"),
+            r_ports=of_ct("ct_reply_ports"),
+        )
+
+    def fields(self, rows: np.ndarray) -> EventFields:
+        rec = rows.view(EVENT_DTYPE)
+        pkt, orig, reply = rec["pkt"], rec["ct_orig"], rec["ct_reply"]
+        u32, u16 = np.uint32, np.uint16
+        return EventFields(
+            ts=rec["ts_ns"],
+            point=rec["point"],
+            netns=rec["netns"],
+            dev=rec["dev"],
+            saddr=pkt["saddr"].astype(u32),
+            daddr=pkt["daddr"].astype(u32),
+            sport=pkt["sport"].astype(u16),
+            dport=pkt["dport"].astype(u16),
+            flags=rec["tcp_flags"],
+            seq=rec["seq"],
+            ack=rec["ack_seq"],
+            ip_id=rec["ip_id"],
+            reason=rec["reason"],
+            has_ct=(rec["ct_flags"] & HT_CT_PRESENT) != 0,
+            ct_id=rec["ct_id"],
+            ct_status=rec["ct_status"],
+            ctinfo=rec["ctinfo"],
+            o_saddr=orig["saddr"].astype(u32),
+            o_daddr=orig["daddr"].astype(u32),
+            o_sport=orig["sport"].astype(u16),
+            o_dport=orig["dport"].astype(u16),
+            r_saddr=reply["saddr"].astype(u32),
+            r_daddr=reply["daddr"].astype(u32),
+            r_sport=reply["sport"].astype(u16),
+            r_dport=reply["dport"].astype(u16),
+        )
+
+    def events(self, rows: np.ndarray) -> list[Event]:
+        return decode_batch(np.ascontiguousarray(rows).view(np.uint8))
+
+    def take(self, rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return rows[idx]
+
+    def concat(self, parts: list[np.ndarray]) -> np.ndarray:
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+CODEC = _Codec()
