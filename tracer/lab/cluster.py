@@ -45,10 +45,6 @@ class Pod:
     node: int  # 1 or 2
     ip: str
 
-    @property
-    def name(self) -> str:
-        return self.ns
-
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -94,9 +90,6 @@ class ClusterSpec:
     @property
     def client(self) -> Pod:
         return self.pods[0]
-
-    def pod(self, ip: str) -> Pod | None:
-        return next((p for p in self.pods if p.ip == ip), None)
 
     @property
     def namespaces(self) -> tuple[str, ...]:
