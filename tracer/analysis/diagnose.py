@@ -132,15 +132,11 @@ def _unanswered(conn: Connection, ctx: Context) -> tuple[Break | None, str, list
         "unexplained",
         f"No SYN+ACK was seen within {waited / 1e9:.1f}s; the SYN was last seen at "
         f"{hop.netns_name}/{hop.dev} ({hop.point}) as {hop.tuple}.",
-        tuple(_path_evidence(last_syn)),
+        (drops.path_text(last_syn),),
         "Look beyond the last point seen: is the backend listening, is there a route, "
         "does a firewall outside the traced points drop it?",
     )
     return brk, "broken", []
-
-
-def _path_evidence(pkt: Packet) -> list[str]:
-    return [drops.path_text(pkt)]
 
 
 def _dropped(conn: Connection, roles: _Roles, ctx: Context) -> Break | None:
@@ -250,10 +246,7 @@ def _untranslated_reply(
             f"(flushed, expired, evicted or looked up in another zone) and reached the client "
             f"untranslated instead of from {svc}."
         )
-        fix = (
-            "Find what removes or hides the entry between SYN and SYN+ACK: conntrack -E in that "
-            "namespace, conntrack flushes, nf_conntrack_max, CT --zone / NOTRACK rules."
-        )
+        fix = drops.NO_ENTRY_FIX
     elif bridge is not None and not nf_seen and nat_ns is not None:
         value = ctx.names.sysctl(nat_ns, SYSCTL_BR_NF)
         evidence.append(

@@ -18,6 +18,13 @@ from tracer.analysis.reassemble import Connection, Hop, Packet
 # unexpected SYN+ACK in the client): consequences, never the place a path broke.
 CONSEQUENCES = frozenset({"NO_SOCKET", "TCP_RESET", "TCP_FLAGS", "TCP_INVALID_SEQUENCE"})
 
+# The fix for a reply that found no conntrack entry, dropped or delivered untranslated.
+NO_ENTRY_FIX = (
+    "Find what removes or hides the entry between SYN and SYN+ACK: conntrack -L / -E in "
+    "that namespace, conntrack flushes (kube-proxy on endpoint changes), nf_conntrack_max "
+    "and its 'table full' messages, CT --zone / NOTRACK rules in the raw table."
+)
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -249,9 +256,7 @@ def _reply_without_conntrack(
         f"reverse-translated and was INVALID; it was dropped at {hop.netns_name}/{hop.dev} "
         f"({reason}).",
         tuple(ev),
-        "Find what removes or hides the entry between SYN and SYN+ACK: conntrack -L / -E in "
-        "that namespace, conntrack flushes (kube-proxy on endpoint changes), nf_conntrack_max "
-        "and its 'table full' messages, CT --zone / NOTRACK rules in the raw table.",
+        NO_ENTRY_FIX,
         rule.hook if rule else None, rule.rule if rule else None,
     )  # fmt: skip
 

@@ -354,11 +354,7 @@ class ClusterState:
 
 
 def save(state: ClusterState) -> ClusterState:
-    path = state.spec.state_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(state.to_json())
-    os.replace(tmp, path)
+    seed.write_state(state.spec.state_file, state.to_json())
     return state
 
 
@@ -591,7 +587,7 @@ def down(prefix: str = "ht") -> list[str]:
         if netns.delete(ns):
             done.append(f"deleted netns {ns}")
     shutil.rmtree(spec.work_dir, ignore_errors=True)
-    for path in (spec.state_file, spec.state_file.with_suffix(".tmp")):
+    for path in (spec.state_file, seed.temp_of(spec.state_file)):
         if path.exists():
             path.unlink()
             done.append(f"removed {path}")

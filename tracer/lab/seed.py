@@ -442,13 +442,22 @@ def _require_node(lab: SeedLab) -> None:
 # state file
 
 
+def temp_of(path: Path) -> Path:
+    """Where write_state writes before renaming (removed by down if left behind)."""
+    return path.with_suffix(".json.tmp")
+
+
+def write_state(path: Path, text: str) -> None:
+    """Write a lab state file atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_of(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _save(state: LabState) -> LabState:
     """Write the state file atomically; return the state for chaining."""
-    path = state.lab.state_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(state.to_json())
-    os.replace(tmp, path)
+    write_state(state.lab.state_file, state.to_json())
     return state
 
 
@@ -747,7 +756,7 @@ def _remove_files(lab: SeedLab) -> list[str]:
         if path.exists():
             shutil.rmtree(path)
             done.append(f"removed {path}")
-    for path in (lab.state_file, lab.state_file.with_suffix(".json.tmp")):
+    for path in (lab.state_file, temp_of(lab.state_file)):
         if path.exists():
             path.unlink()
             done.append(f"removed {path}")

@@ -81,18 +81,24 @@ def read_sysctls(root: str = "/proc/sys") -> dict[str, str | None]:
     return out
 
 
+def run_dump(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a read-only rules dump (iptables-save, nft list) with sbin on PATH and the C
+    locale; OSError when the tool is missing, TimeoutExpired past CMD_TIMEOUT_S."""
+    return subprocess.run(
+        argv,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=CMD_TIMEOUT_S,
+        env={"PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin", "LC_ALL": "C"},
+    )
+
+
 def _run(argv: list[str]) -> tuple[str, str] | None:
     """(stdout, stderr) of a rules dump; None when the tool is missing or fails."""
     try:
-        p = subprocess.run(
-            argv,
-            check=False,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=CMD_TIMEOUT_S,
-            env={"PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin", "LC_ALL": "C"},
-        )
+        p = run_dump(argv)
     except FileNotFoundError:
         return None
     except subprocess.TimeoutExpired:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from tracer.analysis.context import RuleDrop
 from tracer.errors import HairtraceError
-from tracer.topology.collect import CMD_TIMEOUT_S, _setns
+from tracer.topology.collect import CMD_TIMEOUT_S, _setns, run_dump
 from tracer.topology.natrules import (
     _NFT_BLOCK,
     _NFT_REF,
@@ -248,15 +248,7 @@ def _dump(argv: list[str]) -> str:
     """stdout of a read-only rules dump ("" when the tool is missing, fails or hangs), with
     nft's warnings about iptables-nft tables kept as comments."""
     try:
-        p = subprocess.run(
-            argv,
-            check=False,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=CMD_TIMEOUT_S,
-            env={"PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin", "LC_ALL": "C"},
-        )
+        p = run_dump(argv)
     except (OSError, subprocess.SubprocessError):
         return ""
     if p.returncode != 0:
