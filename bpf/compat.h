@@ -17,8 +17,15 @@
 
 /* Read a (possibly nested) field of a kernel pointer, CO-RE relocated. */
 #define HT_READ(src, ...) BPF_CORE_READ(src, __VA_ARGS__)
-/* Copy a char array field (device name) into a local buffer. */
-#define HT_READ_STR(dst, src, ...) BPF_CORE_READ_STR_INTO(dst, src, __VA_ARGS__)
+/* Load a field straight from a BTF-typed pointer when btf is true (tp_btf,
+ * fentry and netfilter arguments, and pointers loaded from them): a plain
+ * load the verifier guards, instead of a helper call per field. With btf
+ * false (kprobe arguments are plain addresses) it is HT_READ. btf is always a
+ * compile-time constant at the call site, so only one branch is emitted. */
+#define HT_LOAD(btf, src, field) ((btf) ? (src)->field : HT_READ(src, field))
+/* Copy a char array field (device name, always NUL-terminated in the kernel)
+ * into a local buffer of the same size: one plain copy, no byte-wise scan. */
+#define HT_READ_STR(dst, src, ...) BPF_CORE_READ_INTO(dst, src, __VA_ARGS__)
 /* Copy raw kernel bytes (packet headers). */
 #define HT_COPY(dst, size, ptr) bpf_probe_read_kernel(dst, size, ptr)
 /* Does this kernel have that field? (conntrack may be compiled out). */
