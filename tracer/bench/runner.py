@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tracer.bench import netlab, offline, peers, pipeline, pktrate, startup
+from tracer.bench import netlab, offline, overload, peers, pipeline, pktrate, startup
 from tracer.bench.context import Env, StopRequest
 from tracer.bench.procs import Procs, Tools, cpus
 from tracer.bench.rows import Row, not_available
@@ -40,6 +40,7 @@ SECTIONS = (
     Section("startup", startup.template, startup.measure),
     Section("offline", offline.template, offline.measure),
     Section("peers", peers.template, peers.measure),
+    Section("overload", overload.template, overload.measure),
 )
 
 
