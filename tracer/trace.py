@@ -34,6 +34,7 @@ from tracer.kernel.libbpf import BpfObject, Libbpf
 from tracer.kernel.providers import Provider, choose
 from tracer.kernel.ringbuf import RingReader, open_reader
 from tracer.kernel.ringbuf import records as split_records
+from tracer.options import DEFAULT_DATA_BUDGET
 from tracer.present.report import RunInfo
 from tracer.topology import Topology, resolve_netns, snapshot
 from tracer.topology.counters import collect_counters, drops_between
@@ -65,6 +66,7 @@ class TraceOptions:
     all_netns: bool = False  # analyse every namespace, not only the node and its pods
     record: str | None = None  # session file to record to
     force: bool = False  # overwrite an existing session file
+    data_budget: int = DEFAULT_DATA_BUDGET  # non-control TCP packets per tuple/point/device
 
 
 @dataclass
@@ -99,9 +101,11 @@ class Sink(Protocol):
     def update(self, results: list[tuple[Connection, Diagnosis]], stats: Stats) -> None: ...
 
 
-def _config(ip: str, port: int) -> bytes:
+def _config(ip: str, port: int, data_budget: int) -> bytes:
     """struct ht_config (bpf/hairtrace.h)."""
-    return struct.pack("=4s2sBx", socket.inet_aton(ip), port.to_bytes(2, "big"), IPPROTO_TCP)
+    return struct.pack(
+        "=4s2sBB", socket.inet_aton(ip), port.to_bytes(2, "big"), IPPROTO_TCP, data_budget
+    )
 
 
 class _Losses:
@@ -116,13 +120,16 @@ class _Losses:
         self.total = 0
         self.by_point: dict[str, int] = {}
         self.windows: list[tuple[int, int]] = []
+        self.over_budget: dict[str, int] = {}
         self._prev_start = clock()
 
     def check(self) -> None:
         start = self.clock()
-        # ht_emitted[HT_PT_MAX] then ht_lost[HT_PT_MAX] (bpf/hairtrace.bpf.c)
+        # ht_emitted, ht_lost, ht_over_budget: [HT_PT_MAX] each (bpf/hairtrace.bpf.c)
         raw = self.obj.read_global(".bss")
         lost = struct.unpack_from(f"<{HT_PT_MAX}Q", raw, HT_PT_MAX * 8)
+        over = struct.unpack_from(f"<{HT_PT_MAX}Q", raw, 2 * HT_PT_MAX * 8)
+        self.over_budget = {point_info(i).name: n for i, n in enumerate(over) if n}
         if sum(lost) > self.total:
             self.windows.append((self._prev_start, self.clock()))
             self.total = sum(lost)
@@ -191,7 +198,7 @@ def _load(opts: TraceOptions) -> tuple[Libbpf, BpfObject, Provider, str]:
         obj = BpfObject(lib, str(object_path()))
         try:
             provider.prepare(obj)
-            obj.set_rodata(_config(opts.service_ip, opts.service_port))
+            obj.set_rodata(_config(opts.service_ip, opts.service_port, opts.data_budget))
             if opts.ringbuf_bytes:
                 obj.set_max_entries("events", opts.ringbuf_bytes)
             obj.load()
@@ -363,6 +370,9 @@ def run_trace(
     ctx = _context(opts, topo, losses.windows, end_ns, drops, scope, rule_drops, netns.inode)
     run = replace(run, events=len(events), lost_events=losses.total,
                   lost_by_point=losses.by_point, command_status=status,
+                  data_budget=opts.data_budget,
+                  over_budget_events=sum(losses.over_budget.values()),
+                  over_budget_by_point=losses.over_budget,
                   rule_drops=rule_drops,
                   **scope_fields(events, topo, scope))  # fmt: skip
     if live.writer is not None:
