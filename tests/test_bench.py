@@ -119,3 +119,20 @@ def test_table_names_na_reasons() -> None:
     assert "1.50 Mev/s" in text and "met" in text
     assert "second (1)" in text and "(1) n/a: because" in text
     assert fmt(None, "s") == "n/a" and fmt(0.4321, "s") == "0.432 s"
+
+
+def test_bench_ab_needs_a_built_checkout(tmp_path: Path) -> None:
+    from tracer.bench.ab import variants
+    from tracer.errors import HairtraceError
+
+    with pytest.raises(HairtraceError, match="not a hairtrace checkout"):
+        variants(tmp_path)
+    (tmp_path / "tracer").mkdir()
+    (tmp_path / "tracer" / "cli.py").write_text("")
+    with pytest.raises(HairtraceError, match="not built"):
+        variants(tmp_path)
+    (tmp_path / "bpf" / "build").mkdir(parents=True)
+    (tmp_path / "bpf" / "build" / "hairtrace.bpf.o").write_bytes(b"")
+    before, after, every = variants(tmp_path)
+    assert before.environ is not None and before.environ["PYTHONPATH"] == str(tmp_path)
+    assert after.environ is None and every.extra == ("--data-packets", "0")

@@ -43,13 +43,19 @@ def template() -> list[Row]:
 class HairtraceObserver:
     """hairtrace --svc VIP --netns hb-node, started and stopped around one sample."""
 
-    def __init__(self, env: Env, stop_timeout: float, extra: tuple[str, ...] = ()) -> None:
-        self.env, self.stop_timeout, self.extra = env, stop_timeout, extra
+    def __init__(
+        self,
+        env: Env,
+        stop_timeout: float,
+        extra: tuple[str, ...] = (),
+        environ: dict[str, str] | None = None,
+    ) -> None:
+        self.env, self.stop_timeout, self.extra, self.environ = env, stop_timeout, extra, environ
         self.tracer: Tracer | None = None
 
     def start(self) -> None:
         self.tracer = Tracer(self.env.procs, self.env.workdir, netlab.SERVICE_IP, netlab.NODE,
-                             limit=600, extra=self.extra)  # fmt: skip
+                             limit=600, extra=self.extra, env=self.environ)  # fmt: skip
         self.tracer.wait_attached()
 
     def stop(self) -> dict[str, Any]:

@@ -83,11 +83,13 @@ class Procs:
         stdout: int | IO[Any] | None = subprocess.DEVNULL,
         stderr: int | IO[Any] | None = subprocess.DEVNULL,
         text: bool = False,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[Any]:
         try:
             proc = subprocess.Popen(
-                cmd, stdin=stdin, stdout=stdout, stderr=stderr, text=text, start_new_session=True
-            )
+                cmd, stdin=stdin, stdout=stdout, stderr=stderr, text=text,
+                start_new_session=True, env=env,
+            )  # fmt: skip
         except FileNotFoundError:
             raise HairtraceError(f"{cmd[0]} not found") from None
         self._procs.append(proc)

@@ -45,9 +45,10 @@ class Tracer:
         limit: float,
         wrap: tuple[str, ...] = (),
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         """wrap: a prefix that execs the rest (taskset, nice), so signals still reach hairtrace;
-        extra: more hairtrace options."""
+        extra: more hairtrace options; env: its environment (default: this one's)."""
         self.procs = procs
         self.ready = workdir / "ready"
         self.json = workdir / "report.json"
@@ -58,7 +59,7 @@ class Tracer:
                 "--duration", f"{limit:g}", "--json", str(self.json),
                 "--ready-file", str(self.ready), *extra]  # fmt: skip
         self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = procs.start(argv, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = procs.start(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_attached(self, timeout: float = 60) -> float:
         """Seconds from start to every probe attached (the ready file's content)."""

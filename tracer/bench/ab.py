@@ -1,0 +1,79 @@
+"""Before and after: the packet-rate rows for another checkout of hairtrace and this one.
+
+Both tracers run in the same hb-* lab, one comparison after the other, each
+against the traffic with no tracer (interleaved rounds, tracer.bench.compare).
+The other checkout's hairtrace runs with this venv's interpreter and
+PYTHONPATH=CHECKOUT, so its own tracer package and BPF object
+(CHECKOUT/bpf/build/hairtrace.bpf.o, built with make -C CHECKOUT/bpf) are used.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tracer.bench import netlab
+from tracer.bench.compare import compare
+from tracer.bench.context import Env
+from tracer.bench.pktrate import HairtraceObserver
+from tracer.bench.procs import Procs, Tools, cpus
+from tracer.bench.traffic import Sample, Traffic
+from tracer.errors import HairtraceError
+
+OBJECT = Path("bpf/build/hairtrace.bpf.o")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    environ: dict[str, str] | None  # None: this checkout, this environment
+    extra: tuple[str, ...] = ()
+
+
+def variants(other: Path) -> list[Variant]:
+    if not (other / "tracer" / "cli.py").is_file():
+        raise HairtraceError(f"{other}: not a hairtrace checkout (no tracer/cli.py)")
+    obj = other / OBJECT
+    if not obj.is_file():
+        raise HairtraceError(f"{obj} not built: make -C {other / 'bpf'}")
+    environ = {**os.environ, "PYTHONPATH": str(other.resolve()),
+               "HAIRTRACE_BPF_OBJ": str(obj.resolve())}  # fmt: skip
+    return [
+        Variant(f"before ({other})", environ),
+        Variant("after (this checkout)", None),
+        Variant("after, --data-packets 0", None, ("--data-packets", "0")),
+    ]
+
+
+def run_ab(other: Path, rounds: int, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One row per (variant, traffic): pps with the tracer, without, their ratio."""
+    rows = []
+    with (
+        Procs() as procs,
+        Tools() as tools,
+        tempfile.TemporaryDirectory(prefix="hairtrace-bench-ab-") as tmp,
+        netlab.Lab(),
+    ):
+        env = Env(False, procs, tools, Traffic(procs, tools, cpus()[0]), Path(tmp))
+        kinds: list[tuple[str, Callable[[], Sample], float]] = [
+            ("UDP flood outside the filter", lambda: env.traffic.udp(env.seconds), 60),
+            ("TCP via the ClusterIP, traced", lambda: env.traffic.tcp(env.seconds), 300),
+        ]
+        for v in variants(other):
+            for kind, traffic, stop_timeout in kinds:
+                if v.extra and kind.startswith("UDP"):
+                    continue  # the budget changes nothing outside the filter
+                progress(f"{v.name}: {kind}")
+                c = compare(traffic, lambda v=v, t=stop_timeout: HairtraceObserver(  # type: ignore[misc]
+                    env, t, v.extra, v.environ), rounds)  # fmt: skip
+                with_ = sorted(s.pps for s in c.with_)[len(c.with_) // 2]
+                without = sorted(s.pps for s in c.without)[len(c.without) // 2]
+                rows.append({"tracer": v.name, "traffic": kind, "pps": round(with_),
+                             "no_tracer_pps": round(without),
+                             "ratio": round(with_ / without, 3) if without else None,
+                             "observer": c.observed})  # fmt: skip
+    return rows
