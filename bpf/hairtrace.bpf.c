@@ -10,8 +10,6 @@
 #include "compat.h"
 #include "hairtrace.h"
 
-char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
 struct ht_flow_key {
 	__u32 saddr;
 	__u32 daddr;
@@ -20,6 +18,9 @@ struct ht_flow_key {
 	__u8 proto;
 	__u8 _pad[3];
 };
+
+#ifndef HT_BCC
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -44,6 +45,48 @@ const enum ht_point *unused_ht_point __attribute__((unused));
 /* Read by user space through the mmaped .bss; never reset by BPF. */
 __u64 ht_emitted[HT_PT_MAX] = {};
 __u64 ht_lost[HT_PT_MAX] = {};
+#else
+/* The same maps as bcc tables; the counters are array maps user space reads. */
+#ifdef HT_PERF_OUTPUT
+BPF_PERF_OUTPUT(events);
+#else
+BPF_RINGBUF_OUTPUT(events, HT_RINGBUF_BYTES / 4096);
+#endif
+BPF_TABLE("lru_hash", struct ht_flow_key, __u64, flows, HT_MAX_FLOWS);
+BPF_ARRAY(ht_emitted, __u64, HT_PT_MAX);
+BPF_ARRAY(ht_lost, __u64, HT_PT_MAX);
+
+/* bcc rewrites map method calls only outside macros: compat.h's HT_LOOKUP,
+ * HT_UPDATE, HT_COUNT and HT_OUTPUT call these. */
+static __always_inline void *flows_lookup(struct ht_flow_key *key)
+{
+	return flows.lookup(key);
+}
+
+static __always_inline void flows_update(struct ht_flow_key *key, __u64 *val)
+{
+	flows.update(key, val);
+}
+
+static __always_inline void ht_emitted_count(__u32 i)
+{
+	ht_emitted.atomic_increment(i);
+}
+
+static __always_inline void ht_lost_count(__u32 i)
+{
+	ht_lost.atomic_increment(i);
+}
+
+static __always_inline int events_output(void *ctx, struct ht_event *ev, __u64 flags)
+{
+#ifdef HT_PERF_OUTPUT
+	return events.perf_submit(ctx, ev, sizeof(*ev));
+#else
+	return events.ringbuf_output(ev, sizeof(*ev), flags);
+#endif
+}
+#endif /* HT_BCC */
 
 /* -------------------------------------------------------------- helpers */
 
@@ -99,7 +142,7 @@ static __always_inline bool match_flow(const struct ht_tuple *t, __u8 proto)
 
 	if (is_service(t->daddr, t->dport) || is_service(t->saddr, t->sport))
 		return true;
-	return bpf_map_lookup_elem(&flows, &key) != NULL;
+	return HT_LOOKUP(flows, &key) != NULL;
 }
 
 static __always_inline void read_ct_tuple(const struct nf_conntrack_tuple *t, struct ht_tuple *out)
@@ -144,8 +187,8 @@ static __always_inline void learn_tuple(const struct ht_tuple *t, __u8 proto, __
 		.sport = t->dport, .dport = t->sport, .proto = proto,
 	};
 
-	bpf_map_update_elem(&flows, &fwd, &ct_id, BPF_ANY);
-	bpf_map_update_elem(&flows, &rev, &ct_id, BPF_ANY);
+	HT_UPDATE(flows, &fwd, &ct_id);
+	HT_UPDATE(flows, &rev, &ct_id);
 }
 
 /* Remember every tuple of a conntrack entry of the service, so replies and
@@ -178,7 +221,7 @@ static __always_inline void read_dev(const struct net_device *dev, struct ht_eve
 
 /* Batch the reader's wake-ups: wake it only when enough data waits; it also
  * polls on a short timeout, so a lone event is never stuck. */
-static __always_inline void emit_event(struct ht_event *ev)
+static __always_inline void emit_event(void *ctx, struct ht_event *ev)
 {
 	__u64 flags = BPF_RB_NO_WAKEUP;
 	__u16 pt = ev->point < HT_PT_MAX ? ev->point : 0;
@@ -187,19 +230,20 @@ static __always_inline void emit_event(struct ht_event *ev)
 	 * crosses a multiple of it. Waking on every event past the threshold made the
 	 * traced path pay an IRQ-work interrupt per event whenever the reader lagged;
 	 * a crossing missed between CPUs is caught by the reader's own poll timeout. */
-	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	__u64 avail = HT_RB_AVAIL(events);
 
 	if (avail / HT_WAKEUP_BYTES != (avail + sizeof(*ev) + 8) / HT_WAKEUP_BYTES)
 		flags = BPF_RB_FORCE_WAKEUP;
-	if (bpf_ringbuf_output(&events, ev, sizeof(*ev), flags)) {
-		__sync_fetch_and_add(&ht_lost[pt], 1);
+	if (HT_OUTPUT(ctx, events, ev, sizeof(*ev), flags)) {
+		HT_COUNT(ht_lost, pt);
 		return;
 	}
-	__sync_fetch_and_add(&ht_emitted[pt], 1);
+	HT_COUNT(ht_emitted, pt);
 }
 
 /* Where, in which stage, and point-specific detail of one observation. */
 struct ht_where {
+	void *ctx; /* the program's context: the perf buffer (bcc build) needs it */
 	const struct net_device *dev;
 	__u16 point;
 	__u8 hook;
@@ -236,56 +280,43 @@ static __always_inline int trace_event(const struct sk_buff *skb, const struct h
 	ev->nf_prio = w->prio;
 	ev->aux = w->aux;
 	read_dev(w->dev, ev);
-	emit_event(ev);
+	emit_event(w->ctx, ev);
 	return 0;
 }
 
 /* Common path of every skb-carrying point. */
-static __always_inline int trace_skb(const struct sk_buff *skb, const struct net_device *dev,
-				     __u16 point, __u8 hook, __s32 prio, bool ct_fallback)
+static __always_inline int trace_skb(void *ctx, const struct sk_buff *skb,
+				     const struct net_device *dev, __u16 point, __u8 hook, __s32 prio,
+				     bool ct_fallback)
 {
-	struct ht_where w = { .dev = dev, .point = point, .hook = hook, .prio = prio,
+	struct ht_where w = { .ctx = ctx, .dev = dev, .point = point, .hook = hook, .prio = prio,
 			      .ct_fallback = ct_fallback };
 	struct ht_event ev = {};
 
 	return trace_event(skb, &w, &ev, false);
 }
 
-static __always_inline int trace_nf(struct bpf_nf_ctx *ctx, __u16 point, __s32 prio)
-{
-	const struct nf_hook_state *state = ctx->state;
-	struct sk_buff *skb = ctx->skb;
-	struct net_device *in = HT_READ(state, in);
-	struct net_device *out = HT_READ(state, out);
-	__u8 hook = HT_READ(state, hook);
+/* ---------------------------------------------- tracepoint provider: devices
+ * tp_btf in the CO-RE build; raw tracepoints (same arguments) in the bcc build. */
 
-	trace_skb(skb, in ? in : out, point, hook, prio, true);
-	return HT_NF_ACCEPT;
-}
-
-/* ---------------------------------------------- tracepoint provider: devices */
-
-SEC("tp_btf/netif_receive_skb")
-int BPF_PROG(ht_dev_rx, struct sk_buff *skb)
+HT_TP(ht_dev_rx, netif_receive_skb, struct sk_buff *skb)
 {
 	if (HT_READ(skb, protocol) != bpf_htons(HT_ETH_P_IP))
 		return 0;
-	return trace_skb(skb, HT_READ(skb, dev), HT_PT_DEV_RX, 0xff, 0, false);
+	return trace_skb(ctx, skb, HT_READ(skb, dev), HT_PT_DEV_RX, 0xff, 0, false);
 }
 
-SEC("tp_btf/net_dev_start_xmit")
-int BPF_PROG(ht_dev_tx, const struct sk_buff *skb, const struct net_device *dev)
+HT_TP(ht_dev_tx, net_dev_start_xmit, const struct sk_buff *skb, const struct net_device *dev)
 {
 	if (HT_READ(skb, protocol) != bpf_htons(HT_ETH_P_IP))
 		return 0;
-	return trace_skb(skb, dev, HT_PT_DEV_TX, 0xff, 0, false);
+	return trace_skb(ctx, skb, dev, HT_PT_DEV_TX, 0xff, 0, false);
 }
 
-SEC("tp_btf/kfree_skb")
-int BPF_PROG(ht_drop, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
+HT_TP(ht_drop, kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
 {
 	struct ht_event ev = { .location = (__u64)location, .reason = reason };
-	struct ht_where w = { .point = HT_PT_DROP, .hook = 0xff };
+	struct ht_where w = { .ctx = ctx, .point = HT_PT_DROP, .hook = 0xff };
 
 	if (!skb || HT_READ(skb, protocol) != bpf_htons(HT_ETH_P_IP))
 		return 0;
@@ -295,18 +326,31 @@ int BPF_PROG(ht_drop, struct sk_buff *skb, void *location, enum skb_drop_reason 
 
 /* The skb is the packet being answered with a reset; NULL for resets a
  * socket sends on its own (the verifier insists on the check). */
-SEC("tp_btf/tcp_send_reset")
-int BPF_PROG(ht_tcp_reset, const struct sock *sk, const struct sk_buff *skb)
+HT_TP(ht_tcp_reset, tcp_send_reset, const struct sock *sk, const struct sk_buff *skb)
 {
 	if (!skb)
 		return 0;
-	return trace_skb(skb, HT_READ(skb, dev), HT_PT_TCP_RESET, 0xff, 0, false);
+	return trace_skb(ctx, skb, HT_READ(skb, dev), HT_PT_TCP_RESET, 0xff, 0, false);
 }
 
+#ifndef HT_BCC
 /* --------------------------------- tracepoint provider: netfilter hooks
  * Program type and hook/priority are set by the loader (libbpf 1.1 does not
  * know SEC("netfilter")); the priority each program is attached at is
- * repeated here so the event says where it was taken. */
+ * repeated here so the event says where it was taken. CO-RE build only
+ * (BPF netfilter links need BTF and Linux 6.4). */
+
+static __always_inline int trace_nf(struct bpf_nf_ctx *ctx, __u16 point, __s32 prio)
+{
+	const struct nf_hook_state *state = ctx->state;
+	struct sk_buff *skb = ctx->skb;
+	struct net_device *in = HT_READ(state, in);
+	struct net_device *out = HT_READ(state, out);
+	__u8 hook = HT_READ(state, hook);
+
+	trace_skb(ctx, skb, in ? in : out, point, hook, prio, true);
+	return HT_NF_ACCEPT;
+}
 
 #define HT_NF_PROG(name, point, prio)                       \
 	SEC("netfilter")                                    \
@@ -322,37 +366,39 @@ HT_NF_PROG(ht_nf_out_nat, HT_PT_NF_OUT_NAT, -99)
 HT_NF_PROG(ht_nf_forward, HT_PT_NF_FORWARD, 1)
 HT_NF_PROG(ht_nf_post_nat, HT_PT_NF_POST_NAT, 101)
 HT_NF_PROG(ht_nf_in_nat, HT_PT_NF_IN_NAT, 101)
+#endif /* !HT_BCC */
 
 /* ------------------------------------ fentry / kprobe providers: functions
  * One helper per kernel function, called by a thin fentry (or fexit) entry
  * point and a thin kprobe entry point with the same arguments. */
 
-static __always_inline int on_skb(const struct sk_buff *skb, const struct net_device *dev,
-				  __u16 point)
+static __always_inline int on_skb(void *ctx, const struct sk_buff *skb,
+				  const struct net_device *dev, __u16 point)
 {
-	return trace_skb(skb, dev, point, 0xff, 0, false);
+	return trace_skb(ctx, skb, dev, point, 0xff, 0, false);
 }
 
-static __always_inline int on_br_handle_frame(struct sk_buff **pskb)
+static __always_inline int on_br_handle_frame(void *ctx, struct sk_buff **pskb)
 {
 	struct sk_buff *skb = NULL;
 
 	if (HT_COPY(&skb, sizeof(skb), pskb) || !skb)
 		return 0;
-	return on_skb(skb, HT_READ(skb, dev), HT_PT_BR_HANDLE_FRAME);
+	return on_skb(ctx, skb, HT_READ(skb, dev), HT_PT_BR_HANDLE_FRAME);
 }
 
 /* The device of a bridge forward is the egress port. */
-static __always_inline int on_br_forward(const struct net_bridge_port *to, struct sk_buff *skb)
+static __always_inline int on_br_forward(void *ctx, const struct net_bridge_port *to,
+					 struct sk_buff *skb)
 {
-	return on_skb(skb, HT_READ(to, dev), HT_PT_BR_FORWARD);
+	return on_skb(ctx, skb, HT_READ(to, dev), HT_PT_BR_FORWARD);
 }
 
-static __always_inline int on_hook_fn(struct sk_buff *skb, const struct nf_hook_state *state,
-				      __u16 point, __u32 aux)
+static __always_inline int on_hook_fn(void *ctx, struct sk_buff *skb,
+				      const struct nf_hook_state *state, __u16 point, __u32 aux)
 {
 	struct net_device *in = HT_READ(state, in);
-	struct ht_where w = { .dev = in ? in : HT_READ(state, out), .point = point,
+	struct ht_where w = { .ctx = ctx, .dev = in ? in : HT_READ(state, out), .point = point,
 			      .hook = HT_READ(state, hook), .aux = aux, .ct_fallback = true };
 	struct ht_event ev = {};
 
@@ -362,11 +408,12 @@ static __always_inline int on_hook_fn(struct sk_buff *skb, const struct nf_hook_
 /* nf_nat_manip_pkt(skb, ct, mtype, dir): the event carries the tuple the
  * manipulation produces, computed the way the kernel does (the inverse of the
  * other direction's tuple), so entry-only kprobes report it as well as fentry. */
-static __always_inline int on_nat_manip(struct sk_buff *skb, struct nf_conn *ct, __u32 mtype,
-					__u32 dir)
+static __always_inline int on_nat_manip(void *ctx, struct sk_buff *skb, struct nf_conn *ct,
+					__u32 mtype, __u32 dir)
 {
-	struct ht_where w = { .dev = HT_READ(skb, dev), .point = HT_PT_NAT_MANIP, .hook = 0xff,
-			      .aux = mtype | dir << 8 | HT_AUX_VALID, .ct_fallback = true };
+	struct ht_where w = { .ctx = ctx, .dev = HT_READ(skb, dev), .point = HT_PT_NAT_MANIP,
+			      .hook = 0xff, .aux = mtype | dir << 8 | HT_AUX_VALID,
+			      .ct_fallback = true };
 	struct ht_event ev = {};
 	struct ht_tuple other;
 
@@ -396,35 +443,37 @@ static __always_inline int on_nat_setup(struct nf_conn *ct)
 	return 0;
 }
 
+#ifndef HT_BCC
+/* fentry / fexit: CO-RE build only (trampolines need BTF). */
 SEC("fentry/br_handle_frame")
 int BPF_PROG(ht_fe_br_handle_frame, struct sk_buff **pskb)
 {
-	return on_br_handle_frame(pskb);
+	return on_br_handle_frame(ctx, pskb);
 }
 
 SEC("fentry/br_forward")
 int BPF_PROG(ht_fe_br_forward, const struct net_bridge_port *to, struct sk_buff *skb)
 {
-	return on_br_forward(to, skb);
+	return on_br_forward(ctx, to, skb);
 }
 
 SEC("fentry/br_pass_frame_up")
 int BPF_PROG(ht_fe_br_pass_up, struct sk_buff *skb)
 {
-	return on_skb(skb, HT_READ(skb, dev), HT_PT_BR_PASS_UP);
+	return on_skb(ctx, skb, HT_READ(skb, dev), HT_PT_BR_PASS_UP);
 }
 
 SEC("fentry/br_dev_xmit")
 int BPF_PROG(ht_fe_br_dev_xmit, struct sk_buff *skb, struct net_device *dev)
 {
-	return on_skb(skb, dev, HT_PT_BR_DEV_XMIT);
+	return on_skb(ctx, skb, dev, HT_PT_BR_DEV_XMIT);
 }
 
 SEC("fentry/br_nf_pre_routing")
 int BPF_PROG(ht_fe_br_nf_pre_routing, void *priv, struct sk_buff *skb,
 	     const struct nf_hook_state *state)
 {
-	return on_hook_fn(skb, state, HT_PT_BR_NF_PRE_ROUTING, 0);
+	return on_hook_fn(ctx, skb, state, HT_PT_BR_NF_PRE_ROUTING, 0);
 }
 
 /* fexit: the entry is attached by then, and the verdict is known. */
@@ -432,19 +481,19 @@ SEC("fexit/nf_conntrack_in")
 int BPF_PROG(ht_fx_ct_in, struct sk_buff *skb, const struct nf_hook_state *state,
 	     unsigned int ret)
 {
-	return on_hook_fn(skb, state, HT_PT_CT_IN, ret | HT_AUX_VALID);
+	return on_hook_fn(ctx, skb, state, HT_PT_CT_IN, ret | HT_AUX_VALID);
 }
 
 SEC("fexit/__nf_conntrack_confirm")
 int BPF_PROG(ht_fx_ct_confirm, struct sk_buff *skb, int ret)
 {
-	return trace_skb(skb, HT_READ(skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true);
+	return trace_skb(ctx, skb, HT_READ(skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true);
 }
 
 SEC("fentry/nf_nat_manip_pkt")
 int BPF_PROG(ht_fe_nat_manip, struct sk_buff *skb, struct nf_conn *ct, int mtype, int dir)
 {
-	return on_nat_manip(skb, ct, mtype, dir);
+	return on_nat_manip(ctx, skb, ct, mtype, dir);
 }
 
 SEC("fexit/nf_nat_setup_info")
@@ -458,66 +507,60 @@ int BPF_PROG(ht_fe_tcp_v4_send_reset, const struct sock *sk, struct sk_buff *skb
 {
 	if (!skb)
 		return 0;
-	return on_skb(skb, HT_READ(skb, dev), HT_PT_TCP_V4_SEND_RESET);
+	return on_skb(ctx, skb, HT_READ(skb, dev), HT_PT_TCP_V4_SEND_RESET);
+}
+#endif /* !HT_BCC */
+
+/* kprobes: both builds (HT_KPROBE in compat.h). */
+HT_KPROBE(ht_kp_br_handle_frame, br_handle_frame, struct sk_buff **pskb)
+{
+	return on_br_handle_frame(ctx, pskb);
 }
 
-SEC("kprobe/br_handle_frame")
-int BPF_KPROBE(ht_kp_br_handle_frame, struct sk_buff **pskb)
+HT_KPROBE(ht_kp_br_forward, br_forward, const struct net_bridge_port *to, struct sk_buff *skb)
 {
-	return on_br_handle_frame(pskb);
+	return on_br_forward(ctx, to, skb);
 }
 
-SEC("kprobe/br_forward")
-int BPF_KPROBE(ht_kp_br_forward, const struct net_bridge_port *to, struct sk_buff *skb)
+HT_KPROBE(ht_kp_br_pass_up, br_pass_frame_up, struct sk_buff *skb)
 {
-	return on_br_forward(to, skb);
+	return on_skb(ctx, skb, HT_READ(skb, dev), HT_PT_BR_PASS_UP);
 }
 
-SEC("kprobe/br_pass_frame_up")
-int BPF_KPROBE(ht_kp_br_pass_up, struct sk_buff *skb)
+HT_KPROBE(ht_kp_br_dev_xmit, br_dev_xmit, struct sk_buff *skb, struct net_device *dev)
 {
-	return on_skb(skb, HT_READ(skb, dev), HT_PT_BR_PASS_UP);
+	return on_skb(ctx, skb, dev, HT_PT_BR_DEV_XMIT);
 }
 
-SEC("kprobe/br_dev_xmit")
-int BPF_KPROBE(ht_kp_br_dev_xmit, struct sk_buff *skb, struct net_device *dev)
+HT_KPROBE(ht_kp_br_nf_pre_routing, br_nf_pre_routing, void *priv, struct sk_buff *skb,
+	  const struct nf_hook_state *state)
 {
-	return on_skb(skb, dev, HT_PT_BR_DEV_XMIT);
-}
-
-SEC("kprobe/br_nf_pre_routing")
-int BPF_KPROBE(ht_kp_br_nf_pre_routing, void *priv, struct sk_buff *skb,
-	       const struct nf_hook_state *state)
-{
-	return on_hook_fn(skb, state, HT_PT_BR_NF_PRE_ROUTING, 0);
+	return on_hook_fn(ctx, skb, state, HT_PT_BR_NF_PRE_ROUTING, 0);
 }
 
 /* At entry the packet has no conntrack entry yet (no verdict either): the
  * event proves conntrack saw it; NAT and confirm events carry the entry. */
-SEC("kprobe/nf_conntrack_in")
-int BPF_KPROBE(ht_kp_ct_in, struct sk_buff *skb, const struct nf_hook_state *state)
+HT_KPROBE(ht_kp_ct_in, nf_conntrack_in, struct sk_buff *skb, const struct nf_hook_state *state)
 {
-	return on_hook_fn(skb, state, HT_PT_CT_IN, 0);
+	return on_hook_fn(ctx, skb, state, HT_PT_CT_IN, 0);
 }
 
-SEC("kprobe/__nf_conntrack_confirm")
-int BPF_KPROBE(ht_kp_ct_confirm, struct sk_buff *skb)
+HT_KPROBE(ht_kp_ct_confirm, __nf_conntrack_confirm, struct sk_buff *skb)
 {
-	return trace_skb(skb, HT_READ(skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true);
+	return trace_skb(ctx, skb, HT_READ(skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true);
 }
 
 /* No kprobe on nf_nat_setup_info: at its entry the binding is not chosen
  * yet; the kprobe provider learns the NATed tuples from nf_nat_manip_pkt. */
-SEC("kprobe/nf_nat_manip_pkt")
-int BPF_KPROBE(ht_kp_nat_manip, struct sk_buff *skb, struct nf_conn *ct, int mtype, int dir)
+HT_KPROBE(ht_kp_nat_manip, nf_nat_manip_pkt, struct sk_buff *skb, struct nf_conn *ct, int mtype,
+	  int dir)
 {
-	return on_nat_manip(skb, ct, mtype, dir);
+	return on_nat_manip(ctx, skb, ct, mtype, dir);
 }
 
-SEC("kprobe/tcp_v4_send_reset")
-int BPF_KPROBE(ht_kp_tcp_v4_send_reset, const struct sock *sk, struct sk_buff *skb)
+HT_KPROBE(ht_kp_tcp_v4_send_reset, tcp_v4_send_reset, const struct sock *sk, struct sk_buff *skb)
 {
 	if (!skb)
 		return 0;
-	return on_skb(skb, HT_READ(skb, dev), HT_PT_TCP_V4_SEND_RESET);
+	return on_skb(ctx, skb, HT_READ(skb, dev), HT_PT_TCP_V4_SEND_RESET);
 }
