@@ -51,9 +51,7 @@
 #include <linux/ip.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
-#include <linux/in.h>
 #include <linux/netfilter.h>
-#include <net/sock.h>
 #include <net/net_namespace.h>
 #include <net/netfilter/nf_conntrack.h>
 
@@ -86,6 +84,9 @@ struct net_bridge_port {
 #define HT_OUTPUT(ctx, map, ev, size, flags) map##_output(ctx, ev, flags)
 #define ht_cfg ((const struct ht_config){ .svc_addr = HT_CFG_SVC_ADDR, \
 	.svc_port = HT_CFG_SVC_PORT, .proto = HT_CFG_PROTO })
+#ifndef HT_RINGBUF_PAGES /* the loader may size the ring buffer */
+#define HT_RINGBUF_PAGES (HT_RINGBUF_BYTES / 4096)
+#endif
 /* bcc 0.26 has no ring-buffer query method: never force a wake-up; the
  * reader's poll timeout bounds the delay. */
 #define HT_RB_AVAIL(map) 0

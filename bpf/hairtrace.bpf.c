@@ -50,7 +50,7 @@ __u64 ht_lost[HT_PT_MAX] = {};
 #ifdef HT_PERF_OUTPUT
 BPF_PERF_OUTPUT(events);
 #else
-BPF_RINGBUF_OUTPUT(events, HT_RINGBUF_BYTES / 4096);
+BPF_RINGBUF_OUTPUT(events, HT_RINGBUF_PAGES);
 #endif
 BPF_TABLE("lru_hash", struct ht_flow_key, __u64, flows, HT_MAX_FLOWS);
 BPF_ARRAY(ht_emitted, __u64, HT_PT_MAX);
