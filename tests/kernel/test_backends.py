@@ -129,3 +129,29 @@ def test_cli_backend_bcc_without_headers_is_one_clear_error(tmp_path: Path) -> N
     [line] = res.stderr.strip().splitlines()
     assert "backend bcc cannot run here: no kernel headers" in line
     assert f"linux-headers-{os.uname().release}" in line
+
+
+def _load_with_btf(obj_path: Path, btf: str) -> None:
+    from tracer.kernel.libbpf import BpfObject, Libbpf
+
+    lib = Libbpf()
+    obj = BpfObject(lib, str(obj_path), btf_custom_path=btf)
+    try:
+        obj.select({"ht_dev_rx", "ht_drop"})
+        obj.load()  # CO-RE relocations against btf: no attach, nothing traced
+    finally:
+        obj.close()
+
+
+def test_core_loader_takes_an_external_btf_file(bpf_object: Path, tmp_path: Path) -> None:
+    """--btf reaches libbpf (btf_custom_path): a real BTF file loads, a bogus one fails."""
+    from conftest import needs_bpf
+
+    needs_bpf()
+    from tracer.kernel.btf import VMLINUX
+
+    _load_with_btf(bpf_object, str(VMLINUX))
+    bogus = tmp_path / "bogus.btf"
+    bogus.write_bytes(b"\0" * 64)
+    with pytest.raises(HairtraceError):
+        _load_with_btf(bpf_object, str(bogus))
