@@ -313,9 +313,16 @@ HT_TP(ht_dev_tx, net_dev_start_xmit, const struct sk_buff *skb, const struct net
 	return trace_skb(ctx, skb, dev, HT_PT_DEV_TX, 0xff, 0, false);
 }
 
+/* bcc on kernels before 5.17: kfree_skb has no drop reason (the loader says so) */
+#ifdef HT_KFREE_SKB_NO_REASON
+HT_TP(ht_drop, kfree_skb, struct sk_buff *skb, void *location)
+#define HT_DROP_REASON 0
+#else
 HT_TP(ht_drop, kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
+#define HT_DROP_REASON reason
+#endif
 {
-	struct ht_event ev = { .location = (__u64)location, .reason = reason };
+	struct ht_event ev = { .location = (__u64)location, .reason = HT_DROP_REASON };
 	struct ht_where w = { .ctx = ctx, .point = HT_PT_DROP, .hook = 0xff };
 
 	if (!skb || HT_READ(skb, protocol) != bpf_htons(HT_ETH_P_IP))

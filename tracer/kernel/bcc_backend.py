@@ -58,8 +58,38 @@ def import_bcc() -> Any:
     return bcc
 
 
+KFREE_SKB_FORMATS = (
+    Path("/sys/kernel/tracing/events/skb/kfree_skb/format"),
+    Path("/sys/kernel/debug/tracing/events/skb/kfree_skb/format"),
+)
+
+
+def kfree_skb_has_reason(release: str | None = None) -> bool:
+    """Does this kernel's kfree_skb tracepoint carry a drop reason (Linux 5.17+)?
+
+    The tracepoint's format file says; without tracefs, the headers' trace/events/skb.h.
+    """
+    for fmt in KFREE_SKB_FORMATS:
+        try:
+            return "reason" in fmt.read_text()
+        except OSError:
+            continue
+    kdir = Path("/lib/modules") / (release or os.uname().release)
+    for sub in ("source", "build"):
+        try:
+            return "skb_drop_reason" in (kdir / sub / "include/trace/events/skb.h").read_text()
+        except OSError:
+            continue
+    return True
+
+
 def cflags(
-    service_ip: str, service_port: int, *, perf: bool, ringbuf_bytes: int | None
+    service_ip: str,
+    service_port: int,
+    *,
+    perf: bool,
+    ringbuf_bytes: int | None,
+    drop_reason: bool = True,
 ) -> list[str]:
     """-D macros for the bcc build: the service (struct ht_config's values, as stored)."""
     (addr,) = struct.unpack("=I", socket.inet_aton(service_ip))
@@ -74,6 +104,8 @@ def cflags(
     ]
     if perf:
         flags.append("-DHT_PERF_OUTPUT")
+    if not drop_reason:
+        flags.append("-DHT_KFREE_SKB_NO_REASON")
     if ringbuf_bytes:
         flags.append(f"-DHT_RINGBUF_PAGES={max(1, ringbuf_bytes // PAGE)}")
     return flags
@@ -220,7 +252,9 @@ def load(service_ip: str, service_port: int, ringbuf_bytes: int | None, reason: 
     forced = os.environ.get(PERF_ENV, "") == "1"
     has_ringbuf = lib.probe_map_type(BPF_MAP_TYPE_RINGBUF)
     perf = forced or not has_ringbuf
-    obj = BccObject(cflags(service_ip, service_port, perf=perf, ringbuf_bytes=ringbuf_bytes), perf)
+    flags = cflags(service_ip, service_port, perf=perf, ringbuf_bytes=ringbuf_bytes,
+                   drop_reason=kfree_skb_has_reason())  # fmt: skip
+    obj = BccObject(flags, perf)
     output = "perf buffer" if perf else "ring buffer"
     if perf:
         output += f" ({PERF_ENV}=1)" if forced else " (no BPF ring buffer: Linux before 5.8)"
