@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import sys
@@ -70,8 +71,11 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     require(Path("/usr/lib/python3/dist-packages/bcc").is_dir(), "needs python3-bpfcc")
     parts = [f"echo ==={name}; {cmd}; echo" for name, cmd in CASES.items()]
     parts += [f"echo ===rec-{name}; base64 -w0 /tmp/{name}.hts; echo" for name in RECORDINGS]
+    # scenario-seed runs $HAIRTRACE when set (another checkout's interpreter), else .venv's
+    env = ["-e", "HAIRTRACE"] if os.environ.get("HAIRTRACE") else []
     res = subprocess.run(
-        [str(ROOT / "scripts" / "vm-run"), "--timeout", "1800", "--", "sh", "-c", "; ".join(parts)],
+        [str(ROOT / "scripts" / "vm-run"), "--timeout", "1800", *env, "--", "sh", "-c",
+         "; ".join(parts)],
         check=False, capture_output=True, text=True, timeout=1900, cwd=ROOT,
     )  # fmt: skip
     sec = _sections(res.stdout)
