@@ -24,8 +24,15 @@
 
 /* Read a (possibly nested) field of a kernel pointer, CO-RE relocated. */
 #define HT_READ(src, ...) BPF_CORE_READ(src, __VA_ARGS__)
-/* Copy a char array field (device name) into a local buffer. */
-#define HT_READ_STR(dst, src, ...) BPF_CORE_READ_STR_INTO(dst, src, __VA_ARGS__)
+/* Load a field straight from a BTF-typed pointer when btf is true (tp_btf,
+ * fentry and netfilter arguments, and pointers loaded from them): a plain
+ * load the verifier guards, instead of a helper call per field. With btf
+ * false (kprobe arguments are plain addresses) it is HT_READ. btf is always a
+ * compile-time constant at the call site, so only one branch is emitted. */
+#define HT_LOAD(btf, src, field) ((btf) ? (src)->field : HT_READ(src, field))
+/* Copy a char array field (device name, always NUL-terminated in the kernel)
+ * into a local buffer of the same size: one plain copy, no byte-wise scan. */
+#define HT_READ_STR(dst, src, ...) BPF_CORE_READ_INTO(dst, src, __VA_ARGS__)
 /* Copy raw kernel bytes (packet headers). */
 #define HT_COPY(dst, size, ptr) bpf_probe_read_kernel(dst, size, ptr)
 /* Does this kernel have that field? (conntrack may be compiled out). */
@@ -42,6 +49,8 @@
 /* Entry points: a kprobe on fn, a tracepoint with typed arguments (BTF). */
 #define HT_KPROBE(name, fn, args...) SEC("kprobe/" #fn) int BPF_KPROBE(name, ##args)
 #define HT_TP(name, tp, args...) SEC("tp_btf/" #tp) int BPF_PROG(name, ##args)
+/* HT_TP arguments are BTF-typed here (tp_btf): HT_LOAD may load directly. */
+#define HT_TP_BTF true
 
 #else
 /* ================================================================== bcc */
@@ -71,7 +80,10 @@ struct net_bridge_port {
 #define HT_R3(s, a, b, c) HT_R1(HT_R2(s, a, b), c)
 #define HT_RN(_1, _2, _3, n, ...) n
 #define HT_READ(src, ...) HT_RN(__VA_ARGS__, HT_R3, HT_R2, HT_R1, 0)(src, __VA_ARGS__)
-#define HT_READ_STR(dst, src, a) bpf_probe_read_kernel_str(dst, sizeof(*(dst)), &(src)->a)
+#define HT_READ_STR(dst, src, a) bpf_probe_read_kernel(dst, sizeof(*(dst)), &(src)->a)
+/* No BTF-typed pointers in bcc programs: every load is a probe read. */
+#define HT_LOAD(btf, src, field) HT_READ(src, field)
+#define HT_TP_BTF false
 #define HT_COPY(dst, size, ptr) bpf_probe_read_kernel(dst, size, ptr)
 /* The headers of the running kernel decide at compile time. */
 #define HT_HAS_FIELD(...) 1

@@ -90,40 +90,46 @@ static __always_inline int events_output(void *ctx, struct ht_event *ev, __u64 f
 
 /* -------------------------------------------------------------- helpers */
 
-static __always_inline int read_packet(const struct sk_buff *skb, struct ht_event *ev)
+static __always_inline int read_packet(const struct sk_buff *skb, struct ht_event *ev, bool btf)
 {
-	unsigned char *head = HT_READ(skb, head);
-	__u16 nh = HT_READ(skb, network_header);
-	struct iphdr iph;
-	struct tcphdr th;
-	struct udphdr uh;
+	unsigned char *head = HT_LOAD(btf, skb, head);
+	__u16 nh = HT_LOAD(btf, skb, network_header);
+	/* One copy for the IP header and, without IP options, the transport
+	 * header behind it: every packet on a traced path pays this read. */
+	struct {
+		struct iphdr iph;
+		union {
+			struct tcphdr th;
+			struct udphdr uh;
+		} l4;
+	} h;
+	bool whole;
 
 	if (!head || nh == (__u16)~0U)
 		return -1;
-	if (HT_COPY(&iph, sizeof(iph), head + nh))
+	whole = !HT_COPY(&h, sizeof(h), head + nh);
+	if (!whole && HT_COPY(&h.iph, sizeof(h.iph), head + nh))
 		return -1;
-	if (iph.version != 4 || iph.protocol != ht_cfg.proto)
+	if (h.iph.version != 4 || h.iph.protocol != ht_cfg.proto)
 		return -1;
 	/* Only first fragments carry ports. */
-	if (iph.frag_off & bpf_htons(0x1fff))
+	if (h.iph.frag_off & bpf_htons(0x1fff))
 		return -1;
-	ev->proto = iph.protocol;
-	ev->pkt.saddr = iph.saddr;
-	ev->pkt.daddr = iph.daddr;
-	ev->ip_id = bpf_ntohs(iph.id);
-	if (iph.protocol == IPPROTO_TCP) {
-		if (HT_COPY(&th, sizeof(th), head + nh + iph.ihl * 4))
-			return -1;
-		ev->pkt.sport = th.source;
-		ev->pkt.dport = th.dest;
-		ev->seq = bpf_ntohl(th.seq);
-		ev->ack_seq = bpf_ntohl(th.ack_seq);
-		ev->tcp_flags = ((__u8 *)&th)[13];
-	} else if (iph.protocol == IPPROTO_UDP) {
-		if (HT_COPY(&uh, sizeof(uh), head + nh + iph.ihl * 4))
-			return -1;
-		ev->pkt.sport = uh.source;
-		ev->pkt.dport = uh.dest;
+	if ((!whole || h.iph.ihl != 5) && HT_COPY(&h.l4, sizeof(h.l4), head + nh + h.iph.ihl * 4))
+		return -1;
+	ev->proto = h.iph.protocol;
+	ev->pkt.saddr = h.iph.saddr;
+	ev->pkt.daddr = h.iph.daddr;
+	ev->ip_id = bpf_ntohs(h.iph.id);
+	if (h.iph.protocol == IPPROTO_TCP) {
+		ev->pkt.sport = h.l4.th.source;
+		ev->pkt.dport = h.l4.th.dest;
+		ev->seq = bpf_ntohl(h.l4.th.seq);
+		ev->ack_seq = bpf_ntohl(h.l4.th.ack_seq);
+		ev->tcp_flags = ((__u8 *)&h.l4.th)[13];
+	} else if (h.iph.protocol == IPPROTO_UDP) {
+		ev->pkt.sport = h.l4.uh.source;
+		ev->pkt.dport = h.l4.uh.dest;
 	}
 	return 0;
 }
@@ -145,22 +151,28 @@ static __always_inline bool match_flow(const struct ht_tuple *t, __u8 proto)
 	return HT_LOOKUP(flows, &key) != NULL;
 }
 
+/* One copy of the whole tuple, then fields of the copy (CO-RE relocates
+ * those offsets like any other), instead of a helper call per field. */
 static __always_inline void read_ct_tuple(const struct nf_conntrack_tuple *t, struct ht_tuple *out)
 {
-	out->saddr = HT_READ(t, src.u3.ip);
-	out->daddr = HT_READ(t, dst.u3.ip);
-	out->sport = HT_READ(t, src.u.all);
-	out->dport = HT_READ(t, dst.u.all);
+	struct nf_conntrack_tuple tup;
+
+	HT_COPY(&tup, sizeof(tup), t); /* zero-filled if it fails */
+	out->saddr = tup.src.u3.ip;
+	out->daddr = tup.dst.u3.ip;
+	out->sport = tup.src.u.all;
+	out->dport = tup.dst.u.all;
 }
 
-static __always_inline struct nf_conn *read_ct(const struct sk_buff *skb, struct ht_event *ev)
+static __always_inline struct nf_conn *read_ct(const struct sk_buff *skb, struct ht_event *ev,
+					       bool btf)
 {
 	unsigned long nfct;
 	struct nf_conn *ct;
 
 	if (!HT_HAS_FIELD(skb->_nfct))
 		return NULL;
-	nfct = HT_READ(skb, _nfct);
+	nfct = HT_LOAD(btf, skb, _nfct);
 	ct = (struct nf_conn *)(nfct & HT_NFCT_PTRMASK);
 	ev->ctinfo = nfct & 7;
 	if (!ct) {
@@ -192,18 +204,31 @@ static __always_inline void learn_tuple(const struct ht_tuple *t, __u8 proto, __
 }
 
 /* Remember every tuple of a conntrack entry of the service, so replies and
- * resets that never carry the VIP (bridged, reverse NAT skipped) still match. */
+ * resets that never carry the VIP (bridged, reverse NAT skipped) still match.
+ * Once per entry and reply tuple: the reply tuple changes when NAT binds, and
+ * map updates (LRU hash, locked) cost far more than the lookup that skips them. */
 static __always_inline bool learn_ct(const struct ht_event *ev)
 {
+	struct ht_flow_key reply = {
+		.saddr = ev->ct_reply.saddr, .daddr = ev->ct_reply.daddr,
+		.sport = ev->ct_reply.sport, .dport = ev->ct_reply.dport, .proto = ev->proto,
+	};
+	__u64 *known;
+
 	if (!(ev->ct_flags & HT_CT_PRESENT) || !is_service(ev->ct_orig.daddr, ev->ct_orig.dport))
 		return false;
+	known = HT_LOOKUP(flows, &reply);
+	if (known && *known == ev->ct_id)
+		return true;
 	learn_tuple(&ev->ct_orig, ev->proto, ev->ct_id);
 	learn_tuple(&ev->ct_reply, ev->proto, ev->ct_id);
 	return true;
 }
 
-static __always_inline void read_dev(const struct net_device *dev, struct ht_event *ev)
+static __always_inline void read_dev(const struct net_device *dev, struct ht_event *ev, bool btf)
 {
+	struct net *net;
+
 	if (!dev) {
 		/* Locally generated packets may have no device yet (OUTPUT):
 		 * their conntrack entry still says which netns they are in. */
@@ -214,8 +239,9 @@ static __always_inline void read_dev(const struct net_device *dev, struct ht_eve
 			ev->netns = HT_READ(ct, ct_net.net, ns.inum);
 		return;
 	}
-	ev->ifindex = HT_READ(dev, ifindex);
-	ev->netns = HT_READ(dev, nd_net.net, ns.inum);
+	ev->ifindex = HT_LOAD(btf, dev, ifindex);
+	net = HT_LOAD(btf, dev, nd_net.net);
+	ev->netns = HT_LOAD(btf, net, ns.inum);
 	HT_READ_STR(&ev->dev, dev, name);
 }
 
@@ -250,6 +276,7 @@ struct ht_where {
 	__s32 prio;
 	__u32 aux;
 	bool ct_fallback; /* a packet may match only through its conntrack entry here */
+	bool btf;         /* skb and dev are BTF-typed: direct loads (HT_LOAD) */
 };
 
 /* Fill, filter, learn from and emit the event of one packet at one point.
@@ -259,18 +286,18 @@ static __always_inline int trace_event(const struct sk_buff *skb, const struct h
 {
 	if (!skb)
 		return 0;
-	if (!parsed && read_packet(skb, ev))
+	if (!parsed && read_packet(skb, ev, w->btf))
 		return 0;
 	if (!match_flow(&ev->pkt, ev->proto)) {
 		/* After DNAT the packet no longer carries the VIP and its new
 		 * tuple may not be learned yet: its conntrack entry tells. */
 		if (!w->ct_fallback)
 			return 0;
-		read_ct(skb, ev);
+		read_ct(skb, ev, w->btf);
 		if (!learn_ct(ev))
 			return 0;
 	} else {
-		read_ct(skb, ev);
+		read_ct(skb, ev, w->btf);
 		learn_ct(ev);
 	}
 	ev->ts_ns = bpf_ktime_get_ns();
@@ -279,7 +306,7 @@ static __always_inline int trace_event(const struct sk_buff *skb, const struct h
 	ev->hook = w->hook;
 	ev->nf_prio = w->prio;
 	ev->aux = w->aux;
-	read_dev(w->dev, ev);
+	read_dev(w->dev, ev, w->btf);
 	emit_event(w->ctx, ev);
 	return 0;
 }
@@ -287,30 +314,32 @@ static __always_inline int trace_event(const struct sk_buff *skb, const struct h
 /* Common path of every skb-carrying point. */
 static __always_inline int trace_skb(void *ctx, const struct sk_buff *skb,
 				     const struct net_device *dev, __u16 point, __u8 hook, __s32 prio,
-				     bool ct_fallback)
+				     bool ct_fallback, bool btf)
 {
 	struct ht_where w = { .ctx = ctx, .dev = dev, .point = point, .hook = hook, .prio = prio,
-			      .ct_fallback = ct_fallback };
+			      .ct_fallback = ct_fallback, .btf = btf };
 	struct ht_event ev = {};
 
 	return trace_event(skb, &w, &ev, false);
 }
 
 /* ---------------------------------------------- tracepoint provider: devices
- * tp_btf in the CO-RE build; raw tracepoints (same arguments) in the bcc build. */
+ * tp_btf in the CO-RE build (BTF-typed arguments: HT_TP_BTF), raw tracepoints
+ * with the same arguments in the bcc build. */
 
 HT_TP(ht_dev_rx, netif_receive_skb, struct sk_buff *skb)
 {
-	if (HT_READ(skb, protocol) != bpf_htons(HT_ETH_P_IP))
+	if (HT_LOAD(HT_TP_BTF, skb, protocol) != bpf_htons(HT_ETH_P_IP))
 		return 0;
-	return trace_skb(ctx, skb, HT_READ(skb, dev), HT_PT_DEV_RX, 0xff, 0, false);
+	return trace_skb(ctx, skb, HT_LOAD(HT_TP_BTF, skb, dev), HT_PT_DEV_RX, 0xff, 0, false,
+			 HT_TP_BTF);
 }
 
 HT_TP(ht_dev_tx, net_dev_start_xmit, const struct sk_buff *skb, const struct net_device *dev)
 {
-	if (HT_READ(skb, protocol) != bpf_htons(HT_ETH_P_IP))
+	if (HT_LOAD(HT_TP_BTF, skb, protocol) != bpf_htons(HT_ETH_P_IP))
 		return 0;
-	return trace_skb(ctx, skb, dev, HT_PT_DEV_TX, 0xff, 0, false);
+	return trace_skb(ctx, skb, dev, HT_PT_DEV_TX, 0xff, 0, false, HT_TP_BTF);
 }
 
 /* bcc on kernels before 5.17: kfree_skb has no drop reason (the loader says so) */
@@ -323,11 +352,11 @@ HT_TP(ht_drop, kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_rea
 #endif
 {
 	struct ht_event ev = { .location = (__u64)location, .reason = HT_DROP_REASON };
-	struct ht_where w = { .ctx = ctx, .point = HT_PT_DROP, .hook = 0xff };
+	struct ht_where w = { .ctx = ctx, .point = HT_PT_DROP, .hook = 0xff, .btf = HT_TP_BTF };
 
-	if (!skb || HT_READ(skb, protocol) != bpf_htons(HT_ETH_P_IP))
+	if (!skb || HT_LOAD(HT_TP_BTF, skb, protocol) != bpf_htons(HT_ETH_P_IP))
 		return 0;
-	w.dev = HT_READ(skb, dev);
+	w.dev = HT_LOAD(HT_TP_BTF, skb, dev);
 	return trace_event(skb, &w, &ev, false);
 }
 
@@ -337,7 +366,8 @@ HT_TP(ht_tcp_reset, tcp_send_reset, const struct sock *sk, const struct sk_buff 
 {
 	if (!skb)
 		return 0;
-	return trace_skb(ctx, skb, HT_READ(skb, dev), HT_PT_TCP_RESET, 0xff, 0, false);
+	return trace_skb(ctx, skb, HT_LOAD(HT_TP_BTF, skb, dev), HT_PT_TCP_RESET, 0xff, 0, false,
+			 HT_TP_BTF);
 }
 
 #ifndef HT_BCC
@@ -351,11 +381,9 @@ static __always_inline int trace_nf(struct bpf_nf_ctx *ctx, __u16 point, __s32 p
 {
 	const struct nf_hook_state *state = ctx->state;
 	struct sk_buff *skb = ctx->skb;
-	struct net_device *in = HT_READ(state, in);
-	struct net_device *out = HT_READ(state, out);
-	__u8 hook = HT_READ(state, hook);
+	struct net_device *in = state->in;
 
-	trace_skb(ctx, skb, in ? in : out, point, hook, prio, true);
+	trace_skb(ctx, skb, in ? in : state->out, point, state->hook, prio, true, true);
 	return HT_NF_ACCEPT;
 }
 
@@ -380,9 +408,9 @@ HT_NF_PROG(ht_nf_in_nat, HT_PT_NF_IN_NAT, 101)
  * point and a thin kprobe entry point with the same arguments. */
 
 static __always_inline int on_skb(void *ctx, const struct sk_buff *skb,
-				  const struct net_device *dev, __u16 point)
+				  const struct net_device *dev, __u16 point, bool btf)
 {
-	return trace_skb(ctx, skb, dev, point, 0xff, 0, false);
+	return trace_skb(ctx, skb, dev, point, 0xff, 0, false, btf);
 }
 
 static __always_inline int on_br_handle_frame(void *ctx, struct sk_buff **pskb)
@@ -391,22 +419,24 @@ static __always_inline int on_br_handle_frame(void *ctx, struct sk_buff **pskb)
 
 	if (HT_COPY(&skb, sizeof(skb), pskb) || !skb)
 		return 0;
-	return on_skb(ctx, skb, HT_READ(skb, dev), HT_PT_BR_HANDLE_FRAME);
+	return on_skb(ctx, skb, HT_READ(skb, dev), HT_PT_BR_HANDLE_FRAME, false);
 }
 
 /* The device of a bridge forward is the egress port. */
 static __always_inline int on_br_forward(void *ctx, const struct net_bridge_port *to,
-					 struct sk_buff *skb)
+					 struct sk_buff *skb, bool btf)
 {
-	return on_skb(ctx, skb, HT_READ(to, dev), HT_PT_BR_FORWARD);
+	return on_skb(ctx, skb, HT_LOAD(btf, to, dev), HT_PT_BR_FORWARD, btf);
 }
 
 static __always_inline int on_hook_fn(void *ctx, struct sk_buff *skb,
-				      const struct nf_hook_state *state, __u16 point, __u32 aux)
+				      const struct nf_hook_state *state, __u16 point, __u32 aux,
+				      bool btf)
 {
-	struct net_device *in = HT_READ(state, in);
-	struct ht_where w = { .ctx = ctx, .dev = in ? in : HT_READ(state, out), .point = point,
-			      .hook = HT_READ(state, hook), .aux = aux, .ct_fallback = true };
+	struct net_device *in = HT_LOAD(btf, state, in);
+	struct ht_where w = { .ctx = ctx, .dev = in ? in : HT_LOAD(btf, state, out),
+			      .point = point, .hook = HT_LOAD(btf, state, hook), .aux = aux,
+			      .ct_fallback = true, .btf = btf };
 	struct ht_event ev = {};
 
 	return trace_event(skb, &w, &ev, false);
@@ -416,16 +446,16 @@ static __always_inline int on_hook_fn(void *ctx, struct sk_buff *skb,
  * manipulation produces, computed the way the kernel does (the inverse of the
  * other direction's tuple), so entry-only kprobes report it as well as fentry. */
 static __always_inline int on_nat_manip(void *ctx, struct sk_buff *skb, struct nf_conn *ct,
-					__u32 mtype, __u32 dir)
+					__u32 mtype, __u32 dir, bool btf)
 {
-	struct ht_where w = { .ctx = ctx, .dev = HT_READ(skb, dev), .point = HT_PT_NAT_MANIP,
-			      .hook = 0xff, .aux = mtype | dir << 8 | HT_AUX_VALID,
-			      .ct_fallback = true };
+	struct ht_where w = { .ctx = ctx, .point = HT_PT_NAT_MANIP, .hook = 0xff,
+			      .aux = mtype | dir << 8 | HT_AUX_VALID, .ct_fallback = true, .btf = btf };
 	struct ht_event ev = {};
 	struct ht_tuple other;
 
-	if (!skb || !ct || read_packet(skb, &ev))
+	if (!skb || !ct || read_packet(skb, &ev, btf))
 		return 0;
+	w.dev = HT_LOAD(btf, skb, dev);
 	read_ct_tuple(&ct->tuplehash[dir ? 0 : 1].tuple, &other);
 	if (mtype == 0) { /* NF_NAT_MANIP_SRC */
 		ev.pkt.saddr = other.daddr;
@@ -461,26 +491,26 @@ int BPF_PROG(ht_fe_br_handle_frame, struct sk_buff **pskb)
 SEC("fentry/br_forward")
 int BPF_PROG(ht_fe_br_forward, const struct net_bridge_port *to, struct sk_buff *skb)
 {
-	return on_br_forward(ctx, to, skb);
+	return on_br_forward(ctx, to, skb, true);
 }
 
 SEC("fentry/br_pass_frame_up")
 int BPF_PROG(ht_fe_br_pass_up, struct sk_buff *skb)
 {
-	return on_skb(ctx, skb, HT_READ(skb, dev), HT_PT_BR_PASS_UP);
+	return on_skb(ctx, skb, HT_LOAD(true, skb, dev), HT_PT_BR_PASS_UP, true);
 }
 
 SEC("fentry/br_dev_xmit")
 int BPF_PROG(ht_fe_br_dev_xmit, struct sk_buff *skb, struct net_device *dev)
 {
-	return on_skb(ctx, skb, dev, HT_PT_BR_DEV_XMIT);
+	return on_skb(ctx, skb, dev, HT_PT_BR_DEV_XMIT, true);
 }
 
 SEC("fentry/br_nf_pre_routing")
 int BPF_PROG(ht_fe_br_nf_pre_routing, void *priv, struct sk_buff *skb,
 	     const struct nf_hook_state *state)
 {
-	return on_hook_fn(ctx, skb, state, HT_PT_BR_NF_PRE_ROUTING, 0);
+	return on_hook_fn(ctx, skb, state, HT_PT_BR_NF_PRE_ROUTING, 0, true);
 }
 
 /* fexit: the entry is attached by then, and the verdict is known. */
@@ -488,19 +518,19 @@ SEC("fexit/nf_conntrack_in")
 int BPF_PROG(ht_fx_ct_in, struct sk_buff *skb, const struct nf_hook_state *state,
 	     unsigned int ret)
 {
-	return on_hook_fn(ctx, skb, state, HT_PT_CT_IN, ret | HT_AUX_VALID);
+	return on_hook_fn(ctx, skb, state, HT_PT_CT_IN, ret | HT_AUX_VALID, true);
 }
 
 SEC("fexit/__nf_conntrack_confirm")
 int BPF_PROG(ht_fx_ct_confirm, struct sk_buff *skb, int ret)
 {
-	return trace_skb(ctx, skb, HT_READ(skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true);
+	return trace_skb(ctx, skb, HT_LOAD(true, skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true, true);
 }
 
 SEC("fentry/nf_nat_manip_pkt")
 int BPF_PROG(ht_fe_nat_manip, struct sk_buff *skb, struct nf_conn *ct, int mtype, int dir)
 {
-	return on_nat_manip(ctx, skb, ct, mtype, dir);
+	return on_nat_manip(ctx, skb, ct, mtype, dir, true);
 }
 
 SEC("fexit/nf_nat_setup_info")
@@ -514,11 +544,11 @@ int BPF_PROG(ht_fe_tcp_v4_send_reset, const struct sock *sk, struct sk_buff *skb
 {
 	if (!skb)
 		return 0;
-	return on_skb(ctx, skb, HT_READ(skb, dev), HT_PT_TCP_V4_SEND_RESET);
+	return on_skb(ctx, skb, HT_LOAD(true, skb, dev), HT_PT_TCP_V4_SEND_RESET, true);
 }
 #endif /* !HT_BCC */
 
-/* kprobes: both builds (HT_KPROBE in compat.h). */
+/* kprobes: both builds (HT_KPROBE in compat.h); arguments are plain addresses. */
 HT_KPROBE(ht_kp_br_handle_frame, br_handle_frame, struct sk_buff **pskb)
 {
 	return on_br_handle_frame(ctx, pskb);
@@ -526,35 +556,35 @@ HT_KPROBE(ht_kp_br_handle_frame, br_handle_frame, struct sk_buff **pskb)
 
 HT_KPROBE(ht_kp_br_forward, br_forward, const struct net_bridge_port *to, struct sk_buff *skb)
 {
-	return on_br_forward(ctx, to, skb);
+	return on_br_forward(ctx, to, skb, false);
 }
 
 HT_KPROBE(ht_kp_br_pass_up, br_pass_frame_up, struct sk_buff *skb)
 {
-	return on_skb(ctx, skb, HT_READ(skb, dev), HT_PT_BR_PASS_UP);
+	return on_skb(ctx, skb, HT_LOAD(false, skb, dev), HT_PT_BR_PASS_UP, false);
 }
 
 HT_KPROBE(ht_kp_br_dev_xmit, br_dev_xmit, struct sk_buff *skb, struct net_device *dev)
 {
-	return on_skb(ctx, skb, dev, HT_PT_BR_DEV_XMIT);
+	return on_skb(ctx, skb, dev, HT_PT_BR_DEV_XMIT, false);
 }
 
 HT_KPROBE(ht_kp_br_nf_pre_routing, br_nf_pre_routing, void *priv, struct sk_buff *skb,
 	  const struct nf_hook_state *state)
 {
-	return on_hook_fn(ctx, skb, state, HT_PT_BR_NF_PRE_ROUTING, 0);
+	return on_hook_fn(ctx, skb, state, HT_PT_BR_NF_PRE_ROUTING, 0, false);
 }
 
 /* At entry the packet has no conntrack entry yet (no verdict either): the
  * event proves conntrack saw it; NAT and confirm events carry the entry. */
 HT_KPROBE(ht_kp_ct_in, nf_conntrack_in, struct sk_buff *skb, const struct nf_hook_state *state)
 {
-	return on_hook_fn(ctx, skb, state, HT_PT_CT_IN, 0);
+	return on_hook_fn(ctx, skb, state, HT_PT_CT_IN, 0, false);
 }
 
 HT_KPROBE(ht_kp_ct_confirm, __nf_conntrack_confirm, struct sk_buff *skb)
 {
-	return trace_skb(ctx, skb, HT_READ(skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true);
+	return trace_skb(ctx, skb, HT_LOAD(false, skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true, false);
 }
 
 /* No kprobe on nf_nat_setup_info: at its entry the binding is not chosen
@@ -562,12 +592,12 @@ HT_KPROBE(ht_kp_ct_confirm, __nf_conntrack_confirm, struct sk_buff *skb)
 HT_KPROBE(ht_kp_nat_manip, nf_nat_manip_pkt, struct sk_buff *skb, struct nf_conn *ct, int mtype,
 	  int dir)
 {
-	return on_nat_manip(ctx, skb, ct, mtype, dir);
+	return on_nat_manip(ctx, skb, ct, mtype, dir, false);
 }
 
 HT_KPROBE(ht_kp_tcp_v4_send_reset, tcp_v4_send_reset, const struct sock *sk, struct sk_buff *skb)
 {
 	if (!skb)
 		return 0;
-	return on_skb(ctx, skb, HT_READ(skb, dev), HT_PT_TCP_V4_SEND_RESET);
+	return on_skb(ctx, skb, HT_LOAD(false, skb, dev), HT_PT_TCP_V4_SEND_RESET, false);
 }

@@ -82,6 +82,13 @@ def test_bench_short_has_every_row(tmp_path: Path, require) -> None:  # type: ig
         else:
             assert row["met"] is None
         assert isinstance(row["detail"], dict)
+    # overload: the paused tracer's ring overflowed; every loss is counted per
+    # probe point and every connection it reported is incomplete
+    by_id = {r["id"]: r for r in doc["rows"]}
+    lost, incomplete = by_id["overload.lost"], by_id["overload.incomplete"]
+    assert lost["value"] > 0, lost
+    assert sum(lost["detail"]["lost_by_point"].values()) == lost["value"], lost
+    assert 0 < incomplete["value"] == incomplete["baseline"], incomplete
     # the one table: every row's name on stdout
     for row in doc["rows"]:
         assert row["name"] in res.stdout

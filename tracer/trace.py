@@ -86,7 +86,12 @@ class TraceResult:
     context: Context
     topology: Topology
     results: list[tuple[Connection, Diagnosis]]
-    records: list[bytes]  # the raw ring-buffer records, for fixtures and recording
+    chunks: list[np.ndarray] = field(default_factory=list, repr=False)  # raw, (n, 128) uint8
+
+    @property
+    def records(self) -> list[bytes]:
+        """The raw ring-buffer records one by one, for fixtures (built on demand)."""
+        return split_records(np.concatenate(self.chunks)) if self.chunks else []
 
 
 class Sink(Protocol):
@@ -236,25 +241,33 @@ def _check_options(opts: TraceOptions) -> None:
 
 @dataclass
 class _Live:
-    """What one trace accumulates while it runs."""
+    """What one trace accumulates while it runs.
 
-    events: list[Event] = field(default_factory=list)
+    Records stay raw (128 bytes each) until the trace ends; they are decoded as
+    they come only when a live view analyses them while tracing (`decode`).
+    """
+
+    decode: bool = False
+    events: list[Event] = field(default_factory=list)  # decoded so far (when decode)
     chunks: list[np.ndarray] = field(default_factory=list)  # raw records, (n, 128) uint8
+    count: int = 0
     writer: Any = None  # tracer.session.SessionWriter when recording
 
     def add(self, batch: np.ndarray) -> None:
-        """One drained batch: decoded for the analysis, kept raw, recorded."""
+        """One drained batch: kept raw, recorded, decoded for a live view."""
         if not len(batch):
             return
-        self.events.extend(kevents.decode_batch(batch))
+        if self.decode:
+            self.events.extend(kevents.decode_batch(batch))
         self.chunks.append(batch)
+        self.count += len(batch)
         if self.writer is not None:
             self.writer.write_records(batch)
 
-    def records(self) -> list[bytes]:
-        if not self.chunks:
-            return []
-        return split_records(np.concatenate(self.chunks))
+    def all_events(self) -> list[Event]:
+        if self.decode or not self.chunks:
+            return self.events
+        return kevents.decode_batch(np.concatenate(self.chunks))
 
 
 def _drain(
@@ -264,21 +277,26 @@ def _drain(
     losses: _Losses,
     update: Callable[[], None] | None,
 ) -> int | None:
-    """Poll until the duration ends, CMD exits (+grace) or a signal; CMD's exit status."""
+    """Poll until the duration ends, CMD exits (+grace) or a signal; CMD's exit status.
+
+    The live view is refreshed every 0.25 s, or less often when analysing takes
+    longer: at most a fifth of the loop's time goes to it, the rest to draining.
+    """
     with _StopFlag() as stop:
         proc = _start_command(opts.command)
         try:
             deadline = time.monotonic() + opts.duration if opts.duration else None
             cmd_done_at: float | None = None
-            last_update = 0.0
+            next_update = 0.0
             while not stop.set:
                 rb.wait(opts.poll_ms)
                 live.add(rb.drain())
                 losses.check()
                 now = time.monotonic()
-                if update and now - last_update >= 0.25:
+                if update and now >= next_update:
                     update()
-                    last_update = now
+                    done = time.monotonic()
+                    next_update = done + max(0.25, 4 * (done - now))
                 if deadline is not None and now >= deadline:
                     break
                 if proc is not None and cmd_done_at is None and proc.poll() is not None:
@@ -299,7 +317,7 @@ def run_trace(
     _check_options(opts)
     loaded = _load(opts)
     obj = loaded.obj
-    live, losses = _Live(), _Losses(obj, clock)
+    live, losses = _Live(decode=sink is not None), _Losses(obj, clock)
     rb: EventReader | None = None
     try:
         attached = loaded.attach(netns.path)
@@ -325,7 +343,7 @@ def run_trace(
 
             def update() -> None:
                 stats.events, stats.lost, stats.lost_by_point = (
-                    len(live.events),
+                    live.count,
                     losses.total,
                     losses.by_point,
                 )
@@ -348,18 +366,19 @@ def run_trace(
         obj.close()
         if live.writer is not None and sys.exc_info()[0] is not None:
             live.writer.close()  # no footer: the file reads as a trace that did not finish
-    retaken = any(topo.namespace(ev.netns) is None for ev in live.events)
+    events = live.all_events()
+    retaken = any(topo.namespace(ev.netns) is None for ev in events)
     if retaken:
         topo = snapshot(opts.service_ip, opts.service_port or None)
     if drops is None:
-        has_drops = any(ev.point == Point.DROP for ev in live.events)
+        has_drops = any(ev.point == Point.DROP for ev in events)
         drops = drop_reason_names() if has_drops else {}
     scope = _scope(opts, topo, netns.inode)
     ctx = _context(opts, topo, losses.windows, end_ns, drops, scope, rule_drops, netns.inode)
-    run = replace(run, events=len(live.events), lost_events=losses.total,
+    run = replace(run, events=len(events), lost_events=losses.total,
                   lost_by_point=losses.by_point, command_status=status,
                   rule_drops=rule_drops,
-                  **scope_fields(live.events, topo, scope))  # fmt: skip
+                  **scope_fields(events, topo, scope))  # fmt: skip
     if live.writer is not None:
         from tracer.session import footer_from_trace
 
@@ -371,7 +390,7 @@ def run_trace(
             rule_drops_netns=netns.inode,
         )
         live.writer.close(footer)
-    return TraceResult(run, live.events, ctx, topo, analyse(live.events, ctx), live.records())
+    return TraceResult(run, events, ctx, topo, analyse(events, ctx), live.chunks)
 
 
 def _open_recording(

@@ -15,6 +15,11 @@
  *   flood tcp-sink PORT
  *       accepts connections one after another and reads them in 64 KiB
  *       blocks until EOF (a reader that never becomes the bottleneck).
+ *   flood tcp-conns DST_IP PORT SECONDS
+ *       short connections one after another for SECONDS: connect, one 64-byte
+ *       write, close; prints "sent N seconds S errors E" (N connections).
+ *   flood spin SECONDS
+ *       burns one CPU for SECONDS (the bench's busy neighbour).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -158,7 +163,7 @@ static int do_tcp_sink(int port)
 	int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
 
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof(addr)) || listen(fd, 16)) {
+	if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof(addr)) || listen(fd, 256)) {
 		perror("tcp-sink");
 		return 1;
 	}
@@ -176,6 +181,48 @@ static int do_tcp_sink(int port)
 	}
 }
 
+static int do_tcp_conns(const char *ip, int port, double seconds)
+{
+	struct sockaddr_in dst = { .sin_family = AF_INET, .sin_port = htons(port) };
+	char buf[64] = "hairtrace-bench";
+	unsigned long long conns = 0, errors = 0;
+	double t0, t;
+
+	if (inet_pton(AF_INET, ip, &dst.sin_addr) != 1) {
+		fprintf(stderr, "flood: bad address %s\n", ip);
+		return 2;
+	}
+	t0 = now();
+	do {
+		int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+		if (fd < 0) {
+			perror("socket");
+			return 1;
+		}
+		if (connect(fd, (struct sockaddr *)&dst, sizeof(dst)) ||
+		    write(fd, buf, sizeof(buf)) != (ssize_t)sizeof(buf))
+			errors++;
+		else
+			conns++;
+		close(fd);
+		t = now();
+	} while (t - t0 < seconds);
+	printf("sent %llu seconds %.6f errors %llu\n", conns, t - t0, errors);
+	return 0;
+}
+
+static int do_spin(double seconds)
+{
+	volatile unsigned long long n = 0;
+	double t0 = now();
+
+	while (now() - t0 < seconds)
+		for (int i = 0; i < 100000; i++)
+			n++;
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc >= 5 && !strcmp(argv[1], "send"))
@@ -188,7 +235,12 @@ int main(int argc, char **argv)
 				   argc > 5 ? (size_t)atoi(argv[5]) : 64);
 	if (argc == 3 && !strcmp(argv[1], "tcp-sink"))
 		return do_tcp_sink(atoi(argv[2]));
+	if (argc == 5 && !strcmp(argv[1], "tcp-conns"))
+		return do_tcp_conns(argv[2], atoi(argv[3]), atof(argv[4]));
+	if (argc == 3 && !strcmp(argv[1], "spin"))
+		return do_spin(atof(argv[2]));
 	fprintf(stderr, "usage: flood send|tcp-send DST_IP PORT SECONDS [BYTES] | "
-			"flood sink|tcp-sink PORT\n");
+			"flood sink|tcp-sink PORT | flood tcp-conns DST_IP PORT SECONDS | "
+			"flood spin SECONDS\n");
 	return 2;
 }

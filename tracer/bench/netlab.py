@@ -117,6 +117,11 @@ class Lab:
         # Small writes should stay small packets (a TCP flood of 64-byte writes).
         if netns.sysctl_exists(ns, "net.ipv4.tcp_autocorking"):
             netns.sysctl_write(ns, "net.ipv4.tcp_autocorking", 0)
+        # Thousands of short connections a second (the overload section): every
+        # port, and TIME_WAIT ports reused, or connect() stalls once the even
+        # half of the default range is in TIME_WAIT (about 14 000 connections).
+        netns.sysctl_write(ns, "net.ipv4.ip_local_port_range", "1024 65535")
+        netns.sysctl_write(ns, "net.ipv4.tcp_tw_reuse", 1)
 
 
 def exec_in(ns: str, cmd: list[str]) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any
 from tracer.bench import netlab
 from tracer.bench.context import Env
 from tracer.bench.procs import run
-from tracer.bench.rows import Row, not_available
+from tracer.bench.rows import Row, Target, not_available
 from tracer.bench.tracerun import hairtrace_argv
 from tracer.errors import HairtraceError
 
@@ -36,6 +36,7 @@ for _ in range(int(sys.argv[3])):
 
 
 IN_MEMORY = "--no-stream (all events in memory)"
+ANALYSIS = Target("value", ">=", 2e6, ">= 2 M ev/s")
 
 
 def template() -> list[Row]:
@@ -44,6 +45,10 @@ def template() -> list[Row]:
             baseline_name=IN_MEMORY),
         Row("offline.peak_rss", SECTION, "peak RSS of that replay", "MiB",
             baseline_name=IN_MEMORY),
+        Row("offline.summary_rate", SECTION,
+            "hairtrace replay BIG (diagnosis, summary view; whole command)", "ev/s",
+            target=ANALYSIS),
+        Row("offline.summary_rss", SECTION, "peak RSS of that replay", "MiB"),
     ]  # fmt: skip
 
 
@@ -94,9 +99,10 @@ def has_stream_option() -> bool:
 
 
 def replay(env: Env, path: Path, events: int, *flags: str) -> Replay:
-    """Run the replay as users do, under peakrss (tracer/bench/peakrss.c): wall time, peak RSS."""
-    argv = [str(env.tools.get("peakrss")), *hairtrace_argv(), "replay", str(path),
-            "--json", os.devnull, *flags]  # fmt: skip
+    """Run the replay as users do, under peakrss (tracer/bench/peakrss.c): wall time, peak RSS.
+
+    flags are replay's own (e.g. --json FILE); its standard output is discarded."""
+    argv = [str(env.tools.get("peakrss")), *hairtrace_argv(), "replay", str(path), *flags]
     t0 = time.monotonic()
     try:
         res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -114,18 +120,20 @@ def replay(env: Env, path: Path, events: int, *flags: str) -> Replay:
 
 
 def measure(env: Env) -> list[Row]:
-    rate_row, rss_row = template()
+    rate_row, rss_row, summary_row, summary_rss_row = template()
     synth, why = synth_module()
     if synth is None:
-        return [not_available(rate_row, why or ""), not_available(rss_row, why or "")]
+        return [not_available(r, why or "") for r in template()]
     source = record_source(env)
     big = env.workdir / "big.hts"
     summary = synth.synthesize([source], big, events=20_000 if env.short else 1_000_000,
                                overwrite=True)  # fmt: skip
     events = int(summary.events)
     both = has_stream_option()
-    after = replay(env, big, events, *(["--stream"] if both else []))
-    before = replay(env, big, events, "--no-stream") if both else None
+    to_json = ("--json", os.devnull)
+    after = replay(env, big, events, *to_json, *(["--stream"] if both else []))
+    before = replay(env, big, events, *to_json, "--no-stream") if both else None
+    shown = replay(env, big, events)
     detail: dict[str, Any] = {
         "events": events,
         "connections": int(summary.connections),
@@ -139,4 +147,6 @@ def measure(env: Env) -> list[Row]:
                 baseline=round(before.rate) if before else None, detail=detail),
         replace(rss_row, value=round(after.peak_rss_mib, 1),
                 baseline=round(before.peak_rss_mib, 1) if before else None, detail=detail),
+        replace(summary_row, value=round(shown.rate), detail={"replay": shown.to_dict()}),
+        replace(summary_rss_row, value=round(shown.peak_rss_mib, 1)),
     ]  # fmt: skip

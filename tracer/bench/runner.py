@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tracer.bench import bcc_startup, netlab, offline, peers, pipeline, pktrate, startup
+from tracer.bench import bcc_startup, netlab, offline, overload, peers, pipeline, pktrate, startup
 from tracer.bench.context import Env, StopRequest
 from tracer.bench.procs import Procs, Tools, cpus
 from tracer.bench.rows import Row, not_available
@@ -41,6 +41,7 @@ SECTIONS = (
     Section("bcc-startup", bcc_startup.template, bcc_startup.measure),
     Section("offline", offline.template, offline.measure),
     Section("peers", peers.template, peers.measure),
+    Section("overload", overload.template, overload.measure),
 )
 
 

@@ -36,14 +36,23 @@ class Stopped:
 class Tracer:
     """One `hairtrace --svc ... --no-live --json FILE --ready-file F` in the background."""
 
-    def __init__(self, procs: Procs, workdir: Path, svc: str, netns: str, limit: float) -> None:
+    def __init__(
+        self,
+        procs: Procs,
+        workdir: Path,
+        svc: str,
+        netns: str,
+        limit: float,
+        wrap: tuple[str, ...] = (),
+    ) -> None:
+        """wrap: a prefix that execs the rest (taskset, nice), so signals still reach hairtrace."""
         self.procs = procs
         self.ready = workdir / "ready"
         self.json = workdir / "report.json"
         self.log = workdir / "hairtrace.log"
         for f in (self.ready, self.json):
             f.unlink(missing_ok=True)
-        argv = [*hairtrace_argv(), "--svc", svc, "--netns", netns, "--no-live",
+        argv = [*wrap, *hairtrace_argv(), "--svc", svc, "--netns", netns, "--no-live",
                 "--duration", f"{limit:g}", "--json", str(self.json),
                 "--ready-file", str(self.ready)]  # fmt: skip
         self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
@@ -77,6 +86,17 @@ class Tracer:
             raise HairtraceError(f"hairtrace wrote no report (exit {self.proc.returncode}): "
                                  f"{self._tail()}")  # fmt: skip
         return Stopped(int(self.proc.returncode), took, json.loads(self.json.read_text()))
+
+    def peak_rss_mib(self) -> float | None:
+        """VmHWM of the running tracer (None once it has exited)."""
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return None
 
     def _tail(self) -> str:
         self._log.flush()
