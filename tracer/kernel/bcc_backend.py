@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import platform
 import socket
 import struct
 import sys
@@ -31,7 +30,7 @@ from tracer.kernel.events import EVENT_SIZE
 from tracer.kernel.features import privileged
 from tracer.kernel.libbpf import BPF_MAP_TYPE_RINGBUF, Libbpf
 from tracer.kernel.providers import FunctionProvider
-from tracer.kernel.ringbuf import DIRECT_ARCHES, DirectRingBuffer
+from tracer.kernel.ringbuf import open_reader
 
 SOURCE = Path(__file__).resolve().parent.parent.parent / "bpf" / "hairtrace.bpf.c"
 HT_PT_MAX = 32
@@ -161,13 +160,9 @@ class BccObject:
     def open_reader(self, lib: Libbpf) -> EventReader:
         if self.perf:
             return PerfReader(self)
+        # a bcc ring buffer is a BPF ring buffer map: the same readers drain it
         table = self.bpf["events"]
-        size = int(table.max_entries)
-        if platform.machine() in DIRECT_ARCHES:
-            return DirectRingBuffer(int(table.map_fd), size)
-        from tracer.kernel.ringbuf import CallbackRingBuffer
-
-        return CallbackRingBuffer(lib, int(table.map_fd))
+        return open_reader(lib, int(table.map_fd), int(table.max_entries))
 
     def detach_all(self) -> None:
         while self.links:
