@@ -41,6 +41,8 @@
 /* Maps and counters (declared in hairtrace.bpf.c). */
 #define HT_LOOKUP(map, key) bpf_map_lookup_elem(&map, key)
 #define HT_UPDATE(map, key, val) bpf_map_update_elem(&map, key, val, BPF_ANY)
+#define HT_INSERT(map, key, val) bpf_map_update_elem(&map, key, val, BPF_NOEXIST)
+#define HT_DELETE(map, key) bpf_map_delete_elem(&map, key)
 #define HT_COUNT(arr, i) __sync_fetch_and_add(&arr[i], 1)
 /* Event output: ctx is for the perf buffer, which the CO-RE build never uses. */
 #define HT_RB_AVAIL(map) bpf_ringbuf_query(&map, BPF_RB_AVAIL_DATA)
@@ -92,10 +94,12 @@ struct net_bridge_port {
  * (bcc refuses map method calls inside macros); config comes as -D macros. */
 #define HT_LOOKUP(map, key) map##_lookup(key)
 #define HT_UPDATE(map, key, val) map##_update(key, val)
+#define HT_INSERT(map, key, val) map##_insert(key, val)
+#define HT_DELETE(map, key) map##_delete(key)
 #define HT_COUNT(arr, i) arr##_count(i)
 #define HT_OUTPUT(ctx, map, ev, size, flags) map##_output(ctx, ev, flags)
 #define ht_cfg ((const struct ht_config){ .svc_addr = HT_CFG_SVC_ADDR, \
-	.svc_port = HT_CFG_SVC_PORT, .proto = HT_CFG_PROTO })
+	.svc_port = HT_CFG_SVC_PORT, .proto = HT_CFG_PROTO, .data_budget = HT_CFG_DATA_BUDGET })
 #ifndef HT_RINGBUF_PAGES /* the loader may size the ring buffer */
 #define HT_RINGBUF_PAGES (HT_RINGBUF_BYTES / 4096)
 #endif

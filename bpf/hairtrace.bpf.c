@@ -19,6 +19,14 @@ struct ht_flow_key {
 	__u8 _pad[3];
 };
 
+/* Non-control TCP packets seen per tuple, point and device (ht_cfg.data_budget). */
+struct ht_budget_key {
+	struct ht_flow_key flow;
+	__u32 ifindex;
+	__u16 point;
+	__u8 _pad[2];
+};
+
 #ifndef HT_BCC
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -36,6 +44,14 @@ struct {
 	__type(value, __u64);
 } flows SEC(".maps");
 
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, HT_MAX_BUDGETS);
+	__type(key, struct ht_budget_key);
+	__type(value, __u32);
+} budgets SEC(".maps");
+
 const volatile struct ht_config ht_cfg = {};
 
 /* Keep the contract's types in the object's BTF for the layout test. */
@@ -45,6 +61,7 @@ const enum ht_point *unused_ht_point __attribute__((unused));
 /* Read by user space through the mmaped .bss; never reset by BPF. */
 __u64 ht_emitted[HT_PT_MAX] = {};
 __u64 ht_lost[HT_PT_MAX] = {};
+__u64 ht_over_budget[HT_PT_MAX] = {}; /* matched, not emitted: past the data budget */
 #else
 /* The same maps as bcc tables; the counters are array maps user space reads. */
 #ifdef HT_PERF_OUTPUT
@@ -55,9 +72,11 @@ BPF_RINGBUF_OUTPUT(events, HT_RINGBUF_PAGES);
 BPF_TABLE("lru_hash", struct ht_flow_key, __u64, flows, HT_MAX_FLOWS);
 BPF_ARRAY(ht_emitted, __u64, HT_PT_MAX);
 BPF_ARRAY(ht_lost, __u64, HT_PT_MAX);
+BPF_TABLE("lru_hash", struct ht_budget_key, __u32, budgets, HT_MAX_BUDGETS);
+BPF_ARRAY(ht_over_budget, __u64, HT_PT_MAX);
 
 /* bcc rewrites map method calls only outside macros: compat.h's HT_LOOKUP,
- * HT_UPDATE, HT_COUNT and HT_OUTPUT call these. */
+ * HT_UPDATE, HT_INSERT, HT_DELETE, HT_COUNT and HT_OUTPUT call these. */
 static __always_inline void *flows_lookup(struct ht_flow_key *key)
 {
 	return flows.lookup(key);
@@ -66,6 +85,26 @@ static __always_inline void *flows_lookup(struct ht_flow_key *key)
 static __always_inline void flows_update(struct ht_flow_key *key, __u64 *val)
 {
 	flows.update(key, val);
+}
+
+static __always_inline void *budgets_lookup(struct ht_budget_key *key)
+{
+	return budgets.lookup(key);
+}
+
+static __always_inline void budgets_insert(struct ht_budget_key *key, __u32 *val)
+{
+	budgets.insert(key, val);
+}
+
+static __always_inline void budgets_delete(struct ht_budget_key *key)
+{
+	budgets.delete(key);
+}
+
+static __always_inline void ht_over_budget_count(__u32 i)
+{
+	ht_over_budget.atomic_increment(i);
 }
 
 static __always_inline void ht_emitted_count(__u32 i)
@@ -279,6 +318,47 @@ struct ht_where {
 	bool btf;         /* skb and dev are BTF-typed: direct loads (HT_LOAD) */
 };
 
+#define HT_TCP_FIN 0x01
+#define HT_TCP_SYN 0x02
+#define HT_TCP_RST 0x04
+
+/* Past its data budget? Every point of a packet's path counts the same
+ * packets in the same order, so the first data_budget packets of a flow keep
+ * all their hops and later ones lose all of them. A bulk transfer then costs
+ * one map lookup per packet and point instead of an event. */
+static __always_inline bool over_budget(const struct ht_event *ev, const struct ht_where *w,
+					const struct net_device *dev, bool btf)
+{
+	struct ht_budget_key key = {
+		.flow = { .saddr = ev->pkt.saddr, .daddr = ev->pkt.daddr,
+			  .sport = ev->pkt.sport, .dport = ev->pkt.dport, .proto = ev->proto },
+		.point = w->point,
+	};
+	__u32 one = 1, *seen;
+
+	if (!ht_cfg.data_budget || ev->proto != IPPROTO_TCP || w->point == HT_PT_DROP ||
+	    w->point == HT_PT_TCP_RESET || w->point == HT_PT_TCP_V4_SEND_RESET)
+		return false;
+	if (dev)
+		key.ifindex = HT_LOAD(btf, dev, ifindex);
+	if (ev->tcp_flags & (HT_TCP_SYN | HT_TCP_FIN | HT_TCP_RST)) {
+		if (ev->tcp_flags & HT_TCP_SYN) /* a new connection on this tuple */
+			HT_DELETE(budgets, &key);
+		return false;
+	}
+	seen = HT_LOOKUP(budgets, &key);
+	if (!seen) {
+		HT_INSERT(budgets, &key, &one);
+		return false;
+	}
+	if (*seen >= ht_cfg.data_budget) {
+		HT_COUNT(ht_over_budget, w->point < HT_PT_MAX ? w->point : 0);
+		return true;
+	}
+	__sync_fetch_and_add(seen, 1);
+	return false;
+}
+
 /* Fill, filter, learn from and emit the event of one packet at one point.
  * ev may come pre-filled (NAT manip: the tuple after manipulation). */
 static __always_inline int trace_event(const struct sk_buff *skb, const struct ht_where *w,
@@ -294,9 +374,14 @@ static __always_inline int trace_event(const struct sk_buff *skb, const struct h
 		if (!w->ct_fallback)
 			return 0;
 		read_ct(skb, ev, w->btf);
-		if (!learn_ct(ev))
+		if (!learn_ct(ev) || over_budget(ev, w, w->dev, w->btf))
 			return 0;
 	} else {
+		/* Before conntrack is read: past its budget, a packet of a bulk
+		 * transfer costs this lookup only (its tuples were learned from the
+		 * handshake, which is never over budget). */
+		if (over_budget(ev, w, w->dev, w->btf))
+			return 0;
 		read_ct(skb, ev, w->btf);
 		learn_ct(ev);
 	}

@@ -12,6 +12,7 @@
 
 #define HT_DEV_LEN 16
 #define HT_MAX_FLOWS 16384 /* learned tuples (4 keys per conntrack entry) */
+#define HT_MAX_BUDGETS 65536 /* data-packet budgets: per tuple, point and device */
 #define HT_RINGBUF_BYTES (4 * 1024 * 1024)
 #define HT_WAKEUP_BYTES (64 * 1024) /* wake the reader only past this much data */
 
@@ -94,7 +95,10 @@ struct ht_config {
 	__u32 svc_addr; /* network byte order */
 	__u16 svc_port; /* network byte order, 0 = any port */
 	__u8 proto;     /* IPPROTO_TCP */
-	__u8 _pad;
+	/* TCP packets without SYN, FIN or RST emitted per tuple, point and device
+	 * (the handshake's ACK and the first data); 0 = every packet. Drops and
+	 * resets are always emitted; a SYN or SYN+ACK starts the count again. */
+	__u8 data_budget;
 };
 
 #endif /* HAIRTRACE_H */

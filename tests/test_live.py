@@ -192,6 +192,53 @@ def test_lost_events_are_counted_and_reported(seed_lab: str, tmp_path: Path) -> 
     assert res.returncode == 0, res.stderr
 
 
+# An HTTP request sent as 60 small segments (one header line each, TCP_NODELAY).
+_CHATTY = """\
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 80), timeout=5)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.sendall(b"GET / HTTP/1.0\\r\\n")
+for i in range(60):
+    s.sendall(b"X-Pad-%d: x\\r\\n" % i)
+    time.sleep(0.002)
+s.sendall(b"\\r\\n")
+resp = b""
+while chunk := s.recv(4096):
+    resp += chunk
+s.close()
+print(resp.split()[1].decode())
+"""
+
+
+@pytest.mark.parametrize("seed_lab", ["1"], indirect=True)
+def test_data_budget_traces_handshake_and_counts_the_rest(seed_lab: str, tmp_path: Path) -> None:
+    """Past --data-packets, a connection's data packets are counted, not emitted; 0 = all."""
+    chatty = ["ip", "netns", "exec", "poda", sys.executable, "-c", _CHATTY, SVC]
+    reports = {}
+    for budget in ("4", "0"):
+        report = tmp_path / f"r{budget}.json"
+        res = hairtrace("--svc", f"{SVC}:80", "--netns", "node", "--json", str(report),
+                        "--data-packets", budget, "--", *chatty)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == "200"
+        reports[budget] = json.loads(report.read_text())
+    capped, every = reports["4"], reports["0"]
+    assert (capped["data_budget"], every["data_budget"]) == (4, 0)
+    assert every["over_budget_events"] == 0 and every["over_budget_by_point"] == {}
+    assert capped["over_budget_events"] > 0
+    assert sum(capped["over_budget_by_point"].values()) == capped["over_budget_events"]
+    assert capped["events"] < every["events"]
+    for r in (capped, every):
+        [conn] = r["connections"]
+        assert conn["verdict"] == "ok", conn
+        roles = [p["role"] for p in conn["packets"]]
+        assert roles[:3] == ["SYN", "SYN+ACK", "ACK"], roles
+        assert "FIN" in roles, roles  # control packets are never over budget
+    data = [len([p for p in r["connections"][0]["packets"] if p["role"] == "DATA"])
+            for r in (capped, every)]  # fmt: skip
+    assert data[0] < data[1], data
+
+
 def test_demo_reproduces_diagnoses_fixes_and_cleans_up(tmp_path: Path) -> None:
     needs_live()
     out = tmp_path / "demo.json"

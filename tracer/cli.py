@@ -9,6 +9,7 @@ import click
 from tracer import __version__
 from tracer.cli_output import fail, write_json
 from tracer.errors import EXIT_USAGE, HairtraceError, UsageError
+from tracer.options import DEFAULT_DATA_BUDGET
 
 
 class _Main(click.Group):
@@ -62,6 +63,16 @@ class _Main(click.Group):
     "veth pairs (its pods). Identical tuples in different namespaces then count as one "
     "connection.",
 )
+@click.option(
+    "--data-packets",
+    type=click.IntRange(0, 255),
+    default=DEFAULT_DATA_BUDGET,
+    show_default=True,
+    metavar="N",
+    help="TCP packets without SYN, FIN or RST traced per connection direction, probe point "
+    "and device: the handshake's last ACK and the first data. Later ones cost a map lookup, "
+    "not an event (the report counts them). 0 traces every packet.",
+)
 @click.option("--record", metavar="FILE", help="Record the session to FILE (see `replay`).")
 @click.option("--force", is_flag=True, help="With --record: overwrite an existing FILE.")
 @click.option("--ready-file", hidden=True, help="Write this file once attached (tests).")
@@ -79,6 +90,7 @@ def main(
     btf: str | None,
     no_live: bool,
     all_netns: bool,
+    data_packets: int,
     record: str | None,
     force: bool,
     ready_file: str | None,
@@ -122,6 +134,7 @@ def main(
             all_netns=all_netns,
             backend=backend,
             btf=btf,
+            data_budget=data_packets,
         )
         result = trace_with_view(opts, live=not no_live and sys.stderr.isatty())
         if json_dest:

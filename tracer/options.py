@@ -6,6 +6,11 @@ import ipaddress
 
 from tracer.errors import UsageError
 
+# TCP packets without SYN, FIN or RST emitted per tuple, probe point and device
+# (struct ht_config.data_budget): the handshake's ACK and the first data of each
+# direction, with room for a few retransmissions. 0 emits every packet.
+DEFAULT_DATA_BUDGET = 8
+
 
 def parse_service(spec: str) -> tuple[str, int]:
     """'IP[:PORT]' -> (ip, port); port 0 means any port of the service IP."""

@@ -97,13 +97,13 @@ def test_unknown_backend_is_usage_error() -> None:
 def test_bcc_cflags_store_the_config_as_the_rodata_would() -> None:
     from tracer.kernel.bcc_backend import cflags
 
-    flags = cflags("100.67.30.133", 80, perf=True, ringbuf_bytes=1 << 16)
+    flags = cflags("100.67.30.133", 80, perf=True, ringbuf_bytes=1 << 16, data_budget=8)
     macros = dict(f[2:].split("=", 1) for f in flags if f.startswith("-D") and "=" in f)
     addr = int(macros["HT_CFG_SVC_ADDR"].rstrip("U"), 16)
     assert struct.pack("=I", addr) == socket.inet_aton("100.67.30.133")
     assert struct.pack("=H", int(macros["HT_CFG_SVC_PORT"], 16)) == (80).to_bytes(2, "big")
     assert "-DHT_BCC" in flags and "-DHT_PERF_OUTPUT" in flags
-    assert macros["HT_RINGBUF_PAGES"] == "16"
+    assert macros["HT_RINGBUF_PAGES"] == "16" and macros["HT_CFG_DATA_BUDGET"] == "8"
 
 
 def test_core_path_does_not_import_bcc() -> None:

@@ -50,7 +50,7 @@ def test_config_struct_is_what_the_loader_writes(bpf_object: Path) -> None:
         ("svc_addr", 0),
         ("svc_port", 4),
         ("proto", 6),
-        ("_pad", 7),
+        ("data_budget", 7),
     ]
 
 

@@ -45,6 +45,8 @@ _NR_GETPPID = {"x86_64": 110, "aarch64": 173}
 LOSSLESS = Target("value", ">=", 5e6, ">= 5 M ev/s, 0 lost")
 CPU = Target("value", "<=", 50.0, "<= 50% of a core (ours)")
 
+CAPACITY = Target("value", ">=", 5e6, ">= 5 M ev/s on one core")
+
 KINDS = {"callback": "libbpf callback (before)", "direct": "direct read + numpy (after)"}
 
 
@@ -53,6 +55,9 @@ def template() -> list[Row]:
     for kind, label in KINDS.items():
         rows.append(Row(f"pipeline.lossless_rate.{kind}", SECTION,
                         f"max rate drained, 0 lost: {label}", "ev/s", target=LOSSLESS))  # fmt: skip
+    rows.append(Row("pipeline.capacity.direct", SECTION,
+                    "drain capacity: events per CPU-second of the direct reader", "ev/s",
+                    target=CAPACITY))  # fmt: skip
     for kind, label in KINDS.items():
         rows.append(Row(f"pipeline.cpu_at_1M.{kind}", SECTION,
                         f"consumer CPU at 1 M ev/s asked: {label}", "%", target=CPU))  # fmt: skip
@@ -227,6 +232,8 @@ def measure(env: Env) -> list[Row]:
             continue
         steps = [run_step(lib, kind, direct, r, duration, cpu_pair, env.stop.check) for r in rates]
         rows[lossless_id], rows[cpu_id] = _rows(rows[lossless_id], rows[cpu_id], steps)
+        if kind == "direct":
+            rows["pipeline.capacity.direct"] = _capacity(rows["pipeline.capacity.direct"], steps)
     for after_id in ("pipeline.lossless_rate.direct", "pipeline.cpu_at_1M.direct"):
         before = rows[after_id.replace("direct", "callback")]
         if rows[after_id].na is None:
@@ -249,6 +256,18 @@ def _throttle_note(step: Step) -> str:
                 "wake-up, and those cost the producer more than the events themselves")  # fmt: skip
     return (f"{got}: one CPU's worth of events ({1e9 / step.rate:.0f} ns each); the reader kept "
             f"up at {step.cpu_percent:.0f}% CPU, so its own ceiling is higher")  # fmt: skip
+
+
+def _capacity(row: Row, steps: list[Step]) -> Row:
+    """What one core of the reader drains: the rate over the reader's CPU share, at the
+    highest rate drained without loss (the producer, one CPU, tops out below it here)."""
+    clean = [s for s in steps if s.lost == 0 and s.received >= s.emitted and s.cpu_percent > 0]
+    if not clean:
+        why = "no rate was drained without loss" if steps else "direct reader not measured"
+        return not_available(row, why)
+    best = max(clean, key=lambda s: s.rate)
+    return replace(row, value=round(best.rate / (best.cpu_percent / 100)),
+                   detail={"at": best.to_dict()})  # fmt: skip
 
 
 def _rows(lossless: Row, cpu: Row, steps: list[Step]) -> tuple[Row, Row]:

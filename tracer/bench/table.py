@@ -15,6 +15,10 @@ def fmt(value: float | None, unit: str) -> str:
             if abs(value) >= scale:
                 return f"{value / scale:.2f} {prefix}{unit}"
         return f"{value:.0f} {unit}"
+    if unit in ("ev", "conn", "conn/s"):
+        return f"{value:,.0f} {unit}"
+    if unit == "MiB":
+        return f"{value:.1f} {unit}"
     if unit == "s":
         return f"{value:.3f} s"
     if unit == "%":

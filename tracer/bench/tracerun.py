@@ -44,8 +44,10 @@ class Tracer:
         netns: str,
         limit: float,
         wrap: tuple[str, ...] = (),
+        extra: tuple[str, ...] = (),
     ) -> None:
-        """wrap: a prefix that execs the rest (taskset, nice), so signals still reach hairtrace."""
+        """wrap: a prefix that execs the rest (taskset, nice), so signals still reach hairtrace;
+        extra: more hairtrace options."""
         self.procs = procs
         self.ready = workdir / "ready"
         self.json = workdir / "report.json"
@@ -54,7 +56,7 @@ class Tracer:
             f.unlink(missing_ok=True)
         argv = [*wrap, *hairtrace_argv(), "--svc", svc, "--netns", netns, "--no-live",
                 "--duration", f"{limit:g}", "--json", str(self.json),
-                "--ready-file", str(self.ready)]  # fmt: skip
+                "--ready-file", str(self.ready), *extra]  # fmt: skip
         self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = procs.start(argv, stdout=self._log, stderr=subprocess.STDOUT)
 

@@ -53,6 +53,7 @@ class Loaded:
     obj: LoadedObject
     attach: Callable[[str], list[str]]  # netns path -> attached program names
     open_reader: Callable[[], EventReader]
+    ring_bytes: int  # size of the event buffer (the drain loop paces itself by it)
     skipped: dict[str, str] = field(default_factory=dict)  # filled while attaching
     compile_seconds: float | None = None  # bcc: its compile at start-up
 

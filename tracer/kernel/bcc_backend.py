@@ -39,6 +39,7 @@ PAGE = 4096
 # raw tracepoints of the kprobe provider (the CO-RE build attaches these as tp_btf)
 TRACEPOINTS = {"ht_dev_rx": "netif_receive_skb", "ht_dev_tx": "net_dev_start_xmit",
                "ht_drop": "kfree_skb"}  # fmt: skip
+PERF_PAGES = 64  # per CPU
 PERF_ENV = "HAIRTRACE_BCC_PERF"  # 1 = perf buffer even where the ring buffer exists
 
 
@@ -89,6 +90,7 @@ def cflags(
     perf: bool,
     ringbuf_bytes: int | None,
     drop_reason: bool = True,
+    data_budget: int = 0,
 ) -> list[str]:
     """-D macros for the bcc build: the service (struct ht_config's values, as stored)."""
     (addr,) = struct.unpack("=I", socket.inet_aton(service_ip))
@@ -99,6 +101,7 @@ def cflags(
         f"-DHT_CFG_SVC_ADDR={addr:#x}U",
         f"-DHT_CFG_SVC_PORT={port:#x}",
         f"-DHT_CFG_PROTO={IPPROTO_TCP}",
+        f"-DHT_CFG_DATA_BUDGET={data_budget}",
         "-Wno-int-conversion",  # integer probe arguments arrive as void * (as in libbpf)
     ]
     if perf:
@@ -148,14 +151,21 @@ class BccObject:
         self.links.append(("raw_tp", tp))
 
     def read_global(self, suffix: str) -> bytes:
-        """ht_emitted then ht_lost, laid out as the CO-RE object's .bss."""
+        """ht_emitted, ht_lost, ht_over_budget, laid out as the CO-RE object's .bss."""
         if suffix != ".bss":
             raise HairtraceError(f"the bcc backend has no global section {suffix}")
         emitted = [int(v.value) for v in self.bpf["ht_emitted"].values()]
         lost = [int(v.value) for v in self.bpf["ht_lost"].values()]
         # a perf buffer also reports what it could not take; count it once (point 0)
         lost[0] += max(0, self._perf_lost - sum(lost))
-        return struct.pack(f"<{HT_PT_MAX}Q{HT_PT_MAX}Q", *emitted, *lost)
+        over = [int(v.value) for v in self.bpf["ht_over_budget"].values()]
+        return struct.pack(f"<{3 * HT_PT_MAX}Q", *emitted, *lost, *over)
+
+    def buffer_bytes(self) -> int:
+        """Bytes the event buffer holds: the ring, or every CPU's perf buffer."""
+        if self.perf:
+            return PERF_PAGES * PAGE * (os.cpu_count() or 1)
+        return int(self.bpf["events"].max_entries)
 
     def open_reader(self, lib: Libbpf) -> EventReader:
         if self.perf:
@@ -182,7 +192,9 @@ class BccObject:
 class PerfReader:
     """bcc's perf buffer (kernels before 5.8) behind the ring readers' wait/drain/close."""
 
-    def __init__(self, obj: BccObject, record_size: int = EVENT_SIZE, pages: int = 64) -> None:
+    def __init__(
+        self, obj: BccObject, record_size: int = EVENT_SIZE, pages: int = PERF_PAGES
+    ) -> None:
         self.obj, self.record_size = obj, record_size
         self._pending: list[bytes] = []
         self.events = 0
@@ -236,7 +248,9 @@ def _attach(obj: BccObject, skipped: dict[str, str]) -> list[str]:
     return attached
 
 
-def load(service_ip: str, service_port: int, ringbuf_bytes: int | None, reason: str) -> Loaded:
+def load(
+    service_ip: str, service_port: int, ringbuf_bytes: int | None, data_budget: int, reason: str
+) -> Loaded:
     """Compile and load with bcc; attach happens through the returned Loaded."""
     why = privileged()
     if why:
@@ -248,7 +262,7 @@ def load(service_ip: str, service_port: int, ringbuf_bytes: int | None, reason: 
     has_ringbuf = lib.probe_map_type(BPF_MAP_TYPE_RINGBUF)
     perf = forced or not has_ringbuf
     flags = cflags(service_ip, service_port, perf=perf, ringbuf_bytes=ringbuf_bytes,
-                   drop_reason=kfree_skb_has_reason())  # fmt: skip
+                   drop_reason=kfree_skb_has_reason(), data_budget=data_budget)  # fmt: skip
     obj = BccObject(flags, perf)
     output = "perf buffer" if perf else "ring buffer"
     if perf:
@@ -262,6 +276,7 @@ def load(service_ip: str, service_port: int, ringbuf_bytes: int | None, reason: 
         obj=obj,
         attach=lambda _netns: _attach(obj, skipped),
         open_reader=lambda: obj.open_reader(lib),
+        ring_bytes=obj.buffer_bytes(),
         skipped=skipped,
         compile_seconds=round(obj.compile_seconds, 3),
     )

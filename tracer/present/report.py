@@ -29,6 +29,11 @@ class RunInfo:
     events: int = 0
     lost_events: int = 0
     lost_by_point: dict[str, int] = field(default_factory=dict)
+    # TCP packets without SYN/FIN/RST emitted per tuple, point and device (0 = all), and
+    # the matched events not emitted past that budget, per point
+    data_budget: int = 0
+    over_budget_events: int = 0
+    over_budget_by_point: dict[str, int] = field(default_factory=dict)
     attached: tuple[str, ...] = ()
     skipped: dict[str, str] = field(default_factory=dict)  # probe point -> why not attached
     attach_seconds: float | None = None  # process start -> every probe attached
@@ -130,6 +135,9 @@ def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str
         "events": run.events,
         "lost_events": run.lost_events,
         "lost_by_point": run.lost_by_point,
+        "data_budget": run.data_budget,
+        "over_budget_events": run.over_budget_events,
+        "over_budget_by_point": run.over_budget_by_point,
         "attached": list(run.attached),
         "skipped_points": run.skipped,
         "attach_seconds": run.attach_seconds,

@@ -140,6 +140,9 @@ class SessionFooter:
     topology: Topology | None = None
     rule_drops: tuple[RuleDrop, ...] = ()
     rule_drops_netns: int | None = None
+    data_budget: int = 0  # (optional in the file: older recordings emitted every packet)
+    over_budget_events: int = 0
+    over_budget_by_point: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -152,6 +155,9 @@ class SessionFooter:
             "topology": self.topology.to_dict() if self.topology else None,
             "rule_drops": [d.to_dict() for d in self.rule_drops],
             "rule_drops_netns": self.rule_drops_netns,
+            "data_budget": self.data_budget,
+            "over_budget_events": self.over_budget_events,
+            "over_budget_by_point": dict(self.over_budget_by_point),
         }
 
     @classmethod
@@ -160,6 +166,9 @@ class SessionFooter:
         by_point = g.get("lost_by_point", dict)
         if not all(_is_int(v) for v in by_point.values()):
             raise HairtraceError("bad session footer: 'lost_by_point' is not point -> count")
+        over_by_point = g.get("over_budget_by_point", dict, optional=True) or {}
+        if not all(_is_int(v) for v in over_by_point.values()):
+            raise HairtraceError("bad session footer: 'over_budget_by_point' is not point -> count")
         windows = g.get("loss_windows", list)
         if not all(isinstance(w, list) and len(w) == 2 and all(map(_is_int, w)) for w in windows):
             raise HairtraceError("bad session footer: 'loss_windows' is not [[first, last], ...]")
@@ -180,6 +189,9 @@ class SessionFooter:
             topology=_topology(topo, "footer") if topo is not None else None,
             rule_drops=rule_drops,
             rule_drops_netns=g.get("rule_drops_netns", int, optional=True),
+            data_budget=g.get("data_budget", int, optional=True) or 0,
+            over_budget_events=g.get("over_budget_events", int, optional=True) or 0,
+            over_budget_by_point=dict(over_by_point),
         )
 
 

@@ -104,6 +104,9 @@ def footer_from_trace(
         topology=topology,
         rule_drops=tuple(run.rule_drops),
         rule_drops_netns=rule_drops_netns,
+        data_budget=run.data_budget,
+        over_budget_events=run.over_budget_events,
+        over_budget_by_point=dict(run.over_budget_by_point),
     )
 
 
@@ -150,6 +153,9 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         events=events,
         lost_events=footer.lost_events if footer else 0,
         lost_by_point=dict(footer.lost_by_point) if footer else {},
+        data_budget=footer.data_budget if footer else 0,
+        over_budget_events=footer.over_budget_events if footer else 0,
+        over_budget_by_point=dict(footer.over_budget_by_point) if footer else {},
         attached=header.attached,
         skipped=dict(header.skipped),
         attach_seconds=header.attach_seconds,
