@@ -10,8 +10,6 @@
 #include "compat.h"
 #include "hairtrace.h"
 
-char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
 struct ht_flow_key {
 	__u32 saddr;
 	__u32 daddr;
@@ -20,6 +18,17 @@ struct ht_flow_key {
 	__u8 proto;
 	__u8 _pad[3];
 };
+
+/* Non-control TCP packets seen per tuple, point and device (ht_cfg.data_budget). */
+struct ht_budget_key {
+	struct ht_flow_key flow;
+	__u32 ifindex;
+	__u16 point;
+	__u8 _pad[2];
+};
+
+#ifndef HT_BCC
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -35,13 +44,6 @@ struct {
 	__type(value, __u64);
 } flows SEC(".maps");
 
-/* Non-control TCP packets seen per tuple, point and device (ht_cfg.data_budget). */
-struct ht_budget_key {
-	struct ht_flow_key flow;
-	__u32 ifindex;
-	__u16 point;
-	__u8 _pad[2];
-};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -60,6 +62,70 @@ const enum ht_point *unused_ht_point __attribute__((unused));
 __u64 ht_emitted[HT_PT_MAX] = {};
 __u64 ht_lost[HT_PT_MAX] = {};
 __u64 ht_over_budget[HT_PT_MAX] = {}; /* matched, not emitted: past the data budget */
+#else
+/* The same maps as bcc tables; the counters are array maps user space reads. */
+#ifdef HT_PERF_OUTPUT
+BPF_PERF_OUTPUT(events);
+#else
+BPF_RINGBUF_OUTPUT(events, HT_RINGBUF_PAGES);
+#endif
+BPF_TABLE("lru_hash", struct ht_flow_key, __u64, flows, HT_MAX_FLOWS);
+BPF_ARRAY(ht_emitted, __u64, HT_PT_MAX);
+BPF_ARRAY(ht_lost, __u64, HT_PT_MAX);
+BPF_TABLE("lru_hash", struct ht_budget_key, __u32, budgets, HT_MAX_BUDGETS);
+BPF_ARRAY(ht_over_budget, __u64, HT_PT_MAX);
+
+/* bcc rewrites map method calls only outside macros: compat.h's HT_LOOKUP,
+ * HT_UPDATE, HT_INSERT, HT_DELETE, HT_COUNT and HT_OUTPUT call these. */
+static __always_inline void *flows_lookup(struct ht_flow_key *key)
+{
+	return flows.lookup(key);
+}
+
+static __always_inline void flows_update(struct ht_flow_key *key, __u64 *val)
+{
+	flows.update(key, val);
+}
+
+static __always_inline void *budgets_lookup(struct ht_budget_key *key)
+{
+	return budgets.lookup(key);
+}
+
+static __always_inline void budgets_insert(struct ht_budget_key *key, __u32 *val)
+{
+	budgets.insert(key, val);
+}
+
+static __always_inline void budgets_delete(struct ht_budget_key *key)
+{
+	budgets.delete(key);
+}
+
+static __always_inline void ht_over_budget_count(__u32 i)
+{
+	ht_over_budget.atomic_increment(i);
+}
+
+static __always_inline void ht_emitted_count(__u32 i)
+{
+	ht_emitted.atomic_increment(i);
+}
+
+static __always_inline void ht_lost_count(__u32 i)
+{
+	ht_lost.atomic_increment(i);
+}
+
+static __always_inline int events_output(void *ctx, struct ht_event *ev, __u64 flags)
+{
+#ifdef HT_PERF_OUTPUT
+	return events.perf_submit(ctx, ev, sizeof(*ev));
+#else
+	return events.ringbuf_output(ev, sizeof(*ev), flags);
+#endif
+}
+#endif /* HT_BCC */
 
 /* -------------------------------------------------------------- helpers */
 
@@ -121,7 +187,7 @@ static __always_inline bool match_flow(const struct ht_tuple *t, __u8 proto)
 
 	if (is_service(t->daddr, t->dport) || is_service(t->saddr, t->sport))
 		return true;
-	return bpf_map_lookup_elem(&flows, &key) != NULL;
+	return HT_LOOKUP(flows, &key) != NULL;
 }
 
 /* One copy of the whole tuple, then fields of the copy (CO-RE relocates
@@ -172,8 +238,8 @@ static __always_inline void learn_tuple(const struct ht_tuple *t, __u8 proto, __
 		.sport = t->dport, .dport = t->sport, .proto = proto,
 	};
 
-	bpf_map_update_elem(&flows, &fwd, &ct_id, BPF_ANY);
-	bpf_map_update_elem(&flows, &rev, &ct_id, BPF_ANY);
+	HT_UPDATE(flows, &fwd, &ct_id);
+	HT_UPDATE(flows, &rev, &ct_id);
 }
 
 /* Remember every tuple of a conntrack entry of the service, so replies and
@@ -190,7 +256,7 @@ static __always_inline bool learn_ct(const struct ht_event *ev)
 
 	if (!(ev->ct_flags & HT_CT_PRESENT) || !is_service(ev->ct_orig.daddr, ev->ct_orig.dport))
 		return false;
-	known = bpf_map_lookup_elem(&flows, &reply);
+	known = HT_LOOKUP(flows, &reply);
 	if (known && *known == ev->ct_id)
 		return true;
 	learn_tuple(&ev->ct_orig, ev->proto, ev->ct_id);
@@ -220,7 +286,7 @@ static __always_inline void read_dev(const struct net_device *dev, struct ht_eve
 
 /* Batch the reader's wake-ups: wake it only when enough data waits; it also
  * polls on a short timeout, so a lone event is never stuck. */
-static __always_inline void emit_event(struct ht_event *ev)
+static __always_inline void emit_event(void *ctx, struct ht_event *ev)
 {
 	__u64 flags = BPF_RB_NO_WAKEUP;
 	__u16 pt = ev->point < HT_PT_MAX ? ev->point : 0;
@@ -229,19 +295,20 @@ static __always_inline void emit_event(struct ht_event *ev)
 	 * crosses a multiple of it. Waking on every event past the threshold made the
 	 * traced path pay an IRQ-work interrupt per event whenever the reader lagged;
 	 * a crossing missed between CPUs is caught by the reader's own poll timeout. */
-	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	__u64 avail = HT_RB_AVAIL(events);
 
 	if (avail / HT_WAKEUP_BYTES != (avail + sizeof(*ev) + 8) / HT_WAKEUP_BYTES)
 		flags = BPF_RB_FORCE_WAKEUP;
-	if (bpf_ringbuf_output(&events, ev, sizeof(*ev), flags)) {
-		__sync_fetch_and_add(&ht_lost[pt], 1);
+	if (HT_OUTPUT(ctx, events, ev, sizeof(*ev), flags)) {
+		HT_COUNT(ht_lost, pt);
 		return;
 	}
-	__sync_fetch_and_add(&ht_emitted[pt], 1);
+	HT_COUNT(ht_emitted, pt);
 }
 
 /* Where, in which stage, and point-specific detail of one observation. */
 struct ht_where {
+	void *ctx; /* the program's context: the perf buffer (bcc build) needs it */
 	const struct net_device *dev;
 	__u16 point;
 	__u8 hook;
@@ -276,16 +343,16 @@ static __always_inline bool over_budget(const struct ht_event *ev, const struct 
 		key.ifindex = HT_LOAD(btf, dev, ifindex);
 	if (ev->tcp_flags & (HT_TCP_SYN | HT_TCP_FIN | HT_TCP_RST)) {
 		if (ev->tcp_flags & HT_TCP_SYN) /* a new connection on this tuple */
-			bpf_map_delete_elem(&budgets, &key);
+			HT_DELETE(budgets, &key);
 		return false;
 	}
-	seen = bpf_map_lookup_elem(&budgets, &key);
+	seen = HT_LOOKUP(budgets, &key);
 	if (!seen) {
-		bpf_map_update_elem(&budgets, &key, &one, BPF_NOEXIST);
+		HT_INSERT(budgets, &key, &one);
 		return false;
 	}
 	if (*seen >= ht_cfg.data_budget) {
-		__sync_fetch_and_add(&ht_over_budget[w->point < HT_PT_MAX ? w->point : 0], 1);
+		HT_COUNT(ht_over_budget, w->point < HT_PT_MAX ? w->point : 0);
 		return true;
 	}
 	__sync_fetch_and_add(seen, 1);
@@ -325,20 +392,75 @@ static __always_inline int trace_event(const struct sk_buff *skb, const struct h
 	ev->nf_prio = w->prio;
 	ev->aux = w->aux;
 	read_dev(w->dev, ev, w->btf);
-	emit_event(ev);
+	emit_event(w->ctx, ev);
 	return 0;
 }
 
 /* Common path of every skb-carrying point. */
-static __always_inline int trace_skb(const struct sk_buff *skb, const struct net_device *dev,
-				     __u16 point, __u8 hook, __s32 prio, bool ct_fallback, bool btf)
+static __always_inline int trace_skb(void *ctx, const struct sk_buff *skb,
+				     const struct net_device *dev, __u16 point, __u8 hook, __s32 prio,
+				     bool ct_fallback, bool btf)
 {
-	struct ht_where w = { .dev = dev, .point = point, .hook = hook, .prio = prio,
+	struct ht_where w = { .ctx = ctx, .dev = dev, .point = point, .hook = hook, .prio = prio,
 			      .ct_fallback = ct_fallback, .btf = btf };
 	struct ht_event ev = {};
 
 	return trace_event(skb, &w, &ev, false);
 }
+
+/* ---------------------------------------------- tracepoint provider: devices
+ * tp_btf in the CO-RE build (BTF-typed arguments: HT_TP_BTF), raw tracepoints
+ * with the same arguments in the bcc build. */
+
+HT_TP(ht_dev_rx, netif_receive_skb, struct sk_buff *skb)
+{
+	if (HT_LOAD(HT_TP_BTF, skb, protocol) != bpf_htons(HT_ETH_P_IP))
+		return 0;
+	return trace_skb(ctx, skb, HT_LOAD(HT_TP_BTF, skb, dev), HT_PT_DEV_RX, 0xff, 0, false,
+			 HT_TP_BTF);
+}
+
+HT_TP(ht_dev_tx, net_dev_start_xmit, const struct sk_buff *skb, const struct net_device *dev)
+{
+	if (HT_LOAD(HT_TP_BTF, skb, protocol) != bpf_htons(HT_ETH_P_IP))
+		return 0;
+	return trace_skb(ctx, skb, dev, HT_PT_DEV_TX, 0xff, 0, false, HT_TP_BTF);
+}
+
+/* bcc on kernels before 5.17: kfree_skb has no drop reason (the loader says so) */
+#ifdef HT_KFREE_SKB_NO_REASON
+HT_TP(ht_drop, kfree_skb, struct sk_buff *skb, void *location)
+#define HT_DROP_REASON 0
+#else
+HT_TP(ht_drop, kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
+#define HT_DROP_REASON reason
+#endif
+{
+	struct ht_event ev = { .location = (__u64)location, .reason = HT_DROP_REASON };
+	struct ht_where w = { .ctx = ctx, .point = HT_PT_DROP, .hook = 0xff, .btf = HT_TP_BTF };
+
+	if (!skb || HT_LOAD(HT_TP_BTF, skb, protocol) != bpf_htons(HT_ETH_P_IP))
+		return 0;
+	w.dev = HT_LOAD(HT_TP_BTF, skb, dev);
+	return trace_event(skb, &w, &ev, false);
+}
+
+/* The skb is the packet being answered with a reset; NULL for resets a
+ * socket sends on its own (the verifier insists on the check). */
+HT_TP(ht_tcp_reset, tcp_send_reset, const struct sock *sk, const struct sk_buff *skb)
+{
+	if (!skb)
+		return 0;
+	return trace_skb(ctx, skb, HT_LOAD(HT_TP_BTF, skb, dev), HT_PT_TCP_RESET, 0xff, 0, false,
+			 HT_TP_BTF);
+}
+
+#ifndef HT_BCC
+/* --------------------------------- tracepoint provider: netfilter hooks
+ * Program type and hook/priority are set by the loader (libbpf 1.1 does not
+ * know SEC("netfilter")); the priority each program is attached at is
+ * repeated here so the event says where it was taken. CO-RE build only
+ * (BPF netfilter links need BTF and Linux 6.4). */
 
 static __always_inline int trace_nf(struct bpf_nf_ctx *ctx, __u16 point, __s32 prio)
 {
@@ -346,54 +468,9 @@ static __always_inline int trace_nf(struct bpf_nf_ctx *ctx, __u16 point, __s32 p
 	struct sk_buff *skb = ctx->skb;
 	struct net_device *in = state->in;
 
-	trace_skb(skb, in ? in : state->out, point, state->hook, prio, true, true);
+	trace_skb(ctx, skb, in ? in : state->out, point, state->hook, prio, true, true);
 	return HT_NF_ACCEPT;
 }
-
-/* ---------------------------------------------- tracepoint provider: devices */
-
-SEC("tp_btf/netif_receive_skb")
-int BPF_PROG(ht_dev_rx, struct sk_buff *skb)
-{
-	if (skb->protocol != bpf_htons(HT_ETH_P_IP))
-		return 0;
-	return trace_skb(skb, skb->dev, HT_PT_DEV_RX, 0xff, 0, false, true);
-}
-
-SEC("tp_btf/net_dev_start_xmit")
-int BPF_PROG(ht_dev_tx, const struct sk_buff *skb, const struct net_device *dev)
-{
-	if (skb->protocol != bpf_htons(HT_ETH_P_IP))
-		return 0;
-	return trace_skb(skb, dev, HT_PT_DEV_TX, 0xff, 0, false, true);
-}
-
-SEC("tp_btf/kfree_skb")
-int BPF_PROG(ht_drop, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
-{
-	struct ht_event ev = { .location = (__u64)location, .reason = reason };
-	struct ht_where w = { .point = HT_PT_DROP, .hook = 0xff, .btf = true };
-
-	if (!skb || skb->protocol != bpf_htons(HT_ETH_P_IP))
-		return 0;
-	w.dev = skb->dev;
-	return trace_event(skb, &w, &ev, false);
-}
-
-/* The skb is the packet being answered with a reset; NULL for resets a
- * socket sends on its own (the verifier insists on the check). */
-SEC("tp_btf/tcp_send_reset")
-int BPF_PROG(ht_tcp_reset, const struct sock *sk, const struct sk_buff *skb)
-{
-	if (!skb)
-		return 0;
-	return trace_skb(skb, skb->dev, HT_PT_TCP_RESET, 0xff, 0, false, true);
-}
-
-/* --------------------------------- tracepoint provider: netfilter hooks
- * Program type and hook/priority are set by the loader (libbpf 1.1 does not
- * know SEC("netfilter")); the priority each program is attached at is
- * repeated here so the event says where it was taken. */
 
 #define HT_NF_PROG(name, point, prio)                       \
 	SEC("netfilter")                                    \
@@ -409,40 +486,42 @@ HT_NF_PROG(ht_nf_out_nat, HT_PT_NF_OUT_NAT, -99)
 HT_NF_PROG(ht_nf_forward, HT_PT_NF_FORWARD, 1)
 HT_NF_PROG(ht_nf_post_nat, HT_PT_NF_POST_NAT, 101)
 HT_NF_PROG(ht_nf_in_nat, HT_PT_NF_IN_NAT, 101)
+#endif /* !HT_BCC */
 
 /* ------------------------------------ fentry / kprobe providers: functions
  * One helper per kernel function, called by a thin fentry (or fexit) entry
  * point and a thin kprobe entry point with the same arguments. */
 
-static __always_inline int on_skb(const struct sk_buff *skb, const struct net_device *dev,
-				  __u16 point, bool btf)
+static __always_inline int on_skb(void *ctx, const struct sk_buff *skb,
+				  const struct net_device *dev, __u16 point, bool btf)
 {
-	return trace_skb(skb, dev, point, 0xff, 0, false, btf);
+	return trace_skb(ctx, skb, dev, point, 0xff, 0, false, btf);
 }
 
-static __always_inline int on_br_handle_frame(struct sk_buff **pskb)
+static __always_inline int on_br_handle_frame(void *ctx, struct sk_buff **pskb)
 {
 	struct sk_buff *skb = NULL;
 
 	if (HT_COPY(&skb, sizeof(skb), pskb) || !skb)
 		return 0;
-	return on_skb(skb, HT_READ(skb, dev), HT_PT_BR_HANDLE_FRAME, false);
+	return on_skb(ctx, skb, HT_READ(skb, dev), HT_PT_BR_HANDLE_FRAME, false);
 }
 
 /* The device of a bridge forward is the egress port. */
-static __always_inline int on_br_forward(const struct net_bridge_port *to, struct sk_buff *skb,
-					 bool btf)
+static __always_inline int on_br_forward(void *ctx, const struct net_bridge_port *to,
+					 struct sk_buff *skb, bool btf)
 {
-	return on_skb(skb, HT_LOAD(btf, to, dev), HT_PT_BR_FORWARD, btf);
+	return on_skb(ctx, skb, HT_LOAD(btf, to, dev), HT_PT_BR_FORWARD, btf);
 }
 
-static __always_inline int on_hook_fn(struct sk_buff *skb, const struct nf_hook_state *state,
-				      __u16 point, __u32 aux, bool btf)
+static __always_inline int on_hook_fn(void *ctx, struct sk_buff *skb,
+				      const struct nf_hook_state *state, __u16 point, __u32 aux,
+				      bool btf)
 {
 	struct net_device *in = HT_LOAD(btf, state, in);
-	struct ht_where w = { .dev = in ? in : HT_LOAD(btf, state, out), .point = point,
-			      .hook = HT_LOAD(btf, state, hook), .aux = aux, .ct_fallback = true,
-			      .btf = btf };
+	struct ht_where w = { .ctx = ctx, .dev = in ? in : HT_LOAD(btf, state, out),
+			      .point = point, .hook = HT_LOAD(btf, state, hook), .aux = aux,
+			      .ct_fallback = true, .btf = btf };
 	struct ht_event ev = {};
 
 	return trace_event(skb, &w, &ev, false);
@@ -451,10 +530,10 @@ static __always_inline int on_hook_fn(struct sk_buff *skb, const struct nf_hook_
 /* nf_nat_manip_pkt(skb, ct, mtype, dir): the event carries the tuple the
  * manipulation produces, computed the way the kernel does (the inverse of the
  * other direction's tuple), so entry-only kprobes report it as well as fentry. */
-static __always_inline int on_nat_manip(struct sk_buff *skb, struct nf_conn *ct, __u32 mtype,
-					__u32 dir, bool btf)
+static __always_inline int on_nat_manip(void *ctx, struct sk_buff *skb, struct nf_conn *ct,
+					__u32 mtype, __u32 dir, bool btf)
 {
-	struct ht_where w = { .point = HT_PT_NAT_MANIP, .hook = 0xff,
+	struct ht_where w = { .ctx = ctx, .point = HT_PT_NAT_MANIP, .hook = 0xff,
 			      .aux = mtype | dir << 8 | HT_AUX_VALID, .ct_fallback = true, .btf = btf };
 	struct ht_event ev = {};
 	struct ht_tuple other;
@@ -486,35 +565,37 @@ static __always_inline int on_nat_setup(struct nf_conn *ct)
 	return 0;
 }
 
+#ifndef HT_BCC
+/* fentry / fexit: CO-RE build only (trampolines need BTF). */
 SEC("fentry/br_handle_frame")
 int BPF_PROG(ht_fe_br_handle_frame, struct sk_buff **pskb)
 {
-	return on_br_handle_frame(pskb);
+	return on_br_handle_frame(ctx, pskb);
 }
 
 SEC("fentry/br_forward")
 int BPF_PROG(ht_fe_br_forward, const struct net_bridge_port *to, struct sk_buff *skb)
 {
-	return on_br_forward(to, skb, true);
+	return on_br_forward(ctx, to, skb, true);
 }
 
 SEC("fentry/br_pass_frame_up")
 int BPF_PROG(ht_fe_br_pass_up, struct sk_buff *skb)
 {
-	return on_skb(skb, HT_LOAD(true, skb, dev), HT_PT_BR_PASS_UP, true);
+	return on_skb(ctx, skb, HT_LOAD(true, skb, dev), HT_PT_BR_PASS_UP, true);
 }
 
 SEC("fentry/br_dev_xmit")
 int BPF_PROG(ht_fe_br_dev_xmit, struct sk_buff *skb, struct net_device *dev)
 {
-	return on_skb(skb, dev, HT_PT_BR_DEV_XMIT, true);
+	return on_skb(ctx, skb, dev, HT_PT_BR_DEV_XMIT, true);
 }
 
 SEC("fentry/br_nf_pre_routing")
 int BPF_PROG(ht_fe_br_nf_pre_routing, void *priv, struct sk_buff *skb,
 	     const struct nf_hook_state *state)
 {
-	return on_hook_fn(skb, state, HT_PT_BR_NF_PRE_ROUTING, 0, true);
+	return on_hook_fn(ctx, skb, state, HT_PT_BR_NF_PRE_ROUTING, 0, true);
 }
 
 /* fexit: the entry is attached by then, and the verdict is known. */
@@ -522,19 +603,19 @@ SEC("fexit/nf_conntrack_in")
 int BPF_PROG(ht_fx_ct_in, struct sk_buff *skb, const struct nf_hook_state *state,
 	     unsigned int ret)
 {
-	return on_hook_fn(skb, state, HT_PT_CT_IN, ret | HT_AUX_VALID, true);
+	return on_hook_fn(ctx, skb, state, HT_PT_CT_IN, ret | HT_AUX_VALID, true);
 }
 
 SEC("fexit/__nf_conntrack_confirm")
 int BPF_PROG(ht_fx_ct_confirm, struct sk_buff *skb, int ret)
 {
-	return trace_skb(skb, HT_LOAD(true, skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true, true);
+	return trace_skb(ctx, skb, HT_LOAD(true, skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true, true);
 }
 
 SEC("fentry/nf_nat_manip_pkt")
 int BPF_PROG(ht_fe_nat_manip, struct sk_buff *skb, struct nf_conn *ct, int mtype, int dir)
 {
-	return on_nat_manip(skb, ct, mtype, dir, true);
+	return on_nat_manip(ctx, skb, ct, mtype, dir, true);
 }
 
 SEC("fexit/nf_nat_setup_info")
@@ -548,66 +629,60 @@ int BPF_PROG(ht_fe_tcp_v4_send_reset, const struct sock *sk, struct sk_buff *skb
 {
 	if (!skb)
 		return 0;
-	return on_skb(skb, HT_LOAD(true, skb, dev), HT_PT_TCP_V4_SEND_RESET, true);
+	return on_skb(ctx, skb, HT_LOAD(true, skb, dev), HT_PT_TCP_V4_SEND_RESET, true);
+}
+#endif /* !HT_BCC */
+
+/* kprobes: both builds (HT_KPROBE in compat.h); arguments are plain addresses. */
+HT_KPROBE(ht_kp_br_handle_frame, br_handle_frame, struct sk_buff **pskb)
+{
+	return on_br_handle_frame(ctx, pskb);
 }
 
-SEC("kprobe/br_handle_frame")
-int BPF_KPROBE(ht_kp_br_handle_frame, struct sk_buff **pskb)
+HT_KPROBE(ht_kp_br_forward, br_forward, const struct net_bridge_port *to, struct sk_buff *skb)
 {
-	return on_br_handle_frame(pskb);
+	return on_br_forward(ctx, to, skb, false);
 }
 
-SEC("kprobe/br_forward")
-int BPF_KPROBE(ht_kp_br_forward, const struct net_bridge_port *to, struct sk_buff *skb)
+HT_KPROBE(ht_kp_br_pass_up, br_pass_frame_up, struct sk_buff *skb)
 {
-	return on_br_forward(to, skb, false);
+	return on_skb(ctx, skb, HT_LOAD(false, skb, dev), HT_PT_BR_PASS_UP, false);
 }
 
-SEC("kprobe/br_pass_frame_up")
-int BPF_KPROBE(ht_kp_br_pass_up, struct sk_buff *skb)
+HT_KPROBE(ht_kp_br_dev_xmit, br_dev_xmit, struct sk_buff *skb, struct net_device *dev)
 {
-	return on_skb(skb, HT_LOAD(false, skb, dev), HT_PT_BR_PASS_UP, false);
+	return on_skb(ctx, skb, dev, HT_PT_BR_DEV_XMIT, false);
 }
 
-SEC("kprobe/br_dev_xmit")
-int BPF_KPROBE(ht_kp_br_dev_xmit, struct sk_buff *skb, struct net_device *dev)
+HT_KPROBE(ht_kp_br_nf_pre_routing, br_nf_pre_routing, void *priv, struct sk_buff *skb,
+	  const struct nf_hook_state *state)
 {
-	return on_skb(skb, dev, HT_PT_BR_DEV_XMIT, false);
-}
-
-SEC("kprobe/br_nf_pre_routing")
-int BPF_KPROBE(ht_kp_br_nf_pre_routing, void *priv, struct sk_buff *skb,
-	       const struct nf_hook_state *state)
-{
-	return on_hook_fn(skb, state, HT_PT_BR_NF_PRE_ROUTING, 0, false);
+	return on_hook_fn(ctx, skb, state, HT_PT_BR_NF_PRE_ROUTING, 0, false);
 }
 
 /* At entry the packet has no conntrack entry yet (no verdict either): the
  * event proves conntrack saw it; NAT and confirm events carry the entry. */
-SEC("kprobe/nf_conntrack_in")
-int BPF_KPROBE(ht_kp_ct_in, struct sk_buff *skb, const struct nf_hook_state *state)
+HT_KPROBE(ht_kp_ct_in, nf_conntrack_in, struct sk_buff *skb, const struct nf_hook_state *state)
 {
-	return on_hook_fn(skb, state, HT_PT_CT_IN, 0, false);
+	return on_hook_fn(ctx, skb, state, HT_PT_CT_IN, 0, false);
 }
 
-SEC("kprobe/__nf_conntrack_confirm")
-int BPF_KPROBE(ht_kp_ct_confirm, struct sk_buff *skb)
+HT_KPROBE(ht_kp_ct_confirm, __nf_conntrack_confirm, struct sk_buff *skb)
 {
-	return trace_skb(skb, HT_LOAD(false, skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true, false);
+	return trace_skb(ctx, skb, HT_LOAD(false, skb, dev), HT_PT_CT_CONFIRM, 0xff, 0, true, false);
 }
 
 /* No kprobe on nf_nat_setup_info: at its entry the binding is not chosen
  * yet; the kprobe provider learns the NATed tuples from nf_nat_manip_pkt. */
-SEC("kprobe/nf_nat_manip_pkt")
-int BPF_KPROBE(ht_kp_nat_manip, struct sk_buff *skb, struct nf_conn *ct, int mtype, int dir)
+HT_KPROBE(ht_kp_nat_manip, nf_nat_manip_pkt, struct sk_buff *skb, struct nf_conn *ct, int mtype,
+	  int dir)
 {
-	return on_nat_manip(skb, ct, mtype, dir, false);
+	return on_nat_manip(ctx, skb, ct, mtype, dir, false);
 }
 
-SEC("kprobe/tcp_v4_send_reset")
-int BPF_KPROBE(ht_kp_tcp_v4_send_reset, const struct sock *sk, struct sk_buff *skb)
+HT_KPROBE(ht_kp_tcp_v4_send_reset, tcp_v4_send_reset, const struct sock *sk, struct sk_buff *skb)
 {
 	if (!skb)
 		return 0;
-	return on_skb(skb, HT_LOAD(false, skb, dev), HT_PT_TCP_V4_SEND_RESET, false);
+	return on_skb(ctx, skb, HT_LOAD(false, skb, dev), HT_PT_TCP_V4_SEND_RESET, false);
 }

@@ -48,6 +48,8 @@ def test_doctor_reports_kernel_functions_and_namespaces() -> None:
         and not d["features"]["kprobes"]
     ):
         assert d["auto"]["provider"] == "tracepoint"
+    assert d["backend"]["backend"] == "core"  # BTF is there (asserted above): auto takes CO-RE
+    assert "auto backend: core" in text.stdout
     assert d["functions"]["br_forward"]["present"]
     assert d["functions"]["nf_nat_manip_pkt"]["btf"]
     node = next(ns for ns in d["namespaces"] if ns["name"] == "node")

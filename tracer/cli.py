@@ -41,6 +41,20 @@ class _Main(click.Group):
     show_default=True,
     help="Probe provider.",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "core", "bcc"]),
+    default="auto",
+    show_default=True,
+    help="BPF toolchain: core = libbpf CO-RE (needs kernel BTF or --btf), bcc = compiled at "
+    "start-up against the kernel's headers (python3-bpfcc); auto = core where there is BTF.",
+)
+@click.option(
+    "--btf",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help="External BTF file for the running kernel (CO-RE on a kernel built without BTF).",
+)
 @click.option("--no-live", is_flag=True, help="No live view; print the summary at the end.")
 @click.option(
     "--all-netns",
@@ -72,6 +86,8 @@ def main(
     duration: float | None,
     json_dest: str | None,
     provider: str,
+    backend: str,
+    btf: str | None,
     no_live: bool,
     all_netns: bool,
     data_packets: int,
@@ -116,6 +132,8 @@ def main(
             record=record,
             force=force,
             all_netns=all_netns,
+            backend=backend,
+            btf=btf,
             data_budget=data_packets,
         )
         result = trace_with_view(opts, live=not no_live and sys.stderr.isatty())

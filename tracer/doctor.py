@@ -7,6 +7,7 @@ from typing import Any
 
 from tracer.errors import HairtraceError
 from tracer.kernel import ksyms
+from tracer.kernel.backends import bcc_missing, choose_backend, has_headers, headers_dir
 from tracer.kernel.btf import KIND_FUNC, kernel_btf_path
 from tracer.kernel.features import probe
 from tracer.kernel.libbpf import Libbpf
@@ -67,6 +68,11 @@ def diagnose_host() -> dict[str, Any]:
         auto = {"provider": provider.name, "reason": reason}
     except HairtraceError as exc:
         auto = {"provider": None, "reason": str(exc)}
+    try:
+        backend, why = choose_backend("auto")
+        auto_backend: dict[str, str | None] = {"backend": backend, "reason": why}
+    except HairtraceError as exc:
+        auto_backend = {"backend": None, "reason": str(exc)}
     return {
         "kernel": feats.kernel,
         "features": {
@@ -81,6 +87,11 @@ def diagnose_host() -> dict[str, Any]:
         "missing": feats.missing,
         "functions": _functions(lib, feats.fentry, feats.kprobes),
         "auto": auto,
+        "backend": {
+            **auto_backend,
+            "kernel_headers": str(headers_dir()) if has_headers() else None,
+            "bcc_installed": bcc_missing() is None,
+        },
         "namespaces": _namespaces(snapshot("0.0.0.0", None)),
     }
 
@@ -103,6 +114,12 @@ def render_text(d: dict[str, Any]) -> str:
     auto = d["auto"]
     lines.append(
         f"auto provider: {auto['reason'] if auto['provider'] else 'none: ' + auto['reason']}"
+    )
+    b = d["backend"]
+    lines.append(f"auto backend: {b['reason'] if b['backend'] else 'none: ' + b['reason']}")
+    lines.append(
+        f"  kernel headers: {b['kernel_headers'] or 'none'}; bcc: "
+        + ("installed" if b["bcc_installed"] else "not installed (scripts/setup --with-bcc)")
     )
     lines.append("network namespaces:")
     for ns in d["namespaces"]:

@@ -29,10 +29,11 @@ from tracer.analysis.model import Event, Point, point_info
 from tracer.analysis.reassemble import Connection
 from tracer.errors import HairtraceError, UsageError
 from tracer.kernel import events as kevents
+from tracer.kernel.backends import EventReader, Loaded, LoadedObject, choose_backend
 from tracer.kernel.features import probe
 from tracer.kernel.libbpf import BpfObject, Libbpf
 from tracer.kernel.providers import Provider, choose
-from tracer.kernel.ringbuf import RingReader, open_reader
+from tracer.kernel.ringbuf import open_reader
 from tracer.kernel.ringbuf import records as split_records
 from tracer.options import DEFAULT_DATA_BUDGET
 from tracer.present.report import RunInfo
@@ -67,6 +68,8 @@ class TraceOptions:
     record: str | None = None  # session file to record to
     force: bool = False  # overwrite an existing session file
     data_budget: int = DEFAULT_DATA_BUDGET  # non-control TCP packets per tuple/point/device
+    backend: str = "auto"  # auto | core (libbpf CO-RE) | bcc
+    btf: str | None = None  # external BTF file for CO-RE on a kernel without BTF
 
 
 @dataclass
@@ -115,7 +118,7 @@ class _Losses:
     counted now certainly happened inside it (the windows overlap slightly).
     """
 
-    def __init__(self, obj: BpfObject, clock: Callable[[], int]) -> None:
+    def __init__(self, obj: LoadedObject, clock: Callable[[], int]) -> None:
         self.obj, self.clock = obj, clock
         self.total = 0
         self.by_point: dict[str, int] = {}
@@ -186,16 +189,36 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _load(opts: TraceOptions) -> tuple[Libbpf, BpfObject, Provider, str]:
-    """Choose the provider and load its programs (configured, not yet attached).
+def _load(opts: TraceOptions) -> Loaded:
+    """Choose the backend and provider and load the programs (configured, not yet attached)."""
+    backend, backend_reason = choose_backend(opts.backend, opts.btf)
+    if backend == "bcc":
+        from tracer.kernel import bcc_backend
+
+        if opts.provider not in ("auto", "kprobe"):
+            raise UsageError(f"provider {opts.provider}: the bcc backend has only kprobe")
+        return bcc_backend.load(opts.service_ip, opts.service_port, opts.ringbuf_bytes,
+                                opts.data_budget, backend_reason)  # fmt: skip
+    lib, obj, provider, reason = _load_core(opts)
+    return Loaded(
+        "core", backend_reason, provider.name, reason, obj,
+        attach=lambda netns_path: provider.attach(obj, netns_path),
+        open_reader=lambda: open_reader(lib, obj.map_fd("events"), obj.map_max_entries("events")),
+        ring_bytes=obj.map_max_entries("events"),
+        skipped=provider.skipped,
+    )  # fmt: skip
+
+
+def _load_core(opts: TraceOptions) -> tuple[Libbpf, BpfObject, Provider, str]:
+    """libbpf CO-RE: choose the provider and load its programs.
 
     A function program this kernel cannot load (missing BTF, inlined target)
     is dropped by the provider with a note, and the object loaded again.
     """
     lib = Libbpf()
-    provider, reason = choose(opts.provider, probe(lib))
+    provider, reason = choose(opts.provider, probe(lib), custom_btf=opts.btf is not None)
     while True:
-        obj = BpfObject(lib, str(object_path()))
+        obj = BpfObject(lib, str(object_path()), btf_custom_path=opts.btf)
         try:
             provider.prepare(obj)
             obj.set_rodata(_config(opts.service_ip, opts.service_port, opts.data_budget))
@@ -257,7 +280,7 @@ class _Live:
 
 def _drain(
     opts: TraceOptions,
-    rb: RingReader,
+    rb: EventReader,
     ring_bytes: int,
     live: _Live,
     losses: _Losses,
@@ -309,21 +332,23 @@ def run_trace(
     t0 = time.monotonic()
     netns = resolve_netns(opts.netns)
     _check_options(opts)
-    lib, obj, provider, reason = _load(opts)
+    loaded = _load(opts)
+    obj = loaded.obj
     live, losses = _Live(decode=sink is not None), _Losses(obj, clock)
-    rb: RingReader | None = None
+    rb: EventReader | None = None
     try:
-        attached = provider.attach(obj, netns.path)
-        ring_bytes = obj.map_max_entries("events")
-        rb = open_reader(lib, obj.map_fd("events"), ring_bytes)
+        attached = loaded.attach(netns.path)
+        ring_bytes = loaded.ring_bytes
+        rb = loaded.open_reader()
         attach_s, since_start = process_age(), time.monotonic() - t0
         start_ns, started_at = clock(), time.time()
         topo = snapshot(opts.service_ip, opts.service_port or None)
         counters_before = collect_counters(netns.path)  # before CMD starts any traffic
         run = RunInfo(
-            __version__, os.uname().release, provider.name, reason, opts.service_ip,
-            opts.service_port, netns.name, attached=tuple(attached),
-            skipped=dict(provider.skipped),
+            __version__, os.uname().release, loaded.provider, loaded.provider_reason,
+            opts.service_ip, opts.service_port, netns.name, attached=tuple(attached),
+            skipped=dict(loaded.skipped), backend=loaded.backend,
+            backend_reason=loaded.backend_reason, compile_seconds=loaded.compile_seconds,
             attach_seconds=round(attach_s, 3), trace_attach_seconds=round(since_start, 3),
             started_at=started_at, start_ns=start_ns,
             command=opts.command,

@@ -114,12 +114,14 @@ class SideInfo:
     service: str
     lost_events: int
     skipped_points: tuple[str, ...]
+    backend: str = "core"  # reports from before the bcc backend were CO-RE
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "kernel": self.kernel,
             "provider": self.provider,
+            "backend": self.backend,
             "service": self.service,
             "lost_events": self.lost_events,
             "skipped_points": list(self.skipped_points),
@@ -127,7 +129,8 @@ class SideInfo:
 
     def describe(self) -> str:
         name = f" ({self.name})" if self.name else ""
-        return f"{self.label} = {self.provider} on {self.kernel}{name}"
+        via = f" via {self.backend}" if self.backend != "core" else ""
+        return f"{self.label} = {self.provider}{via} on {self.kernel}{name}"
 
 
 @dataclass(frozen=True)
@@ -734,6 +737,7 @@ def _side(label: str, name: str, report: dict[str, Any]) -> SideInfo:
         service=f"{svc.get('ip', '?')}:{svc.get('port', 0)}",
         lost_events=int(report.get("lost_events") or 0),
         skipped_points=tuple(sorted(report.get("skipped_points") or {})),
+        backend=str(report.get("backend", "core")),
     )
 
 

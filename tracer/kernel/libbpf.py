@@ -148,11 +148,19 @@ class Libbpf:
 class BpfObject:
     """An opened (then loaded) BPF object file and the links attached from it."""
 
-    def __init__(self, lib: Libbpf, path: str) -> None:
+    def __init__(self, lib: Libbpf, path: str, btf_custom_path: str | None = None) -> None:
         self.lib = lib
         self.path = path
         lib.log.lines.clear()
-        self.obj = lib.lib.bpf_object__open_file(path.encode(), None)
+        opts = None
+        if btf_custom_path:
+            # struct bpf_object_open_opts up to btf_custom_path (libbpf.h): sz at 0,
+            # btf_custom_path at 48; a shorter sz is how older callers pass it.
+            opts = ctypes.create_string_buffer(56)
+            self._btf_path = ctypes.create_string_buffer(btf_custom_path.encode())
+            ctypes.c_size_t.from_buffer(opts, 0).value = 56
+            ctypes.c_void_p.from_buffer(opts, 48).value = ctypes.addressof(self._btf_path)
+        self.obj = lib.lib.bpf_object__open_file(path.encode(), opts)
         if not self.obj:
             raise lib.errno_error(f"cannot open BPF object {path}")
         self.links: list[tuple[str, Callable[[], None]]] = []

@@ -7,7 +7,7 @@ asks which one ran. Auto mode takes the best that can run and says why.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from tracer.errors import HairtraceError, UsageError
@@ -135,7 +135,8 @@ class FunctionProvider:
                 return feats.missing[need]
         return None
 
-    def _candidates(self) -> dict[str, str]:
+    def candidates(self) -> dict[str, str]:
+        """Program -> function for the functions this kernel has (the others go to skipped)."""
         wanted = {f.function for f in FUNCTIONS}
         syms = ksyms.load(wanted)
         progs: dict[str, str] = {}
@@ -153,7 +154,7 @@ class FunctionProvider:
 
     def prepare(self, obj: BpfObject) -> None:
         if not self._programs:
-            self._programs = self._candidates()
+            self._programs = self.candidates()
         obj.select(set(self._programs) | set(FUNCTION_TRACEPOINTS))
 
     def exclude_failed(self, log: str) -> bool:
@@ -184,10 +185,20 @@ def all_providers() -> list[Provider]:
     return [FunctionProvider("fentry"), FunctionProvider("kprobe"), TracepointProvider()]
 
 
-def choose(name: str, feats: Features) -> tuple[Provider, str]:
-    """The provider to use and a sentence saying why."""
+def choose(name: str, feats: Features, custom_btf: bool = False) -> tuple[Provider, str]:
+    """The provider to use and a sentence saying why.
+
+    custom_btf: an external BTF file stands in for the kernel's in CO-RE
+    relocations; tp_btf and fentry still need the kernel's own.
+    """
     if "privileges" in feats.missing:
         raise HairtraceError(feats.missing["privileges"])
+    if "btf" in feats.missing and custom_btf:
+        why = "needs the kernel's own BTF (an external BTF file serves CO-RE relocations only)"
+        missing = {k: v for k, v in feats.missing.items() if k != "btf"}
+        missing.setdefault("tp_btf", f"tp_btf {why}")
+        missing.setdefault("fentry", f"fentry {why}")
+        feats = replace(feats, missing=missing)
     if "btf" in feats.missing:
         raise HairtraceError(feats.missing["btf"])
     providers = {p.name: p for p in all_providers()}

@@ -29,7 +29,8 @@ def _header(run: RunInfo) -> Text:
     port = run.service_port or "any"
     return Text.from_markup(
         f"[bold]hairtrace[/] {run.tool_version}  service {run.service_ip}:{port}  netns "
-        f"{run.netns}  kernel {run.kernel}\nprovider {run.provider_reason}; "
+        f"{run.netns}  kernel {run.kernel}\nbackend {run.backend_reason or run.backend}\n"
+        f"provider {run.provider_reason}; "
         f"attached {len(run.attached)} programs in {run.trace_attach_seconds or 0:.3f}s "
         f"({run.attach_seconds or 0:.3f}s after process start)"
         + "".join(f"\n  skipped {k}: {v}" for k, v in run.skipped.items())

@@ -45,6 +45,9 @@ class RunInfo:
     scope: tuple[str, ...] | None = None  # names of the namespaces analysed; None = all
     events_out_of_scope: int = 0  # events of namespaces outside the node (other labs)
     rule_drops: tuple[RuleDrop, ...] = ()  # DROP/REJECT rules of netns that dropped packets
+    backend: str = "core"  # core (libbpf CO-RE) | bcc
+    backend_reason: str = ""
+    compile_seconds: float | None = None  # bcc: compiling the BPF source at start-up
 
 
 def _endpoint(ip: str, port: int) -> dict[str, Any]:
@@ -124,6 +127,9 @@ def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str
         "kernel": run.kernel,
         "provider": run.provider,
         "provider_reason": run.provider_reason,
+        "backend": run.backend,
+        "backend_reason": run.backend_reason,
+        "compile_seconds": run.compile_seconds,
         "service": _endpoint(run.service_ip, run.service_port),
         "netns": run.netns,
         "events": run.events,

@@ -50,6 +50,9 @@ class SessionHeader:
     record_size: int = EVENT_SIZE
     netns_inode: int | None = None  # the node netns (scope of the analysis)
     all_netns: bool = False  # the trace analysed every namespace, not only the node's
+    backend: str = "core"  # core (libbpf CO-RE) | bcc; recordings before it were core
+    backend_reason: str = ""
+    compile_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,9 @@ class SessionHeader:
             "drop_reasons": {str(k): v for k, v in sorted(self.drop_reasons.items())},
             "netns_inode": self.netns_inode,
             "all_netns": self.all_netns,
+            "backend": self.backend,
+            "backend_reason": self.backend_reason,
+            "compile_seconds": self.compile_seconds,
             "record_size": self.record_size,
             "topology": self.topology.to_dict(),
         }
@@ -111,6 +117,9 @@ class SessionHeader:
             record_size=record_size,
             netns_inode=g.get("netns_inode", int, optional=True),
             all_netns=bool(g.get("all_netns", bool, optional=True)),
+            backend=g.get("backend", str, optional=True) or "core",
+            backend_reason=g.get("backend_reason", str, optional=True) or "",
+            compile_seconds=g.number("compile_seconds", optional=True),
         )
 
 

@@ -78,6 +78,9 @@ def header_from_trace(
         drop_reasons=dict(drop_reasons),
         netns_inode=netns_inode,
         all_netns=all_netns,
+        backend=run.backend,
+        backend_reason=run.backend_reason,
+        compile_seconds=run.compile_seconds,
     )
 
 
@@ -141,6 +144,9 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         kernel=header.kernel,
         provider=header.provider,
         provider_reason=header.provider_reason,
+        backend=header.backend,
+        backend_reason=header.backend_reason,
+        compile_seconds=header.compile_seconds,
         service_ip=header.service_ip,
         service_port=header.service_port,
         netns=header.netns,
