@@ -44,7 +44,7 @@ struct {
 	__type(value, __u64);
 } flows SEC(".maps");
 
-
+/* Non-control TCP packets seen per tuple, point and device (ht_cfg.data_budget). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, HT_MAX_BUDGETS);
