@@ -412,19 +412,41 @@ static __always_inline int trace_skb(void *ctx, const struct sk_buff *skb,
  * tp_btf in the CO-RE build (BTF-typed arguments: HT_TP_BTF), raw tracepoints
  * with the same arguments in the bcc build. */
 
+static __always_inline int on_dev_rx(void *ctx, const struct sk_buff *skb, bool btf)
+{
+	if (HT_LOAD(btf, skb, protocol) != bpf_htons(HT_ETH_P_IP))
+		return 0;
+	return trace_skb(ctx, skb, HT_LOAD(btf, skb, dev), HT_PT_DEV_RX, 0xff, 0, false, btf);
+}
+
+static __always_inline int on_dev_tx(void *ctx, const struct sk_buff *skb,
+				     const struct net_device *dev, bool btf)
+{
+	if (HT_LOAD(btf, skb, protocol) != bpf_htons(HT_ETH_P_IP))
+		return 0;
+	return trace_skb(ctx, skb, dev, HT_PT_DEV_TX, 0xff, 0, false, btf);
+}
+
+static __always_inline int on_drop(void *ctx, struct sk_buff *skb, void *location, __u32 reason,
+				   bool btf)
+{
+	struct ht_event ev = { .location = (__u64)location, .reason = reason };
+	struct ht_where w = { .ctx = ctx, .point = HT_PT_DROP, .hook = 0xff, .btf = btf };
+
+	if (!skb || HT_LOAD(btf, skb, protocol) != bpf_htons(HT_ETH_P_IP))
+		return 0;
+	w.dev = HT_LOAD(btf, skb, dev);
+	return trace_event(skb, &w, &ev, false);
+}
+
 HT_TP(ht_dev_rx, netif_receive_skb, struct sk_buff *skb)
 {
-	if (HT_LOAD(HT_TP_BTF, skb, protocol) != bpf_htons(HT_ETH_P_IP))
-		return 0;
-	return trace_skb(ctx, skb, HT_LOAD(HT_TP_BTF, skb, dev), HT_PT_DEV_RX, 0xff, 0, false,
-			 HT_TP_BTF);
+	return on_dev_rx(ctx, skb, HT_TP_BTF);
 }
 
 HT_TP(ht_dev_tx, net_dev_start_xmit, const struct sk_buff *skb, const struct net_device *dev)
 {
-	if (HT_LOAD(HT_TP_BTF, skb, protocol) != bpf_htons(HT_ETH_P_IP))
-		return 0;
-	return trace_skb(ctx, skb, dev, HT_PT_DEV_TX, 0xff, 0, false, HT_TP_BTF);
+	return on_dev_tx(ctx, skb, dev, HT_TP_BTF);
 }
 
 /* bcc on kernels before 5.17: kfree_skb has no drop reason (the loader says so) */
@@ -436,14 +458,39 @@ HT_TP(ht_drop, kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_rea
 #define HT_DROP_REASON reason
 #endif
 {
-	struct ht_event ev = { .location = (__u64)location, .reason = HT_DROP_REASON };
-	struct ht_where w = { .ctx = ctx, .point = HT_PT_DROP, .hook = 0xff, .btf = HT_TP_BTF };
-
-	if (!skb || HT_LOAD(HT_TP_BTF, skb, protocol) != bpf_htons(HT_ETH_P_IP))
-		return 0;
-	w.dev = HT_LOAD(HT_TP_BTF, skb, dev);
-	return trace_event(skb, &w, &ev, false);
+	return on_drop(ctx, skb, location, HT_DROP_REASON, HT_TP_BTF);
 }
+
+#ifndef HT_BCC
+/* Raw-tracepoint twins of the device and drop tracepoints, for the kprobe
+ * provider on a kernel without BTF of its own (CO-RE relocated with --btf):
+ * tp_btf needs the kernel's BTF, raw_tp does not. Arguments are plain
+ * addresses there, read like kprobe arguments. */
+SEC("raw_tp/netif_receive_skb")
+int BPF_PROG(ht_rtp_dev_rx, struct sk_buff *skb)
+{
+	return on_dev_rx(ctx, skb, false);
+}
+
+SEC("raw_tp/net_dev_start_xmit")
+int BPF_PROG(ht_rtp_dev_tx, const struct sk_buff *skb, const struct net_device *dev)
+{
+	return on_dev_tx(ctx, skb, dev, false);
+}
+
+SEC("raw_tp/kfree_skb")
+int BPF_PROG(ht_rtp_drop, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
+{
+	return on_drop(ctx, skb, location, reason, false);
+}
+
+/* kfree_skb before Linux 5.17: no drop reason (the loader picks by the format file) */
+SEC("raw_tp/kfree_skb")
+int BPF_PROG(ht_rtp_drop_noreason, struct sk_buff *skb, void *location)
+{
+	return on_drop(ctx, skb, location, 0, false);
+}
+#endif
 
 /* The skb is the packet being answered with a reset; NULL for resets a
  * socket sends on its own (the verifier insists on the check). */

@@ -18,6 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 VIP = "100.67.30.133:80"
 CONNTRACK_NAT = {"nf_conntrack_in", "__nf_conntrack_confirm", "nf_nat_manip_pkt"}
 CASES = [(p, k) for p in ("fentry", "kprobe") for k in ("0", "1")]
+# A kernel without BTF of its own (simulated: hairtrace is told its BTF is absent),
+# traced with --btf FILE: CO-RE relocations from the file, kprobes, and the
+# raw-tracepoint twins of the device and drop tracepoints (tp_btf needs kernel BTF).
+NO_BTF = ("kprobe --btf", "0")
+NO_BTF_RUN = (
+    "HAIRTRACE_KERNEL_BTF=/nonexistent scripts/scenario-seed 0 --provider kprobe "
+    "--btf /sys/kernel/btf/vmlinux; echo"
+)
 
 pytestmark = pytest.mark.live
 
@@ -37,14 +45,15 @@ def _documents(text: str) -> list[dict[str, Any]]:
 def vm_reports() -> dict[tuple[str, str], dict[str, Any]]:
     needs_live()
     needs_binary("qemu-system-x86_64")
-    script = "; ".join(f"scripts/scenario-seed {k} --provider {p}; echo" for p, k in CASES)
+    runs = [f"scripts/scenario-seed {k} --provider {p}; echo" for p, k in CASES]
+    script = "; ".join([*runs, NO_BTF_RUN])
     res = subprocess.run(
         [str(ROOT / "scripts" / "vm-run"), "--timeout", "1500", "--", "sh", "-c", script],
         check=False, capture_output=True, text=True, timeout=1600, cwd=ROOT,
     )  # fmt: skip
     docs = _documents(res.stdout)
-    assert len(docs) == len(CASES), f"vm-run exit {res.returncode}: {res.stderr[-3000:]}"
-    return dict(zip(CASES, docs, strict=True))
+    assert len(docs) == len(CASES) + 1, f"vm-run exit {res.returncode}: {res.stderr[-3000:]}"
+    return dict(zip([*CASES, NO_BTF], docs, strict=True))
 
 
 def _only(report: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +102,21 @@ def test_seed_healthy_in_vm(vm_reports: dict[tuple[str, str], Any], provider: st
         h["point"] == "nf_nat_manip_pkt" and h["nat"] and h["nat"].endswith(f"-> {VIP}")
         for h in synack["hops"]
     )
+
+
+def test_seed_broken_without_kernel_btf_in_vm(vm_reports: dict[tuple[str, str], Any]) -> None:
+    """--btf FILE where the kernel has no BTF: the same diagnosis as with the kernel's BTF."""
+    r, ref = vm_reports[NO_BTF], vm_reports[("kprobe", "0")]
+    assert r["backend"] == "core" and "--btf /sys/kernel/btf/vmlinux" in r["backend_reason"]
+    assert {"ht_rtp_dev_rx", "ht_rtp_dev_tx"} <= set(r["attached"])
+    assert not {"ht_dev_rx", "ht_dev_tx", "ht_drop"} & set(r["attached"])
+    assert r["lost_events"] == 0
+    conn, want = _only(r), _only(ref)
+    assert conn["verdict"] == "broken"
+    keys = ("packet_role", "netns", "dev", "point", "cause")
+    assert {k: conn["break"][k] for k in keys} == {k: want["break"][k] for k in keys}
+    synack = [h["point"] for h in _packet(conn, "SYN+ACK")["hops"]]
+    assert {"netif_receive_skb", "br_forward", "net_dev_start_xmit"} <= set(synack), synack
 
 
 def test_vm_and_host_agree(vm_reports: dict[tuple[str, str], Any]) -> None:

@@ -158,16 +158,17 @@ def test_core_loader_takes_an_external_btf_file(bpf_object: Path, tmp_path: Path
 
 
 def test_kfree_skb_reason_from_the_tracepoint_format(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Kernels before 5.17 have no drop reason: the bcc build must not read a third argument."""
-    from tracer.kernel import bcc_backend
+    """Kernels before 5.17 have no drop reason: the bcc build and the raw-tracepoint twin
+    must not read a third argument."""
+    from tracer.kernel import bcc_backend, features
 
     fmt = tmp_path / "format"
-    monkeypatch.setattr(bcc_backend, "KFREE_SKB_FORMATS", (tmp_path / "absent", fmt))
+    monkeypatch.setattr(features, "KFREE_SKB_FORMATS", (tmp_path / "absent", fmt))
     fmt.write_text(
         "field:void * skbaddr;\nfield:void * location;\nfield:unsigned short protocol;\n"
     )
-    assert bcc_backend.kfree_skb_has_reason() is False
+    assert features.kfree_skb_has_reason() is False
     fmt.write_text("field:void * location;\nfield:enum skb_drop_reason reason;\n")
-    assert bcc_backend.kfree_skb_has_reason() is True
+    assert features.kfree_skb_has_reason() is True
     flags = bcc_backend.cflags("10.0.0.1", 0, perf=False, ringbuf_bytes=None, drop_reason=False)
     assert "-DHT_KFREE_SKB_NO_REASON" in flags and "-DHT_PERF_OUTPUT" not in flags

@@ -91,3 +91,27 @@ def test_the_skip_reason_quotes_the_verifier() -> None:
     )
     assert p.exclude_failed(log)
     assert "arg0 type PTR is not a struct" in p.skipped["br_handle_frame"]
+
+
+def test_external_btf_on_a_kernel_without_btf_takes_kprobes_and_raw_tracepoints(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--btf FILE: tp_btf, fentry and netfilter need the kernel's own BTF; kprobes run with
+    the raw-tracepoint twins of the device and drop tracepoints."""
+    from tracer.kernel import providers
+
+    no_btf = feats(btf="no kernel BTF at /sys/kernel/btf/vmlinux")
+    provider, why = choose("auto", no_btf, custom_btf=True)
+    assert provider.name == "kprobe" and "fentry" in why
+    assert isinstance(provider, FunctionProvider)
+    assert provider.tracepoints == ("ht_rtp_dev_rx", "ht_rtp_dev_tx", "ht_rtp_drop")
+    monkeypatch.setattr(providers, "kfree_skb_has_reason", lambda: False)  # before 5.17
+    provider, _why = choose("kprobe", no_btf, custom_btf=True)
+    assert isinstance(provider, FunctionProvider)
+    assert provider.tracepoints[-1] == "ht_rtp_drop_noreason"
+    with pytest.raises(HairtraceError, match="tp_btf needs the kernel's own BTF"):
+        choose("tracepoint", no_btf, custom_btf=True)
+    # with the kernel's own BTF, the tp_btf programs as always
+    provider, _why = choose("kprobe", feats(fentry="refused"))
+    assert isinstance(provider, FunctionProvider)
+    assert provider.tracepoints == ("ht_dev_rx", "ht_dev_tx", "ht_drop")

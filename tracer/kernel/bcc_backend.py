@@ -27,7 +27,7 @@ import numpy as np
 from tracer.errors import HairtraceError
 from tracer.kernel.backends import BCC_PYTHON, EventReader, Loaded, bcc_missing
 from tracer.kernel.events import EVENT_SIZE
-from tracer.kernel.features import privileged
+from tracer.kernel.features import kfree_skb_has_reason, privileged
 from tracer.kernel.libbpf import BPF_MAP_TYPE_RINGBUF, Libbpf
 from tracer.kernel.providers import FunctionProvider
 from tracer.kernel.ringbuf import open_reader
@@ -56,31 +56,6 @@ def import_bcc() -> Any:
         except ImportError as exc:
             raise HairtraceError(f"cannot import bcc from {BCC_PYTHON}: {exc}") from None
     return bcc
-
-
-KFREE_SKB_FORMATS = (
-    Path("/sys/kernel/tracing/events/skb/kfree_skb/format"),
-    Path("/sys/kernel/debug/tracing/events/skb/kfree_skb/format"),
-)
-
-
-def kfree_skb_has_reason(release: str | None = None) -> bool:
-    """Does this kernel's kfree_skb tracepoint carry a drop reason (Linux 5.17+)?
-
-    The tracepoint's format file says; without tracefs, the headers' trace/events/skb.h.
-    """
-    for fmt in KFREE_SKB_FORMATS:
-        try:
-            return "reason" in fmt.read_text()
-        except OSError:
-            continue
-    kdir = Path("/lib/modules") / (release or os.uname().release)
-    for sub in ("source", "build"):
-        try:
-            return "skb_drop_reason" in (kdir / sub / "include/trace/events/skb.h").read_text()
-        except OSError:
-            continue
-    return True
 
 
 def cflags(

@@ -143,3 +143,28 @@ def probe_fentry(lib: Libbpf, target: str = "tcp_v4_send_reset") -> str | None:
         os.close(fd)
         return None
     return f"the kernel refuses fentry programs ({os.strerror(-fd)})"
+
+
+KFREE_SKB_FORMATS = (
+    Path("/sys/kernel/tracing/events/skb/kfree_skb/format"),
+    Path("/sys/kernel/debug/tracing/events/skb/kfree_skb/format"),
+)
+
+
+def kfree_skb_has_reason(release: str | None = None) -> bool:
+    """Does this kernel's kfree_skb tracepoint carry a drop reason (Linux 5.17+)?
+
+    The tracepoint's format file says; without tracefs, the headers' trace/events/skb.h.
+    """
+    for fmt in KFREE_SKB_FORMATS:
+        try:
+            return "reason" in fmt.read_text()
+        except OSError:
+            continue
+    kdir = Path("/lib/modules") / (release or os.uname().release)
+    for sub in ("source", "build"):
+        try:
+            return "skb_drop_reason" in (kdir / sub / "include/trace/events/skb.h").read_text()
+        except OSError:
+            continue
+    return True

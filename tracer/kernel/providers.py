@@ -12,7 +12,7 @@ from typing import Protocol
 
 from tracer.errors import HairtraceError, UsageError
 from tracer.kernel import ksyms
-from tracer.kernel.features import Features
+from tracer.kernel.features import Features, kfree_skb_has_reason
 from tracer.kernel.libbpf import BpfObject
 
 # netfilter hook numbers (enum nf_inet_hooks)
@@ -104,6 +104,9 @@ FUNCTIONS = (
 )
 # device and drop tracepoints complete the function probes (resets come from tcp_v4_send_reset)
 FUNCTION_TRACEPOINTS = ("ht_dev_rx", "ht_dev_tx", "ht_drop")
+# their raw-tracepoint twins, for kprobes on a kernel without BTF of its own (--btf)
+RAW_TRACEPOINTS = ("ht_rtp_dev_rx", "ht_rtp_dev_tx", "ht_rtp_drop")
+RAW_DROP_NO_REASON = "ht_rtp_drop_noreason"  # kfree_skb before 5.17
 _FAILED_PROG = re.compile(r"prog '(\w+)': (?:failed to|BPF program load failed)")
 
 
@@ -127,12 +130,20 @@ class FunctionProvider:
         self.name = kind
         self.skipped: dict[str, str] = {}
         self._programs: dict[str, str] = {}  # program -> function
+        self.tracepoints: tuple[str, ...] = FUNCTION_TRACEPOINTS
 
     def can_run(self, feats: Features) -> str | None:
-        needs = ("btf", "tp_btf", "ringbuf", "fentry" if self.name == "fentry" else "kprobes")
+        """Why not, or None. kprobes without tp_btf (no kernel BTF, --btf given) take
+        the raw-tracepoint twins of the device and drop tracepoints."""
+        needs = ["btf", "ringbuf", "fentry" if self.name == "fentry" else "kprobes"]
+        if self.name == "fentry":
+            needs.append("tp_btf")
         for need in needs:
             if need in feats.missing:
                 return feats.missing[need]
+        if self.name == "kprobe" and "tp_btf" in feats.missing:
+            drop = "ht_rtp_drop" if kfree_skb_has_reason() else RAW_DROP_NO_REASON
+            self.tracepoints = (*RAW_TRACEPOINTS[:2], drop)
         return None
 
     def candidates(self) -> dict[str, str]:
@@ -155,7 +166,7 @@ class FunctionProvider:
     def prepare(self, obj: BpfObject) -> None:
         if not self._programs:
             self._programs = self.candidates()
-        obj.select(set(self._programs) | set(FUNCTION_TRACEPOINTS))
+        obj.select(set(self._programs) | set(self.tracepoints))
 
     def exclude_failed(self, log: str) -> bool:
         """After a failed load: drop the function program libbpf names, if any."""
@@ -167,9 +178,9 @@ class FunctionProvider:
         return False
 
     def attach(self, obj: BpfObject, netns_path: str) -> list[str]:
-        for name in FUNCTION_TRACEPOINTS:
+        for name in self.tracepoints:
             obj.attach(name)
-        attached = list(FUNCTION_TRACEPOINTS)
+        attached = list(self.tracepoints)
         for prog, func in list(self._programs.items()):
             try:
                 obj.attach(prog)
