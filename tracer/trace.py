@@ -293,7 +293,7 @@ def _drain(
     After a small batch the loop pauses briefly (at most 4 ms, less for a small
     ring buffer) so each wake-up drains many records: under a steady stream of
     events the BPF side wakes the reader every 64 KiB, and a drain per wake-up
-    cost the node a core's third at a few hundred thousand events a second.
+    cost about a third of a core at a few hundred thousand events a second.
     """
     pace_s = min(0.004, ring_bytes / 1e9)  # at most a quarter of the ring at 1 GB/s
     with _StopFlag() as stop:

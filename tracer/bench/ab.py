@@ -49,6 +49,10 @@ def variants(other: Path) -> list[Variant]:
     ]
 
 
+def _observer(env: Env, v: Variant, stop_timeout: float) -> Callable[[], HairtraceObserver]:
+    return lambda: HairtraceObserver(env, stop_timeout, v.extra, v.environ)
+
+
 def run_ab(other: Path, rounds: int, progress: Callable[[str], None]) -> list[dict[str, Any]]:
     """One row per (variant, traffic): pps with the tracer, without, their ratio."""
     rows = []
@@ -68,8 +72,7 @@ def run_ab(other: Path, rounds: int, progress: Callable[[str], None]) -> list[di
                 if v.extra and kind.startswith("UDP"):
                     continue  # the budget changes nothing outside the filter
                 progress(f"{v.name}: {kind}")
-                c = compare(traffic, lambda v=v, t=stop_timeout: HairtraceObserver(  # type: ignore[misc]
-                    env, t, v.extra, v.environ), rounds)  # fmt: skip
+                c = compare(traffic, _observer(env, v, stop_timeout), rounds)
                 with_ = sorted(s.pps for s in c.with_)[len(c.with_) // 2]
                 without = sorted(s.pps for s in c.without)[len(c.without) // 2]
                 rows.append({"tracer": v.name, "traffic": kind, "pps": round(with_),
