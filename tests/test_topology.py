@@ -682,11 +682,9 @@ def test_live_snapshot(lab: Lab) -> None:
     before_rules = _sh(
         "ip", "netns", "exec", lab.node.path.rsplit("/", 1)[1], "iptables-save", "-t", "nat"
     )
-    t0 = time.monotonic()
+    # (no timing assertion: speed is scripts/bench's; a loaded CI machine is not a bug)
     topo = snapshot(SERVICE_IP, SERVICE_PORT, [lab.node, lab.pod1, lab.pod2, lab.nft])
-    elapsed = time.monotonic() - t0
     assert os.readlink("/proc/thread-self/ns/net") == before_ns
-    assert elapsed < 1.0, f"snapshot of 4 namespaces took {elapsed:.3f} s"
     assert abs(topo.taken_at - time.time()) < 60
 
     assert [ns.name for ns in topo.namespaces] == [
