@@ -21,6 +21,7 @@ from tracer.bench.compare import compare
 from tracer.bench.context import Env
 from tracer.bench.pktrate import HairtraceObserver
 from tracer.bench.procs import Procs, Tools, cpus
+from tracer.bench.rows import Row
 from tracer.bench.traffic import Sample, Traffic
 from tracer.errors import HairtraceError
 
@@ -73,10 +74,9 @@ def run_ab(other: Path, rounds: int, progress: Callable[[str], None]) -> list[di
                     continue  # the budget changes nothing outside the filter
                 progress(f"{v.name}: {kind}")
                 c = compare(traffic, _observer(env, v, stop_timeout), rounds)
-                with_ = sorted(s.pps for s in c.with_)[len(c.with_) // 2]
-                without = sorted(s.pps for s in c.without)[len(c.without) // 2]
-                rows.append({"tracer": v.name, "traffic": kind, "pps": round(with_),
-                             "no_tracer_pps": round(without),
-                             "ratio": round(with_ / without, 3) if without else None,
+                row = c.row(Row(f"ab.{kind}", "before/after", kind, "pps"))  # medians of rounds
+                rows.append({"tracer": v.name, "traffic": kind, "pps": row.value,
+                             "no_tracer_pps": row.baseline,
+                             "ratio": None if row.ratio is None else round(row.ratio, 3),
                              "observer": c.observed})  # fmt: skip
     return rows

@@ -23,7 +23,7 @@ from tracer.bench.context import Env
 from tracer.bench.procs import pinned, run
 from tracer.bench.rows import Row, Target, not_available
 from tracer.bench.tracerun import Tracer
-from tracer.errors import HairtraceError
+from tracer.bench.traffic import flood_result
 
 SECTION = "overload (tracer paused while traffic runs)"
 DRAINING = "hairtrace tracing and draining"
@@ -48,11 +48,7 @@ def _conns(env: Env, seconds: float) -> tuple[float, int]:
     cmd = [str(env.tools.get("flood")), "tcp-conns", netlab.SERVICE_IP,
            str(netlab.SERVICE_PORT), f"{seconds:g}"]  # fmt: skip
     out = run(netlab.exec_in(netlab.POD_A, pinned(env.traffic.cpu, cmd)), timeout=seconds + 60)
-    try:
-        words = out.split()
-        n, took = int(words[1]), float(words[3])
-    except (IndexError, ValueError):
-        raise HairtraceError(f"flood tcp-conns printed no result: {out.strip()!r}") from None
+    n, took = flood_result("tcp-conns", out)
     return n / took, n
 
 

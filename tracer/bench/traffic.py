@@ -21,6 +21,15 @@ from tracer.bench.procs import Procs, Tools, pinned, run
 from tracer.errors import HairtraceError
 
 
+def flood_result(mode: str, out: str) -> tuple[int, float]:
+    """(N, seconds) from flood.c's "sent N seconds S errors E" line."""
+    try:
+        words = out.split()
+        return int(words[1]), float(words[3])
+    except (IndexError, ValueError):
+        raise HairtraceError(f"flood {mode} printed no result: {out.strip()!r}") from None
+
+
 @dataclass(frozen=True)
 class Sample:
     """Packets that reached hb-b's eth0 (both directions for TCP) per second of sending."""
@@ -59,10 +68,7 @@ class Traffic:
         rx0, tx0 = netlab.link_packets(netlab.POD_B, "eth0")
         out = run(netlab.exec_in(netlab.POD_A, pinned(self.cpu, cmd)), timeout=seconds + 30)
         rx1, tx1 = netlab.link_packets(netlab.POD_B, "eth0")
-        try:
-            took = float(out.split()[3])  # sent N seconds S errors E
-        except (IndexError, ValueError):
-            raise HairtraceError(f"flood {mode} printed no result: {out.strip()!r}") from None
+        _sent, took = flood_result(mode, out)
         packets = (rx1 - rx0) + ((tx1 - tx0) if both else 0)
         return Sample(packets / took, packets, took)
 
