@@ -14,6 +14,8 @@
 # usage: seed-lab.sh up [0|1]   build it (default 0 = broken)
 #        seed-lab.sh down       remove it (safe to run when nothing exists)
 # env:   SEED_LAB_NODE, SEED_LAB_POD_A, SEED_LAB_POD_B override the namespace names.
+#        SEED_LAB_SELF=1: the Service's one endpoint is pod A itself (a pod calling its
+#        own Service: hairpin on its bridge port, kube-proxy's masquerade of it).
 set -euo pipefail
 
 # Namespace names; override (e.g. in tests) to run beside another copy of the lab.
@@ -25,6 +27,11 @@ BRIDGE_IP=100.96.54.1
 POD_A_IP=100.96.54.240
 POD_B_IP=100.96.54.247
 SERVICE_IP=100.67.30.133
+if [[ ${SEED_LAB_SELF:-0} == 1 ]]; then
+	BACKEND_NS=$POD_A BACKEND_IP=$POD_A_IP BACKEND_LABEL="pod A"
+else
+	BACKEND_NS=$POD_B BACKEND_IP=$POD_B_IP BACKEND_LABEL="pod B"
+fi
 CLUSTER_CIDR=100.96.0.0/11
 MTU=1450
 STATE_DIR=/run/hairtrace/seed-lab-sh/$NODE
@@ -59,9 +66,9 @@ nat_rules() {
 -A KUBE-SERVICES -d $SERVICE_IP/32 -p tcp -m comment --comment "prod/export cluster IP" -m tcp --dport 80 -j KUBE-SVC-QM5PIMX6ZJ6FY244
 -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
 -A KUBE-SVC-QM5PIMX6ZJ6FY244 ! -s $CLUSTER_CIDR -d $SERVICE_IP/32 -p tcp -m comment --comment "prod/export cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ
--A KUBE-SVC-QM5PIMX6ZJ6FY244 -m comment --comment "prod/export -> $POD_B_IP:80" -j KUBE-SEP-6G6CDX4OM4CT72BU
--A KUBE-SEP-6G6CDX4OM4CT72BU -s $POD_B_IP/32 -m comment --comment "prod/export" -j KUBE-MARK-MASQ
--A KUBE-SEP-6G6CDX4OM4CT72BU -p tcp -m comment --comment "prod/export" -m tcp -j DNAT --to-destination $POD_B_IP:80
+-A KUBE-SVC-QM5PIMX6ZJ6FY244 -m comment --comment "prod/export -> $BACKEND_IP:80" -j KUBE-SEP-6G6CDX4OM4CT72BU
+-A KUBE-SEP-6G6CDX4OM4CT72BU -s $BACKEND_IP/32 -m comment --comment "prod/export" -j KUBE-MARK-MASQ
+-A KUBE-SEP-6G6CDX4OM4CT72BU -p tcp -m comment --comment "prod/export" -m tcp -j DNAT --to-destination $BACKEND_IP:80
 COMMIT
 EOF
 }
@@ -83,20 +90,20 @@ plug_pod() {
 
 start_server() {
 	mkdir -p "$STATE_DIR/www"
-	echo "seed-lab.sh: pod B $POD_B_IP" >"$STATE_DIR/www/index.html"
+	echo "seed-lab.sh: $BACKEND_LABEL $BACKEND_IP" >"$STATE_DIR/www/index.html"
 	rm -f "$STATE_DIR/server.pid"
 	# setsid -f detaches the server; sh records its own pid, kept through both execs.
 	setsid -f sh -c 'echo $$ >"$0"; exec "$@"' "$STATE_DIR/server.pid" \
-		ip netns exec "$POD_B" "$PYTHON" -m http.server 80 --bind "$POD_B_IP" \
+		ip netns exec "$BACKEND_NS" "$PYTHON" -m http.server 80 --bind "$BACKEND_IP" \
 		--directory "$STATE_DIR/www" </dev/null >"$STATE_DIR/server.log" 2>&1
 	local i
 	for i in $(seq 50); do
-		if in_ns "$POD_A" curl -s -o /dev/null -m 1 "http://$POD_B_IP/"; then
+		if in_ns "$POD_A" curl -s -o /dev/null -m 1 "http://$BACKEND_IP/"; then
 			return 0
 		fi
 		sleep 0.1
 	done
-	die "pod B's HTTP server did not answer pod A: $(tail -n 1 "$STATE_DIR/server.log" 2>/dev/null)"
+	die "the backend's HTTP server did not answer pod A: $(tail -n 1 "$STATE_DIR/server.log" 2>/dev/null)"
 }
 
 do_up() {

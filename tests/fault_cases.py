@@ -32,6 +32,8 @@ WHERE: dict[str, Where] = {
                          evidence_has="hairpin_mode off"),
     "hairpin-no-masquerade": Where("SYN", "ht-n1-a", "eth0", "kfree_skb", "IP_LOCAL_SOURCE",
                                    evidence_has="client's own address"),
+    "service-port-changed": Where("SYN", "ht-n1", "cni0", "nf:POSTROUTING@snat",
+                                  evidence_has="the ports 8080/tcp, not 80/tcp"),
     "forward-drop": Where("SYN", "ht-n1", "veth", "kfree_skb", "NETFILTER_DROP", "FORWARD",
                           "policy DROP of chain FORWARD"),
     "no-endpoints": Where("SYN", "ht-n1", "cni0", "kfree_skb", "NETFILTER_DROP",
@@ -63,6 +65,8 @@ def check_report(name: str, report: dict[str, Any]) -> None:
         assert all(c["verdict"] == "ok" and c["break"] is None for c in conns), [
             (c["verdict"], c["break"] and c["break"]["cause"]) for c in conns
         ]
+        if fault.self_service:
+            check_self_call(conns)
         return
     broken = [c for c in conns if c["verdict"] == "broken"]
     assert broken, f"{name}: nothing broken: {[c['verdict'] for c in conns]}"
@@ -87,3 +91,18 @@ def check_report(name: str, report: dict[str, Any]) -> None:
         if want.evidence_has:
             assert want.evidence_has in "\n".join(b["evidence"] + [b["explanation"]]), b["evidence"]
         assert b["fix"]
+
+
+def check_self_call(conns: list[dict[str, Any]]) -> None:
+    """A pod that called its own Service: its own pod is the backend, and the SYN+ACK it
+    received (its last hop in the pod, after the hairpin) came from the Service address,
+    while the same SYN+ACK left the pod from the pod's own address."""
+    for c in conns:
+        assert c["backend"]["ip"] == c["client"]["ip"], (c["client"], c["backend"])
+        (sa,) = [p for p in c["packets"] if p["role"] == "SYN+ACK"]
+        client_ns = c["packets"][0]["hops"][0]["netns"]
+        in_client = [h for h in sa["hops"] if h["netns"] == client_ns]
+        assert len(in_client) >= 2, sa["hops"]
+        svc = f"{c['service']['ip']}:{c['service']['port']}"
+        assert in_client[0]["src"] == f"{c['backend']['ip']}:{c['backend']['port']}"
+        assert in_client[-1]["src"] == svc, in_client

@@ -41,9 +41,13 @@ HT_PROGS = {"ht_dev_rx", "ht_dev_tx", "ht_drop", "ht_tcp_reset", "ht_nf_pre_ct"}
 pytestmark = pytest.mark.live
 
 
-def _lab(action: str, *args: str) -> None:
+def _lab(action: str, *args: str, env: dict[str, str] | None = None) -> None:
     subprocess.run(
-        ["bash", str(SEED_LAB), action, *args], check=True, capture_output=True, timeout=60
+        ["bash", str(SEED_LAB), action, *args],
+        check=True,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -122,6 +126,71 @@ def test_seed_healthy(seed_lab: str, tmp_path: Path) -> None:
     assert conn["verdict"] == "ok" and conn["break"] is None
     synack = next(p for p in conn["packets"] if p["role"] == "SYN+ACK")
     assert any(h["nat"] and f"-> {SVC}:80" in h["nat"] for h in synack["hops"]), synack
+
+
+@pytest.fixture
+def self_call_lab() -> Iterator[None]:
+    """The seed lab with pod A as the Service's only endpoint (hairpin on, masquerade)."""
+    needs_live()
+    _lab("down")
+    _lab("up", "1", env={"SEED_LAB_SELF": "1"})
+    try:
+        yield
+    finally:
+        _lab("down")
+
+
+def test_pod_calling_its_own_service_is_ok(self_call_lab: None, tmp_path: Path) -> None:
+    """Issue 17.1: the SYN+ACK leaves pod A from its own address (the backend's transmit)
+    and comes back, hairpinned and reverse-NATed, from the Service: that is success."""
+    report, session = tmp_path / "r.json", tmp_path / "s.hts"
+    res = hairtrace("--svc", SVC, "--netns", "node", "--json", str(report),
+                    "--record", str(session), "--", *CURL)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "200"
+    r = json.loads(report.read_text())
+    [conn] = r["connections"]
+    assert conn["client"]["ip"] == conn["backend"]["ip"] == "100.96.54.240"
+    assert (conn["verdict"], conn["break"]) == ("ok", None), conn["break"]
+    assert [p["role"] for p in conn["packets"]].count("SYN") == 1
+    replayed = cli("replay", str(session), "--json", "-")
+    assert replayed.returncode == 0, replayed.stderr
+    [again] = json.loads(replayed.stdout)["connections"]
+    assert (again["verdict"], again["break"]) == ("ok", None)
+
+
+@pytest.mark.parametrize("seed_lab", ["1"], indirect=True)
+def test_a_port_or_address_the_rules_lack_is_named(seed_lab: str, tmp_path: Path) -> None:
+    """Issue 17.6: a port the Service does not have, and a mistyped address, are said to be
+    missing from kube-proxy's rules, at start and (for the port) in the break."""
+    report = tmp_path / "r.json"
+    curl81 = [*CURL[:-1], f"http://{SVC}:81/"]
+    res = hairtrace("--svc", f"{SVC}:81", "--netns", "node", "--json", str(report), "--", *curl81)
+    assert res.returncode == 3, res.stderr
+    want = (f"kube-proxy's rules in netns node have no port 81/tcp for Service {SVC} "
+            "(its ports: 80/tcp)")  # fmt: skip
+    assert res.stderr.splitlines()[0] == f"warning: {want}", "said at start, before the trace"
+    r = json.loads(report.read_text())
+    assert r["warnings"] == [want]
+    assert r["service"] == {"ip": SVC, "port": 81, "ports_in_rules": ["80/tcp"]}
+    [conn] = r["connections"]
+    brk = conn["break"]
+    assert (conn["verdict"], brk["cause"], brk["packet_role"]) == (
+        "broken",
+        "no-such-service",
+        "SYN",
+    )
+    assert "80/tcp" in brk["explanation"] and "81" in brk["explanation"]
+
+    res = hairtrace("--svc", "10.96.0.99", "--netns", "node", "--json", str(report), "--", *CURL)
+    assert res.returncode == 0, res.stderr
+    first = res.stderr.splitlines()[0]
+    assert first.startswith("warning: kube-proxy's rules in netns node have no Service with "
+                            "the address 10.96.0.99"), first  # fmt: skip
+    assert SVC in first, "the closest Service address is offered"
+    r = json.loads(report.read_text())
+    assert r["connections"] == [] and r["service"]["ports_in_rules"] == []
+    assert "no connection to the service was seen" in res.stderr
 
 
 @pytest.mark.parametrize("seed_lab", ["0"], indirect=True)

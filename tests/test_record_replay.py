@@ -87,7 +87,7 @@ def test_cut_session_replays_with_a_warning(recorded: tuple[Path, dict], tmp_pat
 def test_record_refuses_to_overwrite(recorded: tuple[Path, dict]) -> None:
     session, _ = recorded
     res = cli("--svc", SVC, "--record", str(session), "--duration", "1")
-    assert res.returncode == 1
+    assert res.returncode == 2  # a usage error, like every other bad argument
     assert "exists (use --force to overwrite)" in res.stderr
 
 

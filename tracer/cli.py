@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
 
 from tracer import __version__
-from tracer.cli_output import fail, write_json
+from tracer.cli_output import check_writable, fail, write_json
 from tracer.errors import EXIT_USAGE, HairtraceError, UsageError
 from tracer.options import DEFAULT_DATA_BUDGET
+
+
+class _UsageLine(click.ClickException):
+    """A click usage error, shown as every hairtrace error is: one line on stderr."""
+
+    exit_code = EXIT_USAGE
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"hairtrace: error: {self.format_message()}", err=True)
+
+
+# click >= 8.2 raises this for a group called without its command: it shows the help
+_NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+@contextmanager
+def _usage_in_one_line() -> Iterator[None]:
+    try:
+        yield
+    except click.UsageError as exc:
+        if isinstance(exc, _NO_ARGS_HELP):
+            raise
+        raise _UsageLine(exc.format_message()) from exc
 
 
 class _Main(click.Group):
@@ -22,6 +48,24 @@ class _Main(click.Group):
             args = args[:i]
         return super().parse_args(ctx, args)
 
+    # Every usage error of the group and of all its subcommands (at any depth) is raised
+    # while the group parses its own arguments or invokes a subcommand, which parses its
+    # own: turned into one line there, click's standalone handling (help, --version,
+    # exit codes, broken pipes) stays as it is.
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _usage_in_one_line():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _usage_in_one_line():
+            return super().invoke(ctx)
+
 
 @click.group(
     cls=_Main, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]}
@@ -33,7 +77,13 @@ class _Main(click.Group):
     help="Node network namespace for the netfilter probes (default: the caller's).",
 )
 @click.option("--duration", type=float, metavar="S", help="Stop after S seconds.")
-@click.option("--json", "json_dest", metavar="FILE|-", help="Write the JSON report.")
+@click.option(
+    "--json",
+    "json_dest",
+    metavar="FILE|-",
+    help="Write the JSON report to FILE, or to stdout for '-' (stdout then holds the "
+    "report only: the output of -- CMD goes to stderr).",
+)
 @click.option(
     "--provider",
     type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]),
@@ -120,6 +170,11 @@ def main(
         ip, port = parse_service(svc)
         if duration is not None and duration <= 0:
             raise UsageError("--duration must be positive")
+        # before anything loads or attaches: a bad path found at the end loses the trace
+        if json_dest:
+            check_writable(json_dest, "--json")
+        if record:
+            check_writable(record, "--record")
         opts = TraceOptions(
             ip,
             port,
@@ -135,6 +190,7 @@ def main(
             backend=backend,
             btf=btf,
             data_budget=data_packets,
+            command_stdout_to_stderr=json_dest == "-",
         )
         result = trace_with_view(opts, live=not no_live and sys.stderr.isatty())
         if json_dest:

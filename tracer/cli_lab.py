@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict
+from typing import Any
 
 import click
 
-from tracer.cli_output import fail, write_json
+from tracer.cli_output import check_writable, fail, write_json
 from tracer.errors import HairtraceError
 
 
@@ -142,8 +144,6 @@ def lab_status(as_json: bool) -> None:
 def lab_load(connections: int, timeout: float, as_json: bool) -> None:
     """Open N concurrent connections from the cluster lab's client pod to the Service and
     say which backend served each. Exit status 1 if any failed."""
-    from collections import Counter
-
     from tracer.lab import cluster
 
     try:
@@ -160,11 +160,25 @@ def lab_load(connections: int, timeout: float, as_json: bool) -> None:
         per = Counter(str(r["backend"]) for r in results if r["status"] == 200)
         click.echo(
             f"{len(results) - len(failed)}/{len(results)} ok; by backend: "
-            + ", ".join(f"{b} {n}" for b, n in sorted(per.items()))
+            + (", ".join(f"{b} {n}" for b, n in sorted(per.items())) or "none")
         )
-        for r in failed[:5]:
-            click.echo(f"failed: port {r['sport']}: {r['error'] or r['status']}")
+        for line in failure_lines(failed):
+            click.echo(line)
     sys.exit(1 if failed else 0)
+
+
+def failure_lines(failed: list[dict[str, Any]]) -> list[str]:
+    """Every failed connection of `lab load`, one line each, after a tally by reason."""
+
+    def why(r: dict[str, Any]) -> str:
+        return str(r["error"] or f"HTTP status {r['status']}")
+
+    tally = Counter(why(r) for r in failed)
+    lines = [f"{len(failed)} failed: " + "; ".join(f"{n} {w}" for w, n in tally.most_common())]
+    for r in failed:
+        port = f"local port {r['sport']}" if r["sport"] else "local port unknown"
+        lines.append(f"failed ({port}): {why(r)}")
+    return lines if failed else []
 
 
 def _cluster_status() -> dict[str, object] | None:
@@ -202,6 +216,8 @@ def demo(json_dest: str | None, proxy_mode: str) -> None:
     from tracer.demo import run_demo
 
     try:
+        if json_dest:
+            check_writable(json_dest, "--json")  # before the demo, not after it
         outcome = run_demo(proxy_mode=proxy_mode, live=sys.stderr.isatty())
         if json_dest:
             write_json(outcome.reports, json_dest)

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from tracer.cli_output import fail, write_json, write_json_with
+from tracer.cli_output import check_writable, fail, write_json, write_json_with
 from tracer.errors import EXIT_BROKEN, HairtraceError, UsageError
 
 
@@ -41,6 +41,8 @@ def replay(session: str, json_dest: str | None, stream: bool | None) -> None:
     from tracer.session import replay as replay_session
 
     try:
+        if json_dest:
+            check_writable(json_dest, "--json")  # before the replay, not after it
         if stream if stream is not None else _size(session) > STREAM_ABOVE:
             status = _replay_streaming(session, json_dest)
         else:
@@ -106,6 +108,8 @@ def export(session: str, fmt: str, out: str | None, force: bool) -> None:
 
     target = sys.stdout.buffer if out == "-" else (out or default_out(session, fmt))
     try:
+        if out != "-":  # before the export, not after it
+            check_writable(str(target), "--out" if out else "export output")
         summary = export_session(session, fmt, target, overwrite=force)
     except HairtraceError as exc:
         fail(exc)

@@ -31,14 +31,17 @@ from tracer.errors import HairtraceError, UsageError
 from tracer.kernel import events as kevents
 from tracer.kernel.backends import EventReader, Loaded, LoadedObject, choose_backend
 from tracer.kernel.features import probe
+from tracer.kernel.ksyms import load_text
 from tracer.kernel.libbpf import BpfObject, Libbpf
 from tracer.kernel.providers import Provider, choose
+from tracer.kernel.pseudonyms import Pseudonyms
 from tracer.kernel.ringbuf import open_reader
 from tracer.kernel.ringbuf import records as split_records
 from tracer.options import DEFAULT_DATA_BUDGET
 from tracer.present.report import RunInfo
 from tracer.topology import Topology, resolve_netns, snapshot
 from tracer.topology.counters import collect_counters, drops_between
+from tracer.topology.services import node_view
 
 HT_PT_MAX = 32
 IPPROTO_TCP = 6
@@ -70,6 +73,7 @@ class TraceOptions:
     data_budget: int = DEFAULT_DATA_BUDGET  # non-control TCP packets per tuple/point/device
     backend: str = "auto"  # auto | core (libbpf CO-RE) | bcc
     btf: str | None = None  # external BTF file for CO-RE on a kernel without BTF
+    command_stdout_to_stderr: bool = False  # keeps stdout for the report alone (--json -)
 
 
 @dataclass
@@ -146,11 +150,13 @@ def process_age() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _start_command(cmd: tuple[str, ...]) -> subprocess.Popen[bytes] | None:
+def _start_command(
+    cmd: tuple[str, ...], stdout_to_stderr: bool = False
+) -> subprocess.Popen[bytes] | None:
     if not cmd:
         return None
     try:
-        return subprocess.Popen(list(cmd))
+        return subprocess.Popen(list(cmd), stdout=2 if stdout_to_stderr else None)
     except FileNotFoundError:
         raise UsageError(f"command not found: {cmd[0]}") from None
     except PermissionError:
@@ -253,6 +259,9 @@ class _Live:
 
     Records stay raw (128 bytes each) until the trace ends; they are decoded as
     they come only when a live view analyses them while tracing (`decode`).
+    Their kernel addresses (skb, conntrack entry, drop location) are replaced by
+    per-trace ids as they arrive, so nothing downstream (analysis, live view,
+    session, report) ever holds one.
     """
 
     decode: bool = False
@@ -260,11 +269,13 @@ class _Live:
     chunks: list[np.ndarray] = field(default_factory=list)  # raw records, (n, 128) uint8
     count: int = 0
     writer: Any = None  # tracer.session.SessionWriter when recording
+    pseudonyms: Pseudonyms = field(default_factory=Pseudonyms)
 
     def add(self, batch: np.ndarray) -> None:
-        """One drained batch: kept raw, recorded, decoded for a live view."""
+        """One drained batch: addresses replaced, kept raw, recorded, decoded for a live view."""
         if not len(batch):
             return
+        self.pseudonyms.rewrite(batch)  # every backend's drain returns its own copy
         if self.decode:
             self.events.extend(kevents.decode_batch(batch))
         self.chunks.append(batch)
@@ -276,6 +287,12 @@ class _Live:
         if self.decode or not self.chunks:
             return self.events
         return kevents.decode_batch(np.concatenate(self.chunks))
+
+    def location_names(self) -> dict[int, str]:
+        """Drop location id -> 'function+0xoff', from /proc/kallsyms (read once, at the end)."""
+        if not self.pseudonyms.count("location"):
+            return {}
+        return self.pseudonyms.location_names(load_text().function_at)
 
 
 def _drain(
@@ -297,7 +314,7 @@ def _drain(
     """
     pace_s = min(0.004, ring_bytes / 1e9)  # at most a quarter of the ring at 1 GB/s
     with _StopFlag() as stop:
-        proc = _start_command(opts.command)
+        proc = _start_command(opts.command, opts.command_stdout_to_stderr)
         try:
             deadline = time.monotonic() + opts.duration if opts.duration else None
             cmd_done_at: float | None = None
@@ -326,9 +343,16 @@ def _drain(
 
 
 def run_trace(
-    opts: TraceOptions, sink: Sink | None = None, clock: Callable[[], int] = time.monotonic_ns
+    opts: TraceOptions,
+    sink: Sink | None = None,
+    clock: Callable[[], int] = time.monotonic_ns,
+    announce: Callable[[RunInfo], None] | None = None,
 ) -> TraceResult:
-    """Trace until the duration ends, CMD exits (+grace), or SIGINT/SIGTERM."""
+    """Trace until the duration ends, CMD exits (+grace), or SIGINT/SIGTERM.
+
+    announce(run), when given, is called once every probe is attached (before CMD starts):
+    for a caller without a live view that still says what matters at start (warnings).
+    """
     t0 = time.monotonic()
     netns = resolve_netns(opts.netns)
     _check_options(opts)
@@ -344,6 +368,7 @@ def run_trace(
         start_ns, started_at = clock(), time.time()
         topo = snapshot(opts.service_ip, opts.service_port or None)
         counters_before = collect_counters(netns.path)  # before CMD starts any traffic
+        ports, warnings = node_view(topo, netns.inode, opts.service_ip, opts.service_port)
         run = RunInfo(
             __version__, os.uname().release, loaded.provider, loaded.provider_reason,
             opts.service_ip, opts.service_port, netns.name, attached=tuple(attached),
@@ -351,8 +376,10 @@ def run_trace(
             backend_reason=loaded.backend_reason, compile_seconds=loaded.compile_seconds,
             attach_seconds=round(attach_s, 3), trace_attach_seconds=round(since_start, 3),
             started_at=started_at, start_ns=start_ns,
-            command=opts.command,
+            command=opts.command, service_ports=ports, warnings=warnings,
         )  # fmt: skip
+        if announce is not None:
+            announce(run)
         stats = Stats()
         update = None
         live_scope = _scope(opts, topo, netns.inode)
@@ -393,12 +420,14 @@ def run_trace(
         drops = drop_reason_names() if has_drops else {}
     scope = _scope(opts, topo, netns.inode)
     ctx = _context(opts, topo, losses.windows, end_ns, drops, scope, rule_drops, netns.inode)
+    if retaken:
+        ports, warnings = node_view(topo, netns.inode, opts.service_ip, opts.service_port)
     run = replace(run, events=len(events), lost_events=losses.total,
                   lost_by_point=losses.by_point, command_status=status,
                   data_budget=opts.data_budget,
                   over_budget_events=sum(losses.over_budget.values()),
                   over_budget_by_point=losses.over_budget,
-                  rule_drops=rule_drops,
+                  rule_drops=rule_drops, service_ports=ports, warnings=warnings,
                   **scope_fields(events, topo, scope))  # fmt: skip
     if live.writer is not None:
         from tracer.session import footer_from_trace
@@ -409,6 +438,7 @@ def run_trace(
             loss_windows=losses.windows,
             topology=topo if retaken else None,
             rule_drops_netns=netns.inode,
+            locations=live.location_names(),
         )
         live.writer.close(footer)
     return TraceResult(run, events, ctx, topo, analyse(events, ctx), live.chunks)

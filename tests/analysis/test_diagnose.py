@@ -224,3 +224,16 @@ def test_scope_is_the_node_and_its_veth_joined_pods(broken: Fixture) -> None:
 
     assert hops(scoped) == hops(baseline)
     assert hops(unscoped) == hops(baseline) + 1, "the stranger merges into the connection"
+
+
+def test_a_bridged_break_is_said_as_bridged_between_its_ports(broken: Fixture) -> None:
+    """Issue 17.8: the seed break names cni0, on which the SYN+ACK has no hop: the text says
+    it was bridged by cni0 from one port to the other."""
+    _conn, diag = _one(broken)
+    b = diag.brk
+    assert b is not None and b.dev == "cni0" and "cni0" not in b.via
+    assert b.where == (
+        "SYN+ACK bridged by node/cni0 from veth-podb to veth-poda (last seen at net_dev_start_xmit)"
+    )
+    plain = replace(b, dev="veth-podb", via=("veth-podb",))
+    assert plain.where == "SYN+ACK at node/veth-podb (net_dev_start_xmit)"

@@ -359,3 +359,15 @@ def test_diff_sources_uses_the_callers_loader() -> None:
     res = diff_sources("host-tracepoint-broken", "vm-6.1-kprobe-broken", loader)
     assert seen == ["host-tracepoint-broken", "vm-6.1-kprobe-broken"]
     assert res.equivalent and res.a.name == "host-tracepoint-broken"
+
+
+def test_a_service_traced_on_every_port_is_written_ip_any() -> None:
+    """Issue 17.8: text output writes "any port" one way, IP:any ("port": 0 in JSON)."""
+    from tracer.analysis.diff import _side
+    from tracer.analysis.model import service_label
+
+    assert service_label("100.67.30.133", 0) == "100.67.30.133:any"
+    assert service_label("100.67.30.133", 80) == "100.67.30.133:80"
+    side = _side("A", "a.json", {"service": {"ip": "100.67.30.133", "port": 0}})
+    assert side.service == "100.67.30.133:any"
+    assert _side("B", "", {"service": {"ip": "10.0.0.1", "port": 53}}).service == "10.0.0.1:53"

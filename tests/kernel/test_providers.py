@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from tests.kernel.test_nfholders import NF_FDINFO, fake_proc
 from tracer.errors import HairtraceError, UsageError
 from tracer.kernel.features import Features
-from tracer.kernel.providers import FUNCTIONS, FunctionProvider, choose
+from tracer.kernel.libbpf import NetfilterBusy
+from tracer.kernel.providers import (
+    FUNCTIONS,
+    PRI_CONNTRACK,
+    PRI_FILTER,
+    PRI_NAT_DST,
+    PRI_NAT_SRC,
+    FunctionProvider,
+    TracepointProvider,
+    choose,
+)
 
 
 def feats(**missing: str) -> Features:
@@ -115,3 +128,110 @@ def test_external_btf_on_a_kernel_without_btf_takes_kprobes_and_raw_tracepoints(
     provider, _why = choose("kprobe", feats(fentry="refused"))
     assert isinstance(provider, FunctionProvider)
     assert provider.tracepoints == ("ht_dev_rx", "ht_dev_tx", "ht_drop")
+
+
+class FakeNfObject:
+    """attach / attach_netfilter as BpfObject's, with some (hook, priority) slots held
+    by another tracer (EBUSY) and optionally one other failure."""
+
+    def __init__(self, taken: set[tuple[int, int]], fail: tuple[int, int] | None = None) -> None:
+        self.taken = taken
+        self.fail = fail
+        self.tried: list[tuple[str, int, int]] = []
+        self.links: list[tuple[str, int, int]] = []
+
+    def attach(self, name: str) -> None:
+        self.links.append((name, -1, 0))
+
+    def attach_netfilter(self, name: str, netns_path: str, hook: int, priority: int) -> None:
+        self.tried.append((name, hook, priority))
+        what = f"attaching netfilter program {name} (hook {hook}, priority {priority})"
+        if (hook, priority) == self.fail:
+            raise HairtraceError(f"{what}: Invalid argument")
+        if (hook, priority) in self.taken:
+            raise NetfilterBusy(f"{what}: Device or resource busy", hook, priority)
+        self.links.append((name, hook, priority))
+
+
+def test_one_tracer_attaches_at_the_first_choices_as_before() -> None:
+    p, obj = TracepointProvider(), FakeNfObject(set())
+    attached = p.attach(obj, "/run/netns/node")  # type: ignore[arg-type]
+    assert attached == list(p.TRACEPOINTS) + [h.name for h in p.HOOKS]
+    assert p.priorities == {
+        "ht_nf_pre_ct": -199,
+        "ht_nf_pre_nat": -99,
+        "ht_nf_out_ct": -199,
+        "ht_nf_out_nat": -99,
+        "ht_nf_forward": 1,
+        "ht_nf_post_nat": 101,
+        "ht_nf_in_nat": 101,
+    }
+    assert len(obj.tried) == len(p.HOOKS), "no priority tried twice"
+
+
+def test_a_held_priority_moves_to_the_next_free_one_in_the_window() -> None:
+    # another tracer holds the first choices, a third one PREROUTING -198 as well
+    first = {(h.hook, h.priority) for h in TracepointProvider.HOOKS}
+    p, obj = TracepointProvider(), FakeNfObject(first | {(0, -198)})
+    attached = p.attach(obj, "/run/netns/node")  # type: ignore[arg-type]
+    assert attached == list(p.TRACEPOINTS) + [h.name for h in p.HOOKS], "same contract"
+    assert p.priorities["ht_nf_pre_ct"] == -197
+    assert p.priorities["ht_nf_pre_nat"] == -98
+    assert p.priorities["ht_nf_out_ct"] == -198  # OUTPUT -198 is free
+    assert p.priorities["ht_nf_forward"] == 2
+    assert p.priorities["ht_nf_post_nat"] == p.priorities["ht_nf_in_nat"] == 102
+    assert ("ht_nf_pre_ct", 0, -197) in obj.links
+
+
+def test_every_window_stays_between_the_stages_it_brackets() -> None:
+    windows = {h.name: (h.lo, h.hi) for h in TracepointProvider.HOOKS}
+    for h in TracepointProvider.HOOKS:
+        prios = h.priorities()
+        assert prios[0] == h.priority and h.lo <= h.priority <= h.hi
+        assert sorted(prios) == list(range(h.lo, h.hi + 1)), "each priority of the window once"
+    assert (
+        windows["ht_nf_pre_ct"] == windows["ht_nf_out_ct"] == (PRI_CONNTRACK + 1, PRI_NAT_DST - 1)
+    )
+    assert windows["ht_nf_pre_nat"] == windows["ht_nf_out_nat"] == (PRI_NAT_DST + 1, PRI_FILTER - 1)
+    assert windows["ht_nf_forward"] == (PRI_FILTER + 1, PRI_NAT_SRC - 1)
+    for name in ("ht_nf_post_nat", "ht_nf_in_nat"):
+        lo, hi = windows[name]
+        assert lo == PRI_NAT_SRC + 1 and hi < 300, "after SNAT, well before helpers and confirm"
+
+
+def test_an_error_other_than_ebusy_stays_fatal() -> None:
+    p, obj = TracepointProvider(), FakeNfObject(set(), fail=(0, -199))
+    with pytest.raises(HairtraceError, match="Invalid argument") as exc:
+        p.attach(obj, "/run/netns/node")  # type: ignore[arg-type]
+    assert not isinstance(exc.value, NetfilterBusy)
+    assert [t for t in obj.tried if t[0] == "ht_nf_pre_ct"] == [("ht_nf_pre_ct", 0, -199)]
+
+
+def test_a_full_window_names_the_holders(tmp_path: Path) -> None:
+    proc = fake_proc(
+        tmp_path,
+        {
+            812: ("hairtrace", {28: NF_FDINFO.format(hook=0, prio=-199)}),
+            901: ("hairtrace", {28: NF_FDINFO.format(hook=0, prio=-150)}),
+            950: ("bpftool", {7: NF_FDINFO.format(hook=4, prio=101)}),  # another hook
+        },
+    )
+    full = {(0, prio) for prio in range(-199, -100)}
+    p, obj = TracepointProvider(proc=proc), FakeNfObject(full)
+    with pytest.raises(HairtraceError) as exc:
+        p.attach(obj, "/run/netns/node")  # type: ignore[arg-type]
+    msg = str(exc.value)
+    assert "\n" not in msg and not isinstance(exc.value, NetfilterBusy)
+    assert "another hairtrace (or another BPF netfilter program)" in msg
+    assert "PREROUTING priority -199 in /run/netns/node" in msg and "-199..-101" in msg
+    assert "pid 812 (hairtrace), pid 901 (hairtrace)" in msg and "950" not in msg
+    assert len([t for t in obj.tried if t[0] == "ht_nf_pre_ct"]) == 99
+
+
+def test_a_full_window_without_a_holder_says_so(tmp_path: Path) -> None:
+    p = TracepointProvider(proc=tmp_path)
+    obj = FakeNfObject({(2, prio) for prio in range(1, 100)})
+    with pytest.raises(
+        HairtraceError, match="no process holds a BPF netfilter link at FORWARD 1..99"
+    ):
+        p.attach(obj, "/run/netns/node")  # type: ignore[arg-type]

@@ -55,7 +55,9 @@ def test_the_hairpin_masquerade_fault_removes_only_the_endpoint_masquerade() -> 
 def test_fault_catalogue_shape() -> None:
     assert faults.get("vxlan-fdb-missing").spec("ht", "iptables").nodes == 2
     assert faults.get("none").spec("ht", "iptables", nodes=2).nodes == 2
-    assert all(f.cause or f.name in ("none", "two-node") for f in faults.FAULTS.values())
+    assert all(
+        f.cause or f.name in ("none", "two-node", "self-call") for f in faults.FAULTS.values()
+    )
     with pytest.raises(UsageError, match="unknown fault 'nope'"):
         faults.get("nope")
     with pytest.raises(UsageError):

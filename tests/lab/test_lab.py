@@ -360,3 +360,53 @@ class TestSeedScript:
         works = curl_from(SCRIPT_ENV["SEED_LAB_POD_A"], "http://100.67.30.133/")
         assert works.returncode == 0 and "pod B 100.96.54.247" in works.stdout
         assert seed_script("up", "1").returncode != 0  # refuses to build over itself
+
+
+def test_lab_load_failures_are_all_listed_with_their_reason() -> None:
+    """Issue 17.8: every failure, with a reason and its local port when it has one."""
+    from tracer.cli_lab import failure_lines
+
+    failed = [
+        {"sport": 40000 + i, "status": None, "backend": None,
+         "error": "connect: timed out after 1 s"} for i in range(18)
+    ] + [
+        {"sport": None, "status": None, "backend": None, "error": "connect: Connection refused"},
+        {"sport": 41000, "status": 503, "backend": None, "error": None},
+    ]  # fmt: skip
+    lines = failure_lines(failed)
+    assert lines[0] == (
+        "20 failed: 18 connect: timed out after 1 s; 1 connect: Connection refused; "
+        "1 HTTP status 503"
+    )
+    assert len(lines) == 21
+    assert lines[1] == "failed (local port 40000): connect: timed out after 1 s"
+    assert "failed (local port unknown): connect: Connection refused" in lines
+    assert "failed (local port 41000): HTTP status 503" in lines
+    assert failure_lines([]) == []
+
+
+@pytest.mark.live
+def test_lab_load_names_the_reason_of_every_failure() -> None:
+    """On the broken seed case every connection times out: 20 lines, each with its port."""
+    from conftest import needs_live  # here: the inner pytest of a test below lacks conftest
+
+    needs_live()
+    hairtrace = [sys.executable, "-m", "tracer.cli"]
+    subprocess.run([*hairtrace, "lab", "down"], check=False, capture_output=True, timeout=120)
+    up = subprocess.run([*hairtrace, "lab", "up", "--fault", "bridge-nf-off"],
+                        check=False, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    try:
+        res = subprocess.run([*hairtrace, "lab", "load", "-n", "20", "--timeout", "1"],
+                             check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    finally:
+        subprocess.run([*hairtrace, "lab", "down"], check=False, capture_output=True, timeout=120)
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    failed = [ln for ln in lines if ln.startswith("failed (")]
+    # the backend on the client's own bridge fails; the others (none here) would succeed
+    assert len(failed) == int(lines[0].split("/")[1].split()[0]) - int(lines[0].split("/")[0])
+    assert failed, lines
+    for ln in failed:
+        assert ln.startswith("failed (local port ") and "port unknown" not in ln, ln
+        assert ln.endswith("connect: timed out after 1 s") or "request: " in ln, ln

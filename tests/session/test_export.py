@@ -117,7 +117,7 @@ def test_export_refusals(broken: Path, tmp_path: Path) -> None:
         export_session(broken, "xml")
     out = tmp_path / "out.csv"
     out.write_text("keep")
-    with pytest.raises(HairtraceError, match=r"out.csv exists \(use --force to overwrite\)$"):
+    with pytest.raises(UsageError, match=r"out.csv exists \(use --force to overwrite\)$"):
         export_session(broken, "csv", out)
     assert out.read_text() == "keep"
     assert export_session(broken, "csv", out, overwrite=True).rows == 63

@@ -64,11 +64,16 @@ def test_unfinished_recording_replays_with_end_from_the_last_event(tmp_path: Pat
     last = max(ev.ts_ns for ev in fx.events)
     ctx = fx.context(end_ns=last, loss_windows=())
     assert res.context.end_ns == last
-    assert (
-        build(res.run, res.results)["connections"]
-        == build(fixture_run(fx), analyse(fx.events, ctx))["connections"]
-    )
-    assert res.run.command_status is None and res.run.lost_events == 0
+    got = build(res.run, res.results)["connections"]
+    want = build(fixture_run(fx), analyse(fx.events, ctx))["connections"]
+    # the same connections and verdicts; the one seen up to the end says it may miss events
+    assert [c["verdict"] for c in got] == [c["verdict"] for c in want]
+    assert [c["notes"][: len(w["notes"])] for c, w in zip(got, want, strict=True)] == [
+        w["notes"] for w in want
+    ]
+    assert [{**c, "notes": []} for c in got] == [{**w, "notes": []} for w in want]
+    assert any("has no footer" in c["notes"][-1] for c in got)
+    assert res.run.command_status is None and res.run.lost_events is None
 
 
 def test_final_topology_of_the_footer_names_things(tmp_path: Path) -> None:

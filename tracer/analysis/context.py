@@ -27,6 +27,10 @@ class Names(Protocol):
 
     def has_address(self, inode: int, ip: str) -> bool | None: ...
 
+    def service_ports(self, inode: int) -> tuple[str, ...] | None: ...
+
+    def nearest_services(self, inode: int) -> tuple[str, ...]: ...
+
 
 @dataclass(frozen=True)
 class RuleDrop:
@@ -136,6 +140,18 @@ class TopologyNames:
         """The Service's NAT rules in that namespace; None when it is not in the snapshot."""
         ns = self.topology.namespace(inode)
         return tuple(ns.nat_rules) if ns is not None else None
+
+    def service_ports(self, inode: int) -> tuple[str, ...] | None:
+        """The traced address's ports in kube-proxy's rules there ("80/tcp"); () when they
+        have no such Service; None when unknown (no kube-proxy rules, not in the snapshot)."""
+        ns = self.topology.namespace(inode)
+        ports = getattr(ns, "service_ports", None) if ns is not None else None
+        return None if ports is None else tuple(ports)
+
+    def nearest_services(self, inode: int) -> tuple[str, ...]:
+        """When the traced address is no Service there: the closest Service addresses."""
+        ns = self.topology.namespace(inode)
+        return tuple(getattr(ns, "nearest_services", ()) or ()) if ns is not None else ()
 
 
 def node_scope(topology: Any, node: int) -> frozenset[int] | None:

@@ -33,6 +33,24 @@ class Break:
     rule: str | None = None  # that rule, when its counter showed it
     drop_reason: str | None = None  # the kernel's reason, when the break is a drop
 
+    @property
+    def bridged(self) -> bool:
+        """The break names the bridge (dev) that switched the packet between two of its
+        ports (via) without a hop of its own."""
+        return self.dev not in self.via and len(self.via) >= 2
+
+    @property
+    def where(self) -> str:
+        """The place in words. A packet a bridge switched port to port has no hop on the
+        bridge the break names (dev), so it is said as such: "SYN+ACK bridged by node/cni0
+        from veth-b to veth-a (last seen at net_dev_start_xmit)"."""
+        if self.bridged:
+            return (
+                f"{self.packet_role} bridged by {self.netns}/{self.dev} from {self.via[0]} "
+                f"to {self.via[-1]} (last seen at {self.point})"
+            )
+        return f"{self.packet_role} at {self.netns}/{self.dev} ({self.point})"
+
 
 @dataclass(frozen=True)
 class Diagnosis:
@@ -65,8 +83,27 @@ def _roles(conn: Connection) -> _Roles:
 
 
 def _delivered(pkt: Packet, client_ns: int | None) -> Hop | None:
-    """The first hop of a reply inside the client's namespace, if it got there."""
-    return next((h for h in pkt.hops if h.netns == client_ns), None)
+    """The hop at which a reply reached the client, if it got there: the last hop of its
+    first stretch inside the client's namespace, i.e. the form the client's stack saw.
+
+    A reply whose first hops are in the client's namespace was sent from there: the
+    client is its own backend (a pod calling its own Service, hairpinned by the bridge).
+    Those hops are the backend's transmit, before reverse NAT; the reply is delivered
+    only when it comes back. The last hop, not the first, because on the way in a reply
+    may still be translated inside the client's namespace (a client in the node netns
+    gets it un-NATed at INPUT, after the device saw the backend's address).
+    """
+    hops = pkt.hops
+    start = 0
+    while start < len(hops) and hops[start].netns == client_ns:
+        start += 1  # the backend's own transmit (self-call); for other replies none
+    arrived = next((i for i in range(start, len(hops)) if hops[i].netns == client_ns), None)
+    if arrived is None:
+        return None
+    end = arrived
+    while end + 1 < len(hops) and hops[end + 1].netns == client_ns:
+        end += 1
+    return hops[end]
 
 
 def _fmt(ip: str, port: int) -> str:
@@ -95,11 +132,60 @@ def diagnose(conn: Connection, ctx: Context) -> Diagnosis:
     if not verdict:
         brk, verdict, why = _unanswered(conn, ctx)
         notes.extend(why)
+    if brk is not None and verdict == "broken":
+        brk = _no_such_service(conn, brk, ctx) or brk
     lost = _overlapping_loss(conn, ctx)
     if lost:
         notes.append(lost)
         verdict = "incomplete"
     return Diagnosis(verdict, brk, tuple(notes))
+
+
+def _no_such_service(conn: Connection, brk: Break, ctx: Context) -> Break | None:
+    """A SYN that was never DNATed, to an address or port kube-proxy's rules do not have
+    (a port the Service lacks, a mistyped address): the rules, not the path, are why.
+    Said only where the rules were read and are kube-proxy's (service_ports not None)."""
+    if brk.packet_role != "SYN" or conn.backend is not None:
+        return None
+    syn = conn.packets[brk.packet_index]
+    want = f"{conn.key.dport}/tcp"
+    for ns in dict.fromkeys(h.netns for h in syn.hops):
+        ports = ctx.names.service_ports(ns)
+        if ports is None:
+            continue
+        if want in ports:
+            return None
+        name = ctx.names.ns_name(ns)
+        return Break(
+            "SYN", brk.packet_index, brk.netns, brk.dev, brk.point, "no-such-service",
+            f"kube-proxy's rules in {name} have no Service {conn.key.dst}:{conn.key.dport}"
+            + (f" (the Service {conn.key.dst} has {', '.join(ports)})" if ports else
+               f" (no Service has the address {conn.key.dst})")
+            + ", so nothing translated the SYN to a backend; it went where the address "
+            f"itself leads and ended at {brk.netns}/{brk.dev} ({brk.point}).",
+            (*_service_evidence(conn, ports, name, ns, ctx), *brk.evidence),
+            "Call a port the Service has (kubectl get service -A -o wide | grep "
+            f"{conn.key.dst}), or add the port to the Service's spec.ports; check the address "
+            "for a typo (kubectl get service -A --field-selector spec.clusterIP=ADDRESS).",
+            brk.via, brk.hook, brk.rule, brk.drop_reason,
+        )  # fmt: skip
+    return None
+
+
+def _service_evidence(
+    conn: Connection, ports: tuple[str, ...], name: str, ns: int, ctx: Context
+) -> tuple[str, ...]:
+    svc, port = conn.key.dst, conn.key.dport
+    if ports:
+        line = (
+            f"kube-proxy's rules in {name} give {svc} the ports {', '.join(ports)}, not {port}/tcp"
+        )
+        return (line,)
+    near = ctx.names.nearest_services(ns)
+    line = f"kube-proxy's rules in {name} have no Service with the address {svc}"
+    if near:
+        line += f"; the closest Service addresses there: {', '.join(near)}"
+    return (line,)
 
 
 def _overlapping_loss(conn: Connection, ctx: Context) -> str | None:

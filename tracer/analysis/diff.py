@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from typing import Any
 
-from tracer.analysis.model import POINTS
+from tracer.analysis.model import POINTS, service_label
 from tracer.errors import UsageError
 
 REPORT_SCHEMA = "hairtrace/report@1"
@@ -112,7 +112,7 @@ class SideInfo:
     kernel: str
     provider: str
     service: str
-    lost_events: int
+    lost_events: int | None  # None: unknown (a recording without footer)
     skipped_points: tuple[str, ...]
     backend: str = "core"  # reports from before the bcc backend were CO-RE
 
@@ -734,8 +734,8 @@ def _side(label: str, name: str, report: dict[str, Any]) -> SideInfo:
         name=name,
         kernel=str(report.get("kernel", "?")),
         provider=str(report.get("provider", "?")),
-        service=f"{svc.get('ip', '?')}:{svc.get('port', 0)}",
-        lost_events=int(report.get("lost_events") or 0),
+        service=service_label(str(svc.get("ip", "?")), int(svc.get("port") or 0)),
+        lost_events=None if report.get("lost_events") is None else int(report["lost_events"]),
         skipped_points=tuple(sorted(report.get("skipped_points") or {})),
         backend=str(report.get("backend", "core")),
     )
@@ -788,7 +788,9 @@ def diff_reports(
     if side_a.service != side_b.service:
         notes.append(f"the reports trace different services: {side_a.service} vs {side_b.service}")
     for side in (side_a, side_b):
-        if side.lost_events:
+        if side.lost_events is None:
+            notes.append(f"{side.label}'s event losses are unknown (recording without footer)")
+        elif side.lost_events:
             notes.append(f"{side.label} lost {side.lost_events} events: its paths may miss hops")
     conns = []
     for ca, cb in _align_connections(a["connections"], b["connections"]):

@@ -107,6 +107,12 @@ POINTS: dict[int, PointInfo] = {
 NETFILTER_KINDS = frozenset({"netfilter", "conntrack", "nat"})
 
 
+def service_label(ip: str, port: int) -> str:
+    """How text output writes the traced Service: "IP:PORT", or "IP:any" for every port
+    (the JSON report's "service" then has "port": 0)."""
+    return f"{ip}:{port or 'any'}"
+
+
 def point_info(point: int) -> PointInfo:
     return POINTS.get(point, PointInfo(f"point-{point}", "unknown"))
 

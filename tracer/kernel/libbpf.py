@@ -42,6 +42,16 @@ class _Log:
         return f"\n{text}" if text else ""
 
 
+class NetfilterBusy(HairtraceError):
+    """EBUSY from BPF_LINK_CREATE: another BPF netfilter link holds this (netns, pf, hook,
+    priority) (net/netfilter/core.c allows one per priority); a caller may try another."""
+
+    def __init__(self, message: str, hook: int, priority: int) -> None:
+        super().__init__(message)
+        self.hook = hook
+        self.priority = priority
+
+
 class Libbpf:
     """The loaded shared library with typed signatures; one per process is enough."""
 
@@ -245,7 +255,8 @@ class BpfObject:
         """Create a BPF netfilter link in the network namespace at netns_path.
 
         The link binds to the caller thread's netns, so the thread enters the
-        target netns for the one syscall and returns at once.
+        target netns for the one syscall and returns at once. A priority another
+        BPF netfilter link holds raises NetfilterBusy; any other failure HairtraceError.
         """
         prog_fd = self.lib.lib.bpf_program__fd(self._prog(name))
         attr = ctypes.create_string_buffer(64)
@@ -255,10 +266,13 @@ class BpfObject:
         with _in_netns(self.lib, netns_path):
             fd = self.lib.bpf_syscall(BPF_LINK_CREATE, attr)
         if fd < 0:
-            raise HairtraceError(
+            what = (
                 f"attaching netfilter program {name} (hook {hook}, priority {priority}) "
                 f"in {netns_path}: {os.strerror(-fd)}"
             )
+            if -fd == errno.EBUSY:  # the one error a different priority can cure
+                raise NetfilterBusy(what, hook, priority)
+            raise HairtraceError(what)
         self.links.append((name, lambda: os.close(fd)))
 
     def detach_all(self) -> None:

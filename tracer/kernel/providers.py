@@ -8,24 +8,44 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 from tracer.errors import HairtraceError, UsageError
 from tracer.kernel import ksyms
 from tracer.kernel.features import Features, kfree_skb_has_reason
-from tracer.kernel.libbpf import BpfObject
+from tracer.kernel.libbpf import BpfObject, NetfilterBusy
+from tracer.kernel.nfholders import describe, holders
 
 # netfilter hook numbers (enum nf_inet_hooks)
 PRE_ROUTING, LOCAL_IN, FORWARD, LOCAL_OUT, POST_ROUTING = 0, 1, 2, 3, 4
+HOOK_NAMES = {0: "PREROUTING", 1: "INPUT", 2: "FORWARD", 3: "OUTPUT", 4: "POSTROUTING"}
+# the stages the programs bracket (enum nf_ip_hook_priorities)
+PRI_CONNTRACK, PRI_NAT_DST, PRI_FILTER, PRI_NAT_SRC = -200, -100, 0, 100
 
 
 @dataclass(frozen=True)
 class NfProgram:
-    """A BPF netfilter program and where it sits relative to conntrack and NAT."""
+    """A BPF netfilter program and where it sits relative to conntrack and NAT.
+
+    The kernel takes one BPF netfilter link per (netns, hook, priority), so a
+    second tracer on the same netns finds `priority` taken; any priority in
+    [lo, hi] sees the packet between the same two stages, and serves as well.
+    """
 
     name: str
     hook: int
-    priority: int  # conntrack -200, DNAT -100, filter 0, SNAT 100
+    priority: int  # first choice, the one bpf/hairtrace.bpf.c names
+    lo: int
+    hi: int
+
+    def priorities(self) -> list[int]:
+        """The first choice, then the rest of the window upwards, then below it."""
+        return [
+            self.priority,
+            *range(self.priority + 1, self.hi + 1),
+            *range(self.lo, self.priority),
+        ]
 
 
 class Provider(Protocol):
@@ -47,17 +67,24 @@ class TracepointProvider:
     name = "tracepoint"
     TRACEPOINTS = ("ht_dev_rx", "ht_dev_tx", "ht_drop", "ht_tcp_reset")
     HOOKS = (
-        NfProgram("ht_nf_pre_ct", PRE_ROUTING, -199),
-        NfProgram("ht_nf_pre_nat", PRE_ROUTING, -99),
-        NfProgram("ht_nf_out_ct", LOCAL_OUT, -199),
-        NfProgram("ht_nf_out_nat", LOCAL_OUT, -99),
-        NfProgram("ht_nf_forward", FORWARD, 1),
-        NfProgram("ht_nf_post_nat", POST_ROUTING, 101),
-        NfProgram("ht_nf_in_nat", LOCAL_IN, 101),
+        # after conntrack (the entry exists), before DNAT (the tuple is still the VIP)
+        NfProgram("ht_nf_pre_ct", PRE_ROUTING, -199, PRI_CONNTRACK + 1, PRI_NAT_DST - 1),
+        # after DNAT, before the filter stage: the translated tuple
+        NfProgram("ht_nf_pre_nat", PRE_ROUTING, -99, PRI_NAT_DST + 1, PRI_FILTER - 1),
+        NfProgram("ht_nf_out_ct", LOCAL_OUT, -199, PRI_CONNTRACK + 1, PRI_NAT_DST - 1),
+        NfProgram("ht_nf_out_nat", LOCAL_OUT, -99, PRI_NAT_DST + 1, PRI_FILTER - 1),
+        # after the filter table (a packet it drops never gets here), below SNAT's 100
+        NfProgram("ht_nf_forward", FORWARD, 1, PRI_FILTER + 1, PRI_NAT_SRC - 1),
+        # after SNAT; 99 slots like the others, far below confirm (INT_MAX) and
+        # the conntrack helpers (300)
+        NfProgram("ht_nf_post_nat", POST_ROUTING, 101, PRI_NAT_SRC + 1, PRI_NAT_SRC + 99),
+        NfProgram("ht_nf_in_nat", LOCAL_IN, 101, PRI_NAT_SRC + 1, PRI_NAT_SRC + 99),
     )
 
-    def __init__(self) -> None:
+    def __init__(self, proc: Path = Path("/proc")) -> None:
         self.skipped: dict[str, str] = {}
+        self.priorities: dict[str, int] = {}  # netfilter program -> priority attached at
+        self._proc = proc  # where to look for the holders of a full window
 
     def exclude_failed(self, log: str) -> bool:
         return False
@@ -77,8 +104,30 @@ class TracepointProvider:
         for name in self.TRACEPOINTS:
             obj.attach(name)
         for h in self.HOOKS:
-            obj.attach_netfilter(h.name, netns_path, h.hook, h.priority)
+            self.priorities[h.name] = self._attach_in_window(obj, h, netns_path)
         return list(self.TRACEPOINTS) + [h.name for h in self.HOOKS]
+
+    def _attach_in_window(self, obj: BpfObject, h: NfProgram, netns_path: str) -> int:
+        """Attach at the first free priority of h's window; the priority used."""
+        for prio in h.priorities():
+            try:
+                obj.attach_netfilter(h.name, netns_path, h.hook, prio)
+            except NetfilterBusy:  # held by another BPF netfilter link: try the next
+                continue
+            return prio
+        where = f"{HOOK_NAMES[h.hook]} {h.lo}..{h.hi}"
+        held = describe(holders(h.hook, h.lo, h.hi, proc=self._proc))
+        raise HairtraceError(
+            f"cannot attach {h.name}: another hairtrace (or another BPF netfilter program) "
+            f"holds {HOOK_NAMES[h.hook]} priority {h.priority} in {netns_path}, and every "
+            f"other priority of {h.lo}..{h.hi} is taken too; "
+            + (
+                f"BPF netfilter links at {where} (in any netns) are held by {held}"
+                if held
+                else f"no process holds a BPF netfilter link at {where} open "
+                "(pinned? see bpftool link list)"
+            )
+        )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 
 
 class _Gate:
@@ -25,15 +26,30 @@ class _Gate:
             self.open.set()
 
 
+def _why(exc: BaseException, timeout: float) -> str:
+    """An error in words: str() of a TimeoutError is empty."""
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {timeout:g} s"
+    return str(exc) or type(exc).__name__
+
+
 async def _one(host: str, port: int, timeout: float, gate: _Gate) -> dict[str, object]:
     out: dict[str, object] = {"sport": None, "status": None, "backend": None, "error": None}
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
     except (TimeoutError, OSError) as exc:
-        out["error"] = f"connect: {exc or type(exc).__name__}"
+        # A connect still pending (timed out) holds its local port; a refused one has
+        # already given it back (0): then the port is not known.
+        out["sport"] = sock.getsockname()[1] or None
+        out["error"] = f"connect: {_why(exc, timeout)}"
+        sock.close()
         gate.arrived()
         return out
-    out["sport"] = writer.get_extra_info("sockname")[1]
+    out["sport"] = sock.getsockname()[1]
+    reader, writer = await asyncio.open_connection(sock=sock)
     gate.arrived()
     try:
         await gate.open.wait()
@@ -44,8 +60,10 @@ async def _one(host: str, port: int, timeout: float, gate: _Gate) -> dict[str, o
         out["status"] = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
         words = body.decode(errors="replace").split()
         out["backend"] = words[1] if len(words) > 1 else None
+        if out["status"] is None:
+            out["error"] = "request: no HTTP status in the answer"
     except (TimeoutError, OSError) as exc:
-        out["error"] = f"request: {exc or type(exc).__name__}"
+        out["error"] = f"request: {_why(exc, timeout)}"
     finally:
         writer.close()
     return out

@@ -67,6 +67,8 @@ class ClusterSpec:
     # kube-proxy's KUBE-SEP "-s podIP -j KUBE-MARK-MASQ" (hairpin masquerade)
     hairpin_masquerade: bool = True
     bridge_nf_call_iptables: int = 1
+    # the port kube-proxy's rules give the Service; clients call SERVICE_PORT
+    service_port: int = SERVICE_PORT
 
     def __post_init__(self) -> None:
         if self.nodes not in (1, 2):
@@ -179,7 +181,7 @@ def iptables_rules(spec: ClusterSpec) -> str:
     if seps:
         nat.append(
             f"-A KUBE-SERVICES -d {SERVICE_IP}/32 -p tcp -m comment --comment "
-            f'"{svc} cluster IP" -m tcp --dport {SERVICE_PORT} -j {svc_chain}'
+            f'"{svc} cluster IP" -m tcp --dport {spec.service_port} -j {svc_chain}'
         )
     nat.append(
         '-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must '
@@ -188,7 +190,7 @@ def iptables_rules(spec: ClusterSpec) -> str:
     if seps:
         nat.append(
             f"-A {svc_chain} ! -s {CLUSTER_CIDR} -d {SERVICE_IP}/32 -p tcp -m comment "
-            f'--comment "{svc} cluster IP" -m tcp --dport {SERVICE_PORT} -j KUBE-MARK-MASQ'
+            f'--comment "{svc} cluster IP" -m tcp --dport {spec.service_port} -j KUBE-MARK-MASQ'
         )
     for i, (chain, ep) in enumerate(seps):
         left = len(seps) - i
@@ -226,7 +228,7 @@ def iptables_rules(spec: ClusterSpec) -> str:
     if not seps:
         filt.append(
             f'-A KUBE-SERVICES -d {SERVICE_IP}/32 -p tcp -m comment --comment "{svc} has no '
-            f'endpoints" -m tcp --dport {SERVICE_PORT} -j REJECT --reject-with '
+            f'endpoints" -m tcp --dport {spec.service_port} -j REJECT --reject-with '
             "icmp-port-unreachable"
         )
     filt.append("COMMIT")
@@ -257,15 +259,15 @@ def nftables_rules(spec: ClusterSpec) -> str:
     if eps:
         vmap = ", ".join(f"{i} : goto {c}" for i, (c, _) in enumerate(eps))
         out.append(
-            f"\tchain {svc_chain} {{\n\t\tip daddr {SERVICE_IP} tcp dport {SERVICE_PORT} "
+            f"\tchain {svc_chain} {{\n\t\tip daddr {SERVICE_IP} tcp dport {spec.service_port} "
             f"ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade\n"
             f"\t\tnumgen random mod {len(eps)} vmap {{ {vmap} }}\n\t}}"
         )
-    svc_elems = f"{SERVICE_IP} . tcp . {SERVICE_PORT} : goto {svc_chain}" if eps else ""
+    svc_elems = f"{SERVICE_IP} . tcp . {spec.service_port} : goto {svc_chain}" if eps else ""
     noep = (
         ""
         if eps
-        else f'{SERVICE_IP} . tcp . {SERVICE_PORT} comment "{SVC_NAME}" : goto reject-chain'
+        else f'{SERVICE_IP} . tcp . {spec.service_port} comment "{SVC_NAME}" : goto reject-chain'
     )
     for name, elems, comment in (
         ("service-ips", svc_elems, "ClusterIP, ExternalIP and LoadBalancer IP traffic"),

@@ -29,6 +29,7 @@ class Fault:
     hairpin_masquerade: bool = True
     bridge_nf: int = 1
     needs: str = ""  # a kernel condition checked before building
+    service_port: int = cluster.SERVICE_PORT  # the Service's port in the rules (clients: 80)
 
     def spec(self, prefix: str, proxy_mode: str, nodes: int | None = None) -> ClusterSpec:
         n = max(self.nodes, nodes or 1)
@@ -42,6 +43,7 @@ class Fault:
             fault=self.name,
             hairpin_masquerade=self.hairpin_masquerade,
             bridge_nf_call_iptables=self.bridge_nf,
+            service_port=self.service_port,
         )
 
 
@@ -111,6 +113,12 @@ FAULTS: dict[str, Fault] = {
         Fault("none", "", "healthy: pods on one bridge, bridge-nf-call-iptables=1"),
         Fault("two-node", "", "healthy: two nodes over flannel VXLAN, endpoints on both", 2),
         Fault(
+            "self-call",
+            "",
+            "healthy: a pod calls its own Service, hairpin on and kube-proxy's masquerade",
+            self_service=True,
+        ),
+        Fault(
             "bridge-nf-off",
             "bridge-nf-call-iptables-off",
             "the seed case: bridge-nf-call-iptables=0, reply bridged past conntrack",
@@ -136,6 +144,12 @@ FAULTS: dict[str, Fault] = {
             "pod calls its own Service; kube-proxy's hairpin MASQUERADE rule is missing",
             self_service=True,
             hairpin_masquerade=False,
+        ),
+        Fault(
+            "service-port-changed",
+            "no-such-service",
+            "the Service's port is 8080 in kube-proxy's rules; the client still calls port 80",
+            service_port=8080,
         ),
         Fault(
             "forward-drop",

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from tracer.analysis.diagnose import Diagnosis
+from tracer.analysis.model import service_label
 from tracer.analysis.reassemble import Connection
 from tracer.present.digest import Digest
 from tracer.present.report import RunInfo
@@ -26,15 +29,26 @@ def _console() -> Console:
 
 
 def _header(run: RunInfo) -> Text:
-    port = run.service_port or "any"
     return Text.from_markup(
-        f"[bold]hairtrace[/] {run.tool_version}  service {run.service_ip}:{port}  netns "
+        f"[bold]hairtrace[/] {run.tool_version}  service "
+        f"{service_label(run.service_ip, run.service_port)}  netns "
         f"{run.netns}  kernel {run.kernel}\nbackend {run.backend_reason or run.backend}\n"
         f"provider {run.provider_reason}; "
         f"attached {len(run.attached)} programs in {run.trace_attach_seconds or 0:.3f}s "
         f"({run.attach_seconds or 0:.3f}s after process start)"
         + "".join(f"\n  skipped {k}: {v}" for k, v in run.skipped.items())
+        + "".join(f"\n[bold yellow]warning:[/] {escape(w)}" for w in run.warnings)
     )
+
+
+def _announce(console: Console) -> Callable[[RunInfo], None]:
+    """Without a live view, what must be said at start: the warnings, at once."""
+
+    def announce(run: RunInfo) -> None:
+        for w in run.warnings:
+            console.print(f"[bold yellow]warning:[/] {escape(w)}")
+
+    return announce
 
 
 MAX_ROWS = 25  # beyond this, ok rows are tallied instead of listed
@@ -57,7 +71,7 @@ def _digest_table(digest: Digest) -> Table:
         where = ""
         if diag.brk:
             b = diag.brk
-            where = f"{b.packet_role} at {b.netns}/{b.dev} ({b.point}): {b.cause}"
+            where = f"{b.where}: {b.cause}"
         table.add_row(
             f"{conn.key.src}:{conn.key.sport}",
             f"{conn.key.dst}:{conn.key.dport}",
@@ -99,6 +113,14 @@ def _losses(stats: Stats) -> Text:
     )
 
 
+def _run_losses(run: RunInfo) -> Text:
+    """The summary's loss line; unknown losses (a recording without footer) are not 0."""
+    if run.lost_events is None:
+        why = run.lost_events_unknown or "not recorded"
+        return Text(f"{run.events} events, events lost: unknown ({why})", style="bold yellow")
+    return _losses(Stats(run.events, run.lost_events, run.lost_by_point or {}))
+
+
 class LiveSink:
     """Redraws the connection table as events arrive; breaks show the moment they are known."""
 
@@ -131,7 +153,7 @@ def trace_with_view(opts: TraceOptions, live: bool) -> TraceResult:
     console = _console()
     sink = LiveSink(console) if live else None
     try:
-        result = run_trace(opts, sink)
+        result = run_trace(opts, sink, announce=None if sink else _announce(console))
     finally:
         if sink:
             sink.close()
@@ -158,29 +180,29 @@ def render_digest(run: RunInfo, digest: Digest, console: Console | None = None) 
     """render_summary of the connections gathered in digest (a streamed replay)."""
     console = console or _console()
     console.print(_header(run))
-    stats = Stats(run.events, run.lost_events, run.lost_by_point)
     console.print(_digest_table(digest))
-    console.print(_losses(stats))
+    console.print(_run_losses(run))
     if not digest.total:
         console.print("no connection to the service was seen")
     else:
         console.print(digest.tally())
-    same: dict[tuple[str, ...], int] = {}
+    same: dict[tuple[str, str, str], int] = {}
     for conn, diag in digest.results:  # every one with notes or a break is kept
         for note in diag.notes:
             console.print(f"[magenta]note[/] {conn.key}: {note}")
         if diag.brk is None:
             continue
         b = diag.brk
-        kind = (diag.verdict, b.cause, b.packet_role, b.netns, b.dev, b.point)
+        kind = (diag.verdict, b.cause, b.where)
         same[kind] = same.get(kind, 0) + 1
         if same[kind] > 1:
             continue  # the same break again: counted below, not repeated
         body = Text()
         body.append(f"{b.explanation}\n\n", style="bold")
         body.append("where: ", style="bold")
-        via = f" (via {' -> '.join(b.via)})" if b.via else ""
-        body.append(f"{b.packet_role} in netns {b.netns}, dev {b.dev}{via}, at {b.point}\n")
+        crossed = b.via and not b.bridged  # a bridged break names its ports already
+        via = f"; devices crossed in {b.netns}: {' -> '.join(b.via)}" if crossed else ""
+        body.append(f"{b.where}{via}\n")
         body.append("evidence:\n", style="bold")
         for item in b.evidence:
             body.append(f"  - {item}\n")
@@ -193,9 +215,9 @@ def render_digest(run: RunInfo, digest: Digest, console: Console | None = None) 
                 border_style=_STYLE.get(diag.verdict, ""),
             )
         )
-    for (verdict, cause, role, ns, dev, point), n in same.items():
+    for (verdict, cause, where), n in same.items():
         if n > 1:
             console.print(
-                f"{n - 1} more connection(s) {verdict} the same way: {cause}, {role} at "
-                f"{ns}/{dev} ({point}); each is in the JSON report"
+                f"{n - 1} more connection(s) {verdict} the same way: {cause}, {where}; "
+                "each is in the JSON report"
             )

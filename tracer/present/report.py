@@ -27,13 +27,16 @@ class RunInfo:
     service_port: int
     netns: str
     events: int = 0
-    lost_events: int = 0
-    lost_by_point: dict[str, int] = field(default_factory=dict)
+    # None when not known (lost_events_unknown says why: a recording without the footer
+    # that holds these counters): unknown is never reported as 0
+    lost_events: int | None = 0
+    lost_by_point: dict[str, int] | None = field(default_factory=dict)
     # TCP packets without SYN/FIN/RST emitted per tuple, point and device (0 = all), and
-    # the matched events not emitted past that budget, per point
-    data_budget: int = 0
-    over_budget_events: int = 0
-    over_budget_by_point: dict[str, int] = field(default_factory=dict)
+    # the matched events not emitted past that budget, per point (None: unknown, as above)
+    data_budget: int | None = 0
+    over_budget_events: int | None = 0
+    over_budget_by_point: dict[str, int] | None = field(default_factory=dict)
+    lost_events_unknown: str | None = None  # why the counts above are None; None: known
     attached: tuple[str, ...] = ()
     skipped: dict[str, str] = field(default_factory=dict)  # probe point -> why not attached
     attach_seconds: float | None = None  # process start -> every probe attached
@@ -48,6 +51,9 @@ class RunInfo:
     backend: str = "core"  # core (libbpf CO-RE) | bcc
     backend_reason: str = ""
     compile_seconds: float | None = None  # bcc: compiling the BPF source at start-up
+    # the traced address's ports in the node's kube-proxy rules ("80/tcp"); None: unknown
+    service_ports: tuple[str, ...] | None = None
+    warnings: tuple[str, ...] = ()  # said at start and in the summary (e.g. no such Service)
 
 
 def _endpoint(ip: str, port: int) -> dict[str, Any]:
@@ -130,11 +136,16 @@ def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str
         "backend": run.backend,
         "backend_reason": run.backend_reason,
         "compile_seconds": run.compile_seconds,
-        "service": _endpoint(run.service_ip, run.service_port),
+        "service": {
+            **_endpoint(run.service_ip, run.service_port),
+            "ports_in_rules": None if run.service_ports is None else list(run.service_ports),
+        },
+        "warnings": list(run.warnings),
         "netns": run.netns,
         "events": run.events,
         "lost_events": run.lost_events,
         "lost_by_point": run.lost_by_point,
+        "lost_events_unknown": run.lost_events_unknown,
         "data_budget": run.data_budget,
         "over_budget_events": run.over_budget_events,
         "over_budget_by_point": run.over_budget_by_point,

@@ -7,7 +7,7 @@ Read an export back with its types: pd.read_csv(path, dtype=pandas_dtypes()).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +46,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("ack", "uint32", "uint32", "TCP acknowledgment number"),
     Column("ip_id", "uint16", "uint16", "IP identification"),
     Column("hook", "category", "dict", "netfilter hook of the point, null when none"),
-    Column("skb", "str", "string", "skb address (hex): one packet's identity along a hop chain"),
-    Column("ct_id", "str", "string", "conntrack entry address (hex), null when none"),
+    Column("skb", "str", "string", "per-trace id of the skb (hex): one packet along a hop chain"),
+    Column("ct_id", "str", "string", "per-trace id of the conntrack entry (hex), null when none"),
     Column("ct_state", "category", "dict", "ip_conntrack_info name, e.g. NEW"),
     Column("ct_status", "category", "dict", "conntrack status bit names joined by |, or none"),
     Column("ct_original", "str", "string", 'conntrack original tuple "a:p -> b:q"'),
@@ -57,7 +57,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("conn", "Int64", "int64", "index of the connection in the JSON report, null if none"),
     Column("role", "category", "dict", "packet role from the flags: SYN, SYN+ACK, ACK, ..."),
     Column("direction", "category", "dict", "original or reply (within its connection)"),
-)
+    Column("location", "category", "dict",
+           'function that freed a dropped skb, "name+0xoff" where the recording named it, '
+           "else its per-trace id (hex); null when none"),
+)  # fmt: skip
 NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 _FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
 
@@ -71,7 +74,9 @@ def flags_text(flags: int) -> str:
     return "|".join(n for i, n in enumerate(_FLAG_NAMES) if flags >> i & 1) or "none"
 
 
-def _row(ev: Event, ctx: Context, start_ns: int, conns: ConnIndex) -> tuple[Any, ...]:
+def _row(
+    ev: Event, ctx: Context, start_ns: int, conns: ConnIndex, locations: Mapping[int, str]
+) -> tuple[Any, ...]:
     info, ct, t = ev.info, ev.ct, ev.tuple
     conn, direction = conns.lookup(ev)
     drop = ctx.drop_reasons.get(ev.reason, f"reason-{ev.reason}") if info.kind == "drop" else None
@@ -105,14 +110,20 @@ def _row(ev: Event, ctx: Context, start_ns: int, conns: ConnIndex) -> tuple[Any,
         conn,
         role_of(ev.tcp_flags),
         direction,
+        locations.get(ev.location, f"{ev.location:#x}") if ev.location else None,
     )
 
 
 def rows(
-    events: Sequence[Event], ctx: Context, start_ns: int, conns: ConnIndex
+    events: Sequence[Event],
+    ctx: Context,
+    start_ns: int,
+    conns: ConnIndex,
+    locations: Mapping[int, str] | None = None,
 ) -> list[tuple[Any, ...]]:
-    """One tuple per event, in COLUMNS order."""
-    return [_row(ev, ctx, start_ns, conns) for ev in events]
+    """One tuple per event, in COLUMNS order (locations: the footer's id -> function)."""
+    names = locations or {}
+    return [_row(ev, ctx, start_ns, conns, names) for ev in events]
 
 
 def columnar(row_list: Sequence[tuple[Any, ...]]) -> dict[str, list[Any]]:

@@ -52,11 +52,12 @@ def iter_rows(reader: SessionReader) -> Iterator[list[tuple[Any, ...]]]:
     header = reader.header
     ctx = context_of(header, reader.footer, header.start_ns)
     conns = ConnIndex.build(reader.event_batches(), ctx)
+    locations = reader.footer.locations if reader.footer is not None else {}
 
     def batches() -> Iterator[list[tuple[Any, ...]]]:
         pending: list[tuple[Any, ...]] = []
         for batch in reader.event_batches():
-            pending.extend(rows(batch, ctx, header.start_ns, conns))
+            pending.extend(rows(batch, ctx, header.start_ns, conns, locations))
             if len(pending) >= BATCH_ROWS:
                 yield pending
                 pending = []
@@ -172,7 +173,7 @@ def export_session(
     if dest.exists() and dest.resolve() == Path(path).resolve():
         raise UsageError(f"export output {dest} is the session file itself")
     if dest.exists() and not overwrite:
-        raise HairtraceError(f"{dest} exists (use --force to overwrite)")
+        raise UsageError(f"{dest} exists (use --force to overwrite)")
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

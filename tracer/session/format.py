@@ -13,6 +13,14 @@ know, so new optional chunk kinds do not need a new format version.
 
 The header has its own checksum, so a damaged length is told apart from a file
 that was merely cut short.
+
+Minor versions change nothing a reader of the same format version cannot read;
+the header field `format_minor` says which (absent: 0). From version 1.1, records
+carry per-trace ids (1, 2, 3, ... in order of first appearance, per field; 0 =
+none) instead of kernel addresses in `skb`, `ct_id` and `location`
+(tracer.kernel.pseudonyms), and the footer's optional `locations` names the
+function of each drop location id. A reader gives records of older files the
+same ids as it reads them, so nothing it returns holds a kernel address.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from enum import IntEnum
 MAGIC = b"\x89HTSESS\n"
 FORMAT_VERSION = 1
 FORMAT_NAME = f"hairtrace/session@{FORMAT_VERSION}"
+FORMAT_MINOR = 1  # 1: per-trace ids instead of kernel addresses (see above)
 PREAMBLE = struct.Struct("<8sI")
 CHUNK = struct.Struct("<IB3xII")
 _HEAD = struct.Struct("<IB3xI")  # CHUNK without its own checksum

@@ -14,7 +14,7 @@ from typing import Any
 from tracer.analysis.context import RuleDrop
 from tracer.errors import HairtraceError
 from tracer.kernel.events import EVENT_SIZE
-from tracer.session.format import FORMAT_NAME
+from tracer.session.format import FORMAT_MINOR, FORMAT_NAME
 from tracer.topology.model import Topology
 
 CLOCK = "CLOCK_MONOTONIC"  # the clock of ht_event.ts_ns (bpf_ktime_get_ns)
@@ -28,6 +28,7 @@ class SessionHeader:
     started_at the wall-clock time (seconds since the epoch) at that same instant, so
     wall(ts_ns) = started_at + (ts_ns - start_ns) / 1e9. drop_reasons are the names of
     enum skb_drop_reason on the recording kernel (numbers differ between kernels).
+    format_minor: below 1, the records hold kernel addresses (tracer.session.format).
     """
 
     tool_version: str
@@ -53,10 +54,12 @@ class SessionHeader:
     backend: str = "core"  # core (libbpf CO-RE) | bcc; recordings before it were core
     backend_reason: str = ""
     compile_seconds: float | None = None
+    format_minor: int = FORMAT_MINOR
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
+            "format_minor": self.format_minor,
             "tool_version": self.tool_version,
             "kernel": self.kernel,
             "hostname": self.hostname,
@@ -120,6 +123,7 @@ class SessionHeader:
             backend=g.get("backend", str, optional=True) or "core",
             backend_reason=g.get("backend_reason", str, optional=True) or "",
             compile_seconds=g.number("compile_seconds", optional=True),
+            format_minor=g.get("format_minor", int, optional=True) or 0,
         )
 
 
@@ -128,7 +132,8 @@ class SessionFooter:
     """Everything known when recording ends. topology: the final snapshot, when re-taken.
 
     rule_drops: the DROP/REJECT rules whose counters rose, read in netns rule_drops_netns
-    (optional in the file: older recordings have none).
+    (optional in the file: older recordings have none). locations: drop location id ->
+    "function+0xoff" (/proc/kallsyms of the recording machine; optional, from format 1.1).
     """
 
     end_ns: int  # CLOCK_MONOTONIC time the trace stopped
@@ -143,6 +148,7 @@ class SessionFooter:
     data_budget: int = 0  # (optional in the file: older recordings emitted every packet)
     over_budget_events: int = 0
     over_budget_by_point: dict[str, int] = field(default_factory=dict)
+    locations: dict[int, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -158,6 +164,7 @@ class SessionFooter:
             "data_budget": self.data_budget,
             "over_budget_events": self.over_budget_events,
             "over_budget_by_point": dict(self.over_budget_by_point),
+            "locations": {str(k): v for k, v in sorted(self.locations.items())},
         }
 
     @classmethod
@@ -173,6 +180,11 @@ class SessionFooter:
         if not all(isinstance(w, list) and len(w) == 2 and all(map(_is_int, w)) for w in windows):
             raise HairtraceError("bad session footer: 'loss_windows' is not [[first, last], ...]")
         topo = g.get("topology", dict, optional=True)
+        locations = g.get("locations", dict, optional=True) or {}
+        if not all(
+            isinstance(v, str) and k.isascii() and k.isdigit() for k, v in locations.items()
+        ):
+            raise HairtraceError("bad session footer: 'locations' is not id -> function")
         try:
             rule_drops = tuple(
                 map(RuleDrop.from_dict, g.get("rule_drops", list, optional=True) or [])
@@ -192,6 +204,7 @@ class SessionFooter:
             data_budget=g.get("data_budget", int, optional=True) or 0,
             over_budget_events=g.get("over_budget_events", int, optional=True) or 0,
             over_budget_by_point=dict(over_by_point),
+            locations={int(k): v for k, v in locations.items()},
         )
 
 

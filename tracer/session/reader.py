@@ -4,6 +4,10 @@ Memory stays bounded by one chunk (tracer.session.format.MAX_PAYLOAD). Damage
 is one HairtraceError line naming the byte; a file cut off (a recorder killed,
 a power loss) is not an error: it replays up to its last complete chunk and
 says so in `warnings`.
+
+Files older than format 1.1 hold raw kernel addresses in their records; payloads()
+replaces them by per-trace ids as it reads (every way to the events goes through
+it), so replay, export and reports of old files show none either.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import IO, Any
 from tracer.analysis.model import Event
 from tracer.errors import HairtraceError, UsageError
 from tracer.kernel.events import decode_all
+from tracer.kernel.pseudonyms import Pseudonyms, pseudonymised
 from tracer.session.format import (
     CHUNK,
     END_PAYLOAD,
@@ -61,8 +66,11 @@ class SessionReader:
 
     def payloads(self) -> Iterator[bytes]:
         """The records of each chunk back to back (header.record_size bytes each), as
-        recorded: what numpy reads without copying (tracer.kernel.records.rows_of)."""
+        recorded: what numpy reads without copying (tracer.kernel.records.rows_of).
+        Kernel addresses of files older than format 1.1 are replaced by per-trace ids
+        (the same ids on every pass: they follow the order of the file)."""
         size = self.header.record_size
+        names = Pseudonyms() if self.header.format_minor < 1 else None
         with self._open() as f:
             pos = self._data_start
             f.seek(pos)
@@ -77,7 +85,7 @@ class SessionReader:
                     if head.length % size:
                         raise self._corrupt(pos, f"not a whole number of {size}-byte records")
                     if payload:
-                        yield payload
+                        yield payload if names is None else pseudonymised(payload, size, names)
                 elif head.kind in (Kind.HEADER, Kind.FOOTER, Kind.END):
                     raise self._corrupt(pos, f"unexpected {Kind(head.kind).name.lower()} chunk")
                 pos += CHUNK.size + head.length

@@ -6,6 +6,10 @@ take either. replay_stream() analyses a session of any length in bounded memory
 (tracer.analysis.stream), handing each connection to a sink as it finishes.
 header_from_trace / footer_from_trace build the header and footer from what
 run_trace knows, for the recording side.
+
+A recording without its footer (cut short, or still being written) has no loss
+counters: its RunInfo says so (lost_events None, lost_events_unknown why), and the
+connections last seen within a reply timeout of its end get a note (cut_short_note).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from tracer.present.report import RunInfo
 from tracer.session.header import SessionFooter, SessionHeader
 from tracer.session.reader import open_session
 from tracer.topology.model import Topology
+from tracer.topology.services import node_view
+
+NO_FOOTER = "the recording has no footer: it was cut short or is still being written"
 
 
 @dataclass(frozen=True)
@@ -91,22 +98,26 @@ def footer_from_trace(
     loss_windows: Iterable[tuple[int, int]] = (),
     topology: Topology | None = None,
     rule_drops_netns: int | None = None,
+    locations: dict[int, str] | None = None,
 ) -> SessionFooter:
     """The session footer from the final RunInfo (its rule_drops were read in netns
-    rule_drops_netns); topology only when it was re-taken."""
+    rule_drops_netns); topology only when it was re-taken; locations: drop location
+    id -> function name."""
     return SessionFooter(
         end_ns=end_ns,
         events=run.events,
-        lost_events=run.lost_events,
-        lost_by_point=dict(run.lost_by_point),
+        # a live trace always knows its counters (None only comes from a replay)
+        lost_events=run.lost_events or 0,
+        lost_by_point=dict(run.lost_by_point or {}),
         loss_windows=tuple((a, b) for a, b in loss_windows),
         command_status=run.command_status,
         topology=topology,
         rule_drops=tuple(run.rule_drops),
         rule_drops_netns=rule_drops_netns,
-        data_budget=run.data_budget,
-        over_budget_events=run.over_budget_events,
-        over_budget_by_point=dict(run.over_budget_by_point),
+        data_budget=run.data_budget or 0,
+        over_budget_events=run.over_budget_events or 0,
+        over_budget_by_point=dict(run.over_budget_by_point or {}),
+        locations=dict(locations or {}),
     )
 
 
@@ -138,7 +149,11 @@ def scope_of(header: SessionHeader, footer: SessionFooter | None) -> frozenset[i
 
 
 def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -> RunInfo:
-    """The RunInfo of a replay: the recording's, analysed by this hairtrace version."""
+    """The RunInfo of a replay: the recording's, analysed by this hairtrace version.
+    Without a footer, the counters it holds (losses, data budget) are None: unknown."""
+    ports, warnings = node_view(
+        topology_of(header, footer), header.netns_inode, header.service_ip, header.service_port
+    )
     return RunInfo(
         tool_version=__version__,
         kernel=header.kernel,
@@ -151,11 +166,12 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         service_port=header.service_port,
         netns=header.netns,
         events=events,
-        lost_events=footer.lost_events if footer else 0,
-        lost_by_point=dict(footer.lost_by_point) if footer else {},
-        data_budget=footer.data_budget if footer else 0,
-        over_budget_events=footer.over_budget_events if footer else 0,
-        over_budget_by_point=dict(footer.over_budget_by_point) if footer else {},
+        lost_events=footer.lost_events if footer else None,
+        lost_by_point=dict(footer.lost_by_point) if footer else None,
+        data_budget=footer.data_budget if footer else None,
+        over_budget_events=footer.over_budget_events if footer else None,
+        over_budget_by_point=dict(footer.over_budget_by_point) if footer else None,
+        lost_events_unknown=None if footer else NO_FOOTER,
         attached=header.attached,
         skipped=dict(header.skipped),
         attach_seconds=header.attach_seconds,
@@ -165,7 +181,25 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         command=header.command,
         command_status=footer.command_status if footer else None,
         rule_drops=footer.rule_drops if footer else (),
+        service_ports=ports,
+        warnings=warnings,
     )
+
+
+def cut_short_note(conn: Connection, diag: Diagnosis, ctx: Context) -> Diagnosis:
+    """diag, with a note when conn was last seen within a reply timeout of the end of a
+    recording without footer: events that followed (not yet drained or written when it
+    stopped) and losses are unknown, so its verdict rests on what was recorded. The
+    verdict stays: a recording still being written would otherwise judge differently
+    from one read later. Connections ending earlier are unaffected by the cut."""
+    before = ctx.end_ns - conn.last_ns
+    if before > ctx.reply_timeout_ns:
+        return diag
+    note = (
+        f"the recording stops {before / 1e9:.3f}s after this connection's last event and "
+        "has no footer: later events of it may be missing, and losses are unknown"
+    )
+    return replace(diag, notes=(*diag.notes, note))
 
 
 def replay(path: str | Path) -> ReplayResult:
@@ -188,12 +222,15 @@ def replay(path: str | Path) -> ReplayResult:
         run_info(header, footer, len(events)),
         **scope_fields(events, topology_of(header, footer), ctx.scope),
     )
+    results = analyse(events, ctx)
+    if footer is None:
+        results = [(c, cut_short_note(c, d, ctx)) for c, d in results]
     return ReplayResult(
         run=run,
         events=events,
         context=ctx,
         topology=topology_of(header, footer),
-        results=analyse(events, ctx),
+        results=results,
         records=records,
         header=header,
         footer=footer,
@@ -238,7 +275,9 @@ def replay_stream(
 ) -> StreamedReplay:
     """Analyse a session as replay() does, without holding its events: every connection
     goes to sink as soon as it is finished (Finished.order sorts them as replay() does).
-    limits: quiet_ns / idle_ns of tracer.analysis.stream.StreamAnalyser."""
+    limits: quiet_ns / idle_ns of tracer.analysis.stream.StreamAnalyser. Without a
+    footer, the connections still open at the end get replay()'s cut_short_note (those
+    finished earlier went quiet_ns, 2 s, before it: more than the note's reply timeout)."""
     reader = open_session(path)
     header, footer = reader.header, reader.footer
     ctx = context_of(header, footer, header.start_ns)  # end_ns: fixed below
@@ -251,7 +290,7 @@ def replay_stream(
     last = analyser.last_event_ns if analyser.last_event_ns is not None else header.start_ns
     ctx = context_of(header, footer, last)
     for f in analyser.finish(ctx.end_ns):
-        sink(f)
+        sink(f if footer is not None else f._replace(diag=cut_short_note(f.conn, f.diag, ctx)))
         done += 1
     warnings = list(reader.warnings)
     if footer is not None and footer.events != analyser.events:

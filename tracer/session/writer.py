@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from tracer.errors import HairtraceError
+from tracer.errors import HairtraceError, UsageError
 from tracer.session.format import END_PAYLOAD, Kind, chunk_head, preamble
 from tracer.session.header import SessionFooter, SessionHeader
 
@@ -31,7 +31,7 @@ CHUNK_RECORDS = 65536  # a larger batch is split, so that a reader's chunks stay
 def check_target(path: str | Path, *, overwrite: bool = False) -> None:
     """Fail early (before tracing) when path exists and may not be overwritten."""
     if not overwrite and os.path.lexists(path):
-        raise HairtraceError(f"session file {path} exists (use --force to overwrite)")
+        raise UsageError(f"session file {path} exists (use --force to overwrite)")
 
 
 def _json(d: dict[str, object]) -> bytes:
@@ -65,7 +65,7 @@ class SessionWriter:
         try:
             self._fd = os.open(self.path, flags, 0o644)
         except FileExistsError:
-            raise HairtraceError(
+            raise UsageError(
                 f"session file {self.path} exists (use --force to overwrite)"
             ) from None
         except OSError as exc:

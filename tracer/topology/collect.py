@@ -30,6 +30,7 @@ from tracer.topology.natrules import (
     nft_tables_owned_by_iptables,
 )
 from tracer.topology.netns import NetnsRef, fd_netns_inode, list_netns
+from tracer.topology.services import kube_services, nearest
 
 _CLONE_NEWNET = 0x40000000
 _IFF_UP = 0x1
@@ -108,10 +109,18 @@ def _run(argv: list[str]) -> tuple[str, str] | None:
     return p.stdout, p.stderr
 
 
-def nat_rules(
-    svc_ip: str, svc_port: int | None, version: int
-) -> tuple[tuple[str, ...], str | None]:
-    """(rules, backend) for the Service in the calling thread's namespace."""
+@dataclass(frozen=True)
+class NatRules:
+    """The Service's NAT rules in one namespace and what kube-proxy's rules say of it."""
+
+    rules: tuple[str, ...]
+    backend: str | None  # iptables | nftables | iptables+nftables | None
+    service_ports: tuple[str, ...] | None  # the address's ports there; None: no kube-proxy
+    nearest_services: tuple[str, ...]  # when the address is no Service: the closest ones
+
+
+def nat_rules(svc_ip: str, svc_port: int | None, version: int) -> NatRules:
+    """The Service's rules in the calling thread's namespace."""
     save = "iptables-save" if version == 4 else "ip6tables-save"
     ipt = _run([save, "-t", "nat"])
     ipt_rules = filter_iptables_save(ipt[0], svc_ip, svc_port) if ipt else ()
@@ -125,7 +134,22 @@ def nat_rules(
     backend = "+".join(
         name for name, rules in (("iptables", ipt_rules), ("nftables", nft_rules)) if rules
     )
-    return ipt_rules + nft_rules, backend or None
+    ipt_text = ipt[0] if ipt else ""
+    if ":KUBE-SERVICES " in ipt_text:  # a Service without endpoints is a filter-table REJECT
+        filt = _run([save, "-t", "filter"])
+        ipt_text += "\n" + (filt[0] if filt else "")
+    services = kube_services(ipt_text, nft[0] if nft else "")
+    ports: tuple[str, ...] | None = None
+    near: tuple[str, ...] = ()
+    if services is not None:
+        ports = tuple(sorted(services.get(svc_ip, ()), key=_port_order))
+        near = () if ports else nearest(services, svc_ip)
+    return NatRules(ipt_rules + nft_rules, backend or None, ports, near)
+
+
+def _port_order(label: str) -> tuple[int, str]:
+    port, _, proto = label.partition("/")
+    return int(port), proto
 
 
 def _setns(fd: int) -> None:
@@ -237,14 +261,16 @@ def _collect(ref: NetnsRef, fd: int, svc: _Service, others: Mapping[int, int]) -
             interfaces = tuple(
                 replace(i, hairpin=flags.get(i.ifindex)) if i in missing else i for i in interfaces
             )
-    rules, backend = nat_rules(svc.ip, svc.port, svc.version)
+    nat = nat_rules(svc.ip, svc.port, svc.version)
     return Namespace(
         inode=ref.inode,
         name=ref.name,
         interfaces=interfaces,
         sysctls=read_sysctls(),
-        nat_rules=rules,
-        nat_backend=backend,
+        nat_rules=nat.rules,
+        nat_backend=nat.backend,
+        service_ports=nat.service_ports,
+        nearest_services=nat.nearest_services,
     )
 
 

@@ -122,6 +122,9 @@ class Namespace:
     lines ("-A CHAIN ...") or nft commands ("add rule FAMILY TABLE CHAIN ...",
     "add element FAMILY TABLE MAP { ... }"). nat_backend says where they came from:
     "iptables", "nftables", "iptables+nftables" when both matched, None when nothing did.
+    service_ports are the ports kube-proxy's rules there give the traced address ("80/tcp"),
+    () when they give it none (no such Service), None when there are no kube-proxy rules
+    (nothing known); nearest_services, when it is no Service, the closest Service addresses.
     """
 
     inode: int
@@ -130,6 +133,8 @@ class Namespace:
     sysctls: Mapping[str, str | None] = field(default_factory=FrozenMap)
     nat_rules: tuple[str, ...] = ()
     nat_backend: str | None = None
+    service_ports: tuple[str, ...] | None = None
+    nearest_services: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "interfaces", tuple(self.interfaces))
@@ -159,6 +164,8 @@ class Namespace:
             "sysctls": dict(self.sysctls),
             "nat_rules": list(self.nat_rules),
             "nat_backend": self.nat_backend,
+            "service_ports": None if self.service_ports is None else list(self.service_ports),
+            "nearest_services": list(self.nearest_services),
         }
 
     @classmethod
@@ -175,6 +182,9 @@ class Namespace:
             sysctls=FrozenMap(sysctls),
             nat_rules=tuple(_get_list(d, "nat_rules", str)),
             nat_backend=_get(d, "nat_backend", str, optional=True),
+            # absent in sessions written before these were recorded: nothing known
+            service_ports=_optional_strs(d, "service_ports"),
+            nearest_services=_optional_strs(d, "nearest_services") or (),
         )
 
 
@@ -267,3 +277,10 @@ def _get_list(d: Mapping[str, Any], key: str, item: type) -> list[Any]:
         if not isinstance(x, item):
             raise HairtraceError(f"bad topology data: {key!r} holds {x!r}")
     return v
+
+
+def _optional_strs(d: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
+    """d[key] as a tuple of strings; None when absent or null (older snapshots lack it)."""
+    if d.get(key) is None:
+        return None
+    return tuple(_get_list(d, key, str))
