@@ -118,3 +118,8 @@ def test_two_tracers_on_one_netns_both_diagnose(seed_lab: None, tmp_path: Path) 
     _assert_seed_diagnosis(r1)
     _assert_seed_diagnosis(r2)
     assert json.loads(r1.read_text())["attached"] == json.loads(r2.read_text())["attached"]
+    # each report says where its netfilter programs really sat
+    p1 = json.loads(r1.read_text())["netfilter_priorities"]
+    p2 = json.loads(r2.read_text())["netfilter_priorities"]
+    assert p1["ht_nf_pre_ct"] == -199 and p2["ht_nf_pre_ct"] == -198
+    assert all(p2[name] == prio + 1 for name, prio in p1.items()), (p1, p2)

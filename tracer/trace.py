@@ -212,6 +212,8 @@ def _load(opts: TraceOptions) -> Loaded:
         open_reader=lambda: open_reader(lib, obj.map_fd("events"), obj.map_max_entries("events")),
         ring_bytes=obj.map_max_entries("events"),
         skipped=provider.skipped,
+        nf_priorities=lambda: dict(getattr(provider, "priorities", {})),
+        nf_moved=getattr(provider, "moved", dict),
     )  # fmt: skip
 
 
@@ -270,12 +272,16 @@ class _Live:
     count: int = 0
     writer: Any = None  # tracer.session.SessionWriter when recording
     pseudonyms: Pseudonyms = field(default_factory=Pseudonyms)
+    # ht_point -> priority actually attached at, where not the compiled one in nf_prio
+    nf_moved: dict[int, int] = field(default_factory=dict)
 
     def add(self, batch: np.ndarray) -> None:
         """One drained batch: addresses replaced, kept raw, recorded, decoded for a live view."""
         if not len(batch):
             return
         self.pseudonyms.rewrite(batch)  # every backend's drain returns its own copy
+        if self.nf_moved:
+            set_nf_prio(batch, self.nf_moved)
         if self.decode:
             self.events.extend(kevents.decode_batch(batch))
         self.chunks.append(batch)
@@ -293,6 +299,18 @@ class _Live:
         if not self.pseudonyms.count("location"):
             return {}
         return self.pseudonyms.location_names(load_text().function_at)
+
+
+def set_nf_prio(batch: np.ndarray, moved: dict[int, int]) -> None:
+    """Write into a batch of raw records the priority each netfilter point's program
+    really sits at: the BPF side knows only the one compiled into it."""
+    at = kevents.LAYOUT["point"][0]
+    point = batch[:, at : at + 2].copy().view("<u2").ravel()
+    off = kevents.LAYOUT["nf_prio"][0]
+    for pt, prio in moved.items():
+        rows = np.flatnonzero(point == pt)
+        if len(rows):
+            batch[rows, off : off + 4] = np.frombuffer(np.int32(prio).tobytes(), np.uint8)
 
 
 def _drain(
@@ -362,6 +380,7 @@ def run_trace(
     rb: EventReader | None = None
     try:
         attached = loaded.attach(netns.path)
+        live.nf_moved = loaded.nf_moved()
         ring_bytes = loaded.ring_bytes
         rb = loaded.open_reader()
         attach_s, since_start = process_age(), time.monotonic() - t0
@@ -377,6 +396,7 @@ def run_trace(
             attach_seconds=round(attach_s, 3), trace_attach_seconds=round(since_start, 3),
             started_at=started_at, start_ns=start_ns,
             command=opts.command, service_ports=ports, warnings=warnings,
+            nf_priorities=loaded.nf_priorities(),
         )  # fmt: skip
         if announce is not None:
             announce(run)

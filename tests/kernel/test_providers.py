@@ -235,3 +235,48 @@ def test_a_full_window_without_a_holder_says_so(tmp_path: Path) -> None:
         HairtraceError, match="no process holds a BPF netfilter link at FORWARD 1..99"
     ):
         p.attach(obj, "/run/netns/node")  # type: ignore[arg-type]
+
+
+def test_netfilter_programs_name_the_points_and_priorities_the_bpf_source_gives() -> None:
+    """NfProgram.point/priority mirror HT_NF_PROG(name, point, prio) in hairtrace.bpf.c."""
+    import re
+    from pathlib import Path
+
+    from tracer.analysis.model import Point
+    from tracer.kernel.providers import TracepointProvider
+
+    src = (Path(__file__).resolve().parents[2] / "bpf" / "hairtrace.bpf.c").read_text()
+    progs = {
+        m[0]: (m[1], int(m[2]))
+        for m in re.findall(r"^HT_NF_PROG\((\w+), HT_PT_(\w+), (-?\d+)\)", src, re.MULTILINE)
+    }
+    assert progs and set(progs) == {h.name for h in TracepointProvider.HOOKS}
+    for h in TracepointProvider.HOOKS:
+        point, prio = progs[h.name]
+        assert (h.point, h.priority) == (Point[point], prio), h
+
+
+def test_moved_names_only_the_programs_off_their_compiled_priority() -> None:
+    from tracer.kernel.providers import TracepointProvider
+
+    p = TracepointProvider()
+    p.priorities = {h.name: h.priority for h in p.HOOKS}
+    assert p.moved() == {}
+    p.priorities["ht_nf_pre_ct"] = -198
+    assert p.moved() == {5: -198}
+
+
+def test_events_of_a_moved_program_carry_its_real_priority() -> None:
+    import numpy as np
+
+    from tracer.kernel.events import EVENT_DTYPE
+    from tracer.trace import set_nf_prio
+
+    batch = np.zeros((3, 128), dtype=np.uint8)
+    rec = batch.view(EVENT_DTYPE).ravel()
+    rec["point"] = [5, 6, 5]
+    rec["nf_prio"] = [-199, -99, -199]
+    set_nf_prio(batch, {5: -198})
+    rec = batch.view(EVENT_DTYPE).ravel()
+    assert rec["nf_prio"].tolist() == [-198, -99, -198]
+    assert rec["point"].tolist() == [5, 6, 5]

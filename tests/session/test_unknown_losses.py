@@ -67,6 +67,7 @@ def test_cut_recording_reports_losses_unknown(tmp_path: Path, mode: str, killed:
     report = json.loads(text)
     assert {k: report[k] for k in FOOTER_COUNTS} == dict.fromkeys(FOOTER_COUNTS)
     assert report["lost_events_unknown"] == NO_FOOTER
+    assert report["rule_drops"] is None, "read at the end: unknown, not none"
     assert report["events"] == kept > 0
     assert f"{kept} events, events lost: unknown ({NO_FOOTER})" in summary
     assert "0 lost" not in summary and "LOST" not in summary
@@ -90,6 +91,7 @@ def test_complete_recording_reports_its_numbers(tmp_path: Path, mode: str) -> No
     assert report["over_budget_events"] == footer.over_budget_events
     assert report["data_budget"] == footer.data_budget
     assert report["lost_events_unknown"] is None
+    assert report["rule_drops"] == []
     assert f"{report['events']} events, 0 lost" in summary and "unknown" not in summary
     assert all("no footer" not in n for c in report["connections"] for n in c["notes"])
 

@@ -95,3 +95,13 @@ def test_nearest_addresses_and_the_warnings() -> None:
     w = service_warning("10.96.0.99", 0, (), ("10.96.0.10",), "node")
     assert w is not None and "no Service with the address 10.96.0.99" in w
     assert "10.96.0.10" in w
+
+
+def test_the_nodes_own_address_is_nodeport_traffic_nothing_is_said() -> None:
+    from tracer.topology.collect import NatRules, for_own_addresses
+    from tracer.topology.model import Interface
+
+    nat = NatRules((), None, (), ("100.67.30.133",))
+    eth0 = Interface(2, "eth0", addresses=("192.0.2.10/24",))
+    assert for_own_addresses(nat, [eth0], "192.0.2.10").service_ports is None
+    assert for_own_addresses(nat, [eth0], "192.0.2.11").service_ports == ()

@@ -35,9 +35,10 @@ class NfProgram:
 
     name: str
     hook: int
-    priority: int  # first choice, the one bpf/hairtrace.bpf.c names
+    priority: int  # first choice, the one bpf/hairtrace.bpf.c names (and puts in events)
     lo: int
     hi: int
+    point: int  # the enum ht_point its events carry (bpf/hairtrace.h)
 
     def priorities(self) -> list[int]:
         """The first choice, then the rest of the window upwards, then below it."""
@@ -68,17 +69,17 @@ class TracepointProvider:
     TRACEPOINTS = ("ht_dev_rx", "ht_dev_tx", "ht_drop", "ht_tcp_reset")
     HOOKS = (
         # after conntrack (the entry exists), before DNAT (the tuple is still the VIP)
-        NfProgram("ht_nf_pre_ct", PRE_ROUTING, -199, PRI_CONNTRACK + 1, PRI_NAT_DST - 1),
+        NfProgram("ht_nf_pre_ct", PRE_ROUTING, -199, PRI_CONNTRACK + 1, PRI_NAT_DST - 1, 5),
         # after DNAT, before the filter stage: the translated tuple
-        NfProgram("ht_nf_pre_nat", PRE_ROUTING, -99, PRI_NAT_DST + 1, PRI_FILTER - 1),
-        NfProgram("ht_nf_out_ct", LOCAL_OUT, -199, PRI_CONNTRACK + 1, PRI_NAT_DST - 1),
-        NfProgram("ht_nf_out_nat", LOCAL_OUT, -99, PRI_NAT_DST + 1, PRI_FILTER - 1),
+        NfProgram("ht_nf_pre_nat", PRE_ROUTING, -99, PRI_NAT_DST + 1, PRI_FILTER - 1, 6),
+        NfProgram("ht_nf_out_ct", LOCAL_OUT, -199, PRI_CONNTRACK + 1, PRI_NAT_DST - 1, 7),
+        NfProgram("ht_nf_out_nat", LOCAL_OUT, -99, PRI_NAT_DST + 1, PRI_FILTER - 1, 8),
         # after the filter table (a packet it drops never gets here), below SNAT's 100
-        NfProgram("ht_nf_forward", FORWARD, 1, PRI_FILTER + 1, PRI_NAT_SRC - 1),
+        NfProgram("ht_nf_forward", FORWARD, 1, PRI_FILTER + 1, PRI_NAT_SRC - 1, 9),
         # after SNAT; 99 slots like the others, far below confirm (INT_MAX) and
         # the conntrack helpers (300)
-        NfProgram("ht_nf_post_nat", POST_ROUTING, 101, PRI_NAT_SRC + 1, PRI_NAT_SRC + 99),
-        NfProgram("ht_nf_in_nat", LOCAL_IN, 101, PRI_NAT_SRC + 1, PRI_NAT_SRC + 99),
+        NfProgram("ht_nf_post_nat", POST_ROUTING, 101, PRI_NAT_SRC + 1, PRI_NAT_SRC + 99, 10),
+        NfProgram("ht_nf_in_nat", LOCAL_IN, 101, PRI_NAT_SRC + 1, PRI_NAT_SRC + 99, 11),
     )
 
     def __init__(self, proc: Path = Path("/proc")) -> None:
@@ -106,6 +107,15 @@ class TracepointProvider:
         for h in self.HOOKS:
             self.priorities[h.name] = self._attach_in_window(obj, h, netns_path)
         return list(self.TRACEPOINTS) + [h.name for h in self.HOOKS]
+
+    def moved(self) -> dict[int, int]:
+        """ht_point -> priority, for the programs attached at another priority than the
+        one compiled into them (and so into their events' nf_prio)."""
+        return {
+            h.point: self.priorities[h.name]
+            for h in self.HOOKS
+            if self.priorities.get(h.name, h.priority) != h.priority
+        }
 
     def _attach_in_window(self, obj: BpfObject, h: NfProgram, netns_path: str) -> int:
         """Attach at the first free priority of h's window; the priority used."""

@@ -47,13 +47,15 @@ class RunInfo:
     command_status: int | None = None
     scope: tuple[str, ...] | None = None  # names of the namespaces analysed; None = all
     events_out_of_scope: int = 0  # events of namespaces outside the node (other labs)
-    rule_drops: tuple[RuleDrop, ...] = ()  # DROP/REJECT rules of netns that dropped packets
+    # DROP/REJECT rules of netns that dropped packets; None: unknown (no session footer)
+    rule_drops: tuple[RuleDrop, ...] | None = ()
     backend: str = "core"  # core (libbpf CO-RE) | bcc
     backend_reason: str = ""
     compile_seconds: float | None = None  # bcc: compiling the BPF source at start-up
     # the traced address's ports in the node's kube-proxy rules ("80/tcp"); None: unknown
     service_ports: tuple[str, ...] | None = None
     warnings: tuple[str, ...] = ()  # said at start and in the summary (e.g. no such Service)
+    nf_priorities: dict[str, int] = field(default_factory=dict)  # netfilter program -> prio
 
 
 def _endpoint(ip: str, port: int) -> dict[str, Any]:
@@ -150,6 +152,7 @@ def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str
         "over_budget_events": run.over_budget_events,
         "over_budget_by_point": run.over_budget_by_point,
         "attached": list(run.attached),
+        "netfilter_priorities": run.nf_priorities,
         "skipped_points": run.skipped,
         "attach_seconds": run.attach_seconds,
         "trace_attach_seconds": run.trace_attach_seconds,
@@ -158,7 +161,9 @@ def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str
         "command_status": run.command_status,
         "scope": list(run.scope) if run.scope is not None else None,
         "events_out_of_scope": run.events_out_of_scope,
-        "rule_drops": [{"netns": run.netns, **d.to_dict()} for d in run.rule_drops],
+        "rule_drops": None
+        if run.rule_drops is None
+        else [{"netns": run.netns, **d.to_dict()} for d in run.rule_drops],
         "connections": [connection_dict(c, d, run.start_ns) for c, d in results],
     }
 

@@ -55,6 +55,7 @@ class SessionHeader:
     backend_reason: str = ""
     compile_seconds: float | None = None
     format_minor: int = FORMAT_MINOR
+    nf_priorities: dict[str, int] = field(default_factory=dict)  # absent before: {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +83,7 @@ class SessionHeader:
             "backend": self.backend,
             "backend_reason": self.backend_reason,
             "compile_seconds": self.compile_seconds,
+            "nf_priorities": dict(self.nf_priorities),
             "record_size": self.record_size,
             "topology": self.topology.to_dict(),
         }
@@ -123,6 +125,7 @@ class SessionHeader:
             backend=g.get("backend", str, optional=True) or "core",
             backend_reason=g.get("backend_reason", str, optional=True) or "",
             compile_seconds=g.number("compile_seconds", optional=True),
+            nf_priorities=g.int_map("nf_priorities"),
             format_minor=g.get("format_minor", int, optional=True) or 0,
         )
 
@@ -252,6 +255,13 @@ class _Fields:
         if not all(isinstance(x, str) for x in v):
             raise self._fail(key)
         return v
+
+    def int_map(self, key: str) -> dict[str, int]:
+        """An optional name -> integer map ({} when absent)."""
+        v = self.get(key, dict, optional=True) or {}
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in v.values()):
+            raise self._fail(key)
+        return dict(v)
 
     def str_map(self, key: str) -> dict[str, str]:
         v = self.get(key, dict)

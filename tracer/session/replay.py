@@ -88,6 +88,7 @@ def header_from_trace(
         backend=run.backend,
         backend_reason=run.backend_reason,
         compile_seconds=run.compile_seconds,
+        nf_priorities=dict(run.nf_priorities),
     )
 
 
@@ -112,7 +113,7 @@ def footer_from_trace(
         loss_windows=tuple((a, b) for a, b in loss_windows),
         command_status=run.command_status,
         topology=topology,
-        rule_drops=tuple(run.rule_drops),
+        rule_drops=tuple(run.rule_drops or ()),
         rule_drops_netns=rule_drops_netns,
         data_budget=run.data_budget or 0,
         over_budget_events=run.over_budget_events or 0,
@@ -173,6 +174,7 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         over_budget_by_point=dict(footer.over_budget_by_point) if footer else None,
         lost_events_unknown=None if footer else NO_FOOTER,
         attached=header.attached,
+        nf_priorities=dict(header.nf_priorities),
         skipped=dict(header.skipped),
         attach_seconds=header.attach_seconds,
         trace_attach_seconds=header.trace_attach_seconds,
@@ -180,7 +182,7 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         start_ns=header.start_ns,
         command=header.command,
         command_status=footer.command_status if footer else None,
-        rule_drops=footer.rule_drops if footer else (),
+        rule_drops=footer.rule_drops if footer else None,  # read at the end: unknown
         service_ports=ports,
         warnings=warnings,
     )

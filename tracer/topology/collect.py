@@ -147,6 +147,15 @@ def nat_rules(svc_ip: str, svc_port: int | None, version: int) -> NatRules:
     return NatRules(ipt_rules + nft_rules, backend or None, ports, near)
 
 
+def for_own_addresses(nat: NatRules, interfaces: Iterable[Interface], ip: str) -> NatRules:
+    """nat, knowing nothing of kube-proxy's ports when ip is the namespace's own address:
+    that is NodePort traffic, whose rules (KUBE-NODEPORTS) name no address, so the
+    ClusterIP portals cannot say it is missing."""
+    if any(a.split("/")[0] == ip for i in interfaces for a in i.addresses):
+        return replace(nat, service_ports=None, nearest_services=())
+    return nat
+
+
 def _port_order(label: str) -> tuple[int, str]:
     port, _, proto = label.partition("/")
     return int(port), proto
@@ -261,7 +270,7 @@ def _collect(ref: NetnsRef, fd: int, svc: _Service, others: Mapping[int, int]) -
             interfaces = tuple(
                 replace(i, hairpin=flags.get(i.ifindex)) if i in missing else i for i in interfaces
             )
-    nat = nat_rules(svc.ip, svc.port, svc.version)
+    nat = for_own_addresses(nat_rules(svc.ip, svc.port, svc.version), interfaces, svc.ip)
     return Namespace(
         inode=ref.inode,
         name=ref.name,
