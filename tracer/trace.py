@@ -33,7 +33,7 @@ from tracer.kernel.backends import EventReader, Loaded, LoadedObject, choose_bac
 from tracer.kernel.features import probe
 from tracer.kernel.ksyms import load_text
 from tracer.kernel.libbpf import BpfObject, Libbpf
-from tracer.kernel.providers import Provider, choose
+from tracer.kernel.providers import Provider, choose, moved_points
 from tracer.kernel.pseudonyms import Pseudonyms
 from tracer.kernel.ringbuf import open_reader
 from tracer.kernel.ringbuf import records as split_records
@@ -213,7 +213,6 @@ def _load(opts: TraceOptions) -> Loaded:
         ring_bytes=obj.map_max_entries("events"),
         skipped=provider.skipped,
         nf_priorities=lambda: dict(getattr(provider, "priorities", {})),
-        nf_moved=getattr(provider, "moved", dict),
     )  # fmt: skip
 
 
@@ -304,13 +303,9 @@ class _Live:
 def set_nf_prio(batch: np.ndarray, moved: dict[int, int]) -> None:
     """Write into a batch of raw records the priority each netfilter point's program
     really sits at: the BPF side knows only the one compiled into it."""
-    at = kevents.LAYOUT["point"][0]
-    point = batch[:, at : at + 2].copy().view("<u2").ravel()
-    off = kevents.LAYOUT["nf_prio"][0]
+    rec = batch.view(kevents.EVENT_DTYPE)[:, 0]  # a view of the (n, EVENT_SIZE) rows
     for pt, prio in moved.items():
-        rows = np.flatnonzero(point == pt)
-        if len(rows):
-            batch[rows, off : off + 4] = np.frombuffer(np.int32(prio).tobytes(), np.uint8)
+        rec["nf_prio"][rec["point"] == pt] = prio
 
 
 def _drain(
@@ -380,7 +375,8 @@ def run_trace(
     rb: EventReader | None = None
     try:
         attached = loaded.attach(netns.path)
-        live.nf_moved = loaded.nf_moved()
+        nf_priorities = loaded.nf_priorities()
+        live.nf_moved = moved_points(nf_priorities)
         ring_bytes = loaded.ring_bytes
         rb = loaded.open_reader()
         attach_s, since_start = process_age(), time.monotonic() - t0
@@ -396,7 +392,7 @@ def run_trace(
             attach_seconds=round(attach_s, 3), trace_attach_seconds=round(since_start, 3),
             started_at=started_at, start_ns=start_ns,
             command=opts.command, service_ports=ports, warnings=warnings,
-            nf_priorities=loaded.nf_priorities(),
+            nf_priorities=nf_priorities,
         )  # fmt: skip
         if announce is not None:
             announce(run)

@@ -134,7 +134,7 @@ class TopologyNames:
         ns = self.topology.namespace(inode)
         if ns is None:
             return None
-        return any(a.split("/")[0] == ip for i in ns.interfaces for a in i.addresses)
+        return any(i.holds(ip) for i in ns.interfaces)
 
     def service_rules(self, inode: int) -> tuple[str, ...] | None:
         """The Service's NAT rules in that namespace; None when it is not in the snapshot."""

@@ -56,10 +56,9 @@ class Loaded:
     ring_bytes: int  # size of the event buffer (the drain loop paces itself by it)
     skipped: dict[str, str] = field(default_factory=dict)  # filled while attaching
     compile_seconds: float | None = None  # bcc: its compile at start-up
-    # after attach: netfilter program -> priority it sits at, and ht_point -> priority
-    # for those not at their compiled one (a second tracer on the same netns)
+    # after attach: netfilter program -> priority it sits at (another than its compiled
+    # one when a second tracer holds that: see providers.moved_points)
     nf_priorities: Callable[[], dict[str, int]] = dict
-    nf_moved: Callable[[], dict[int, int]] = dict
 
 
 def headers_dir(release: str | None = None) -> Path:

@@ -109,13 +109,8 @@ class TracepointProvider:
         return list(self.TRACEPOINTS) + [h.name for h in self.HOOKS]
 
     def moved(self) -> dict[int, int]:
-        """ht_point -> priority, for the programs attached at another priority than the
-        one compiled into them (and so into their events' nf_prio)."""
-        return {
-            h.point: self.priorities[h.name]
-            for h in self.HOOKS
-            if self.priorities.get(h.name, h.priority) != h.priority
-        }
+        """moved_points of the priorities attached at."""
+        return moved_points(self.priorities)
 
     def _attach_in_window(self, obj: BpfObject, h: NfProgram, netns_path: str) -> int:
         """Attach at the first free priority of h's window; the priority used."""
@@ -287,3 +282,14 @@ def choose(name: str, feats: Features, custom_btf: bool = False) -> tuple[Provid
             return p, f"{p.name} (auto: best that can run{why})"
         skipped.append(f"{p.name}: {reason}")
     raise HairtraceError("no probe provider can run here: " + "; ".join(skipped))
+
+
+def moved_points(priorities: dict[str, int]) -> dict[int, int]:
+    """ht_point -> priority, for the netfilter programs attached at another priority than
+    the one compiled into them (and so into their events' nf_prio); priorities: program
+    name -> priority attached at."""
+    return {
+        h.point: priorities[h.name]
+        for h in TracepointProvider.HOOKS
+        if priorities.get(h.name, h.priority) != h.priority
+    }

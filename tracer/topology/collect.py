@@ -151,7 +151,7 @@ def for_own_addresses(nat: NatRules, interfaces: Iterable[Interface], ip: str) -
     """nat, knowing nothing of kube-proxy's ports when ip is the namespace's own address:
     that is NodePort traffic, whose rules (KUBE-NODEPORTS) name no address, so the
     ClusterIP portals cannot say it is missing."""
-    if any(a.split("/")[0] == ip for i in interfaces for a in i.addresses):
+    if any(i.holds(ip) for i in interfaces):
         return replace(nat, service_ports=None, nearest_services=())
     return nat
 

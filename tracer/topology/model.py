@@ -96,6 +96,10 @@ class Interface:
             "up": self.up,
         }
 
+    def holds(self, ip: str) -> bool:
+        """Whether one of its addresses ("a.b.c.d/len") is ip."""
+        return any(a.split("/")[0] == ip for a in self.addresses)
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Interface:
         """Rebuild an interface written by to_dict."""
