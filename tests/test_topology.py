@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import textwrap
 import time
@@ -596,8 +597,14 @@ table ip kube-proxy {{
 
 
 def _uncommented(text: str) -> list[str]:
-    """iptables-save output without its timestamped comment lines."""
-    return [x for x in text.splitlines() if not x.startswith("#")]
+    """iptables-save output without its timestamped comment lines and chain counters.
+
+    A chain's policy counters ([packets:bytes]) move with any packet the namespace sends
+    (CI once saw 1 packet of 40 bytes there); the rules are what must not change.
+    """
+    return [
+        re.sub(r" \[\d+:\d+\]$", "", x) for x in text.splitlines() if not x.startswith("#")
+    ]
 
 
 @dataclass(frozen=True)
