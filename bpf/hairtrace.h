@@ -3,7 +3,7 @@
  * hairtrace.h - the one contract between the BPF programs and user space.
  *
  * Every provider (tracepoint, fentry, kprobe) emits the same record. Python
- * mirrors it in tracer/kernel/events.py and a test checks that mirror against
+ * mirrors it in tracer/events/codec.py and a test checks that mirror against
  * the BTF of the compiled object. Fixed-width types, explicit padding,
  * addresses and ports in network byte order.
  */

@@ -57,7 +57,7 @@ def test_bench_short_has_every_row(tmp_path: Path, require) -> None:  # type: ig
         [str(BENCH), "--short", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=480,
         check=False,
         stdin=subprocess.DEVNULL,
     )

@@ -602,9 +602,7 @@ def _uncommented(text: str) -> list[str]:
     A chain's policy counters ([packets:bytes]) move with any packet the namespace sends
     (CI once saw 1 packet of 40 bytes there); the rules are what must not change.
     """
-    return [
-        re.sub(r" \[\d+:\d+\]$", "", x) for x in text.splitlines() if not x.startswith("#")
-    ]
+    return [re.sub(r" \[\d+:\d+\]$", "", x) for x in text.splitlines() if not x.startswith("#")]
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from typing import Any
 import click
 
 from tracer import __version__
-from tracer.cli_output import check_writable, fail, write_json
-from tracer.errors import EXIT_USAGE, HairtraceError, UsageError
+from tracer.cli_output import check_writable, fail
+from tracer.errors import EXIT_BROKEN, EXIT_USAGE, HairtraceError, UsageError
 from tracer.options import DEFAULT_DATA_BUDGET
 
 
@@ -163,7 +163,6 @@ def main(
         sys.exit(EXIT_USAGE)
     from tracer.options import parse_service
     from tracer.present.live import trace_with_view
-    from tracer.present.report import build, exit_status
     from tracer.trace import TraceOptions
 
     try:
@@ -192,15 +191,14 @@ def main(
             data_budget=data_packets,
             command_stdout_to_stderr=json_dest == "-",
         )
-        result = trace_with_view(opts, live=not no_live and sys.stderr.isatty())
-        if json_dest:
-            write_json(build(result.run, result.results), json_dest)
+        live = not no_live and sys.stderr.isatty()
+        _result, view = trace_with_view(opts, live, report=json_dest)
     except HairtraceError as exc:
         fail(exc)
     except KeyboardInterrupt:  # Ctrl-C before the probes were attached: nothing to report
         click.echo("hairtrace: interrupted before tracing started", err=True)
         sys.exit(130)
-    sys.exit(exit_status(result.results))
+    sys.exit(EXIT_BROKEN if view.digest.broken else 0)
 
 
 from tracer import cli_lab, cli_session  # registers lab, demo, doctor, replay, export, diff

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from tracer.cli_output import check_writable, fail, write_json, write_json_with
+from tracer.cli_output import check_writable, fail, write_json
 from tracer.errors import EXIT_BROKEN, HairtraceError, UsageError
 
 
@@ -65,34 +65,39 @@ def _size(path: str) -> int:
 
 
 def _replay_streaming(session: str, json_dest: str | None) -> int:
-    """`replay` in bounded memory: the summary and the report gather connections as the
-    analysis finishes them. The exit status."""
+    """`replay` in bounded memory: the summary gathers connections and the report is
+    written as the engine judges them. The exit status."""
     from tracer.analysis.finalize import Finished
     from tracer.present import live
-    from tracer.present.digest import Digest
-    from tracer.present.report import exit_status
-    from tracer.present.spool import ReportSpool
+    from tracer.present.reportfile import ReportFile, ReportWriter
     from tracer.session import open_session
-    from tracer.session.replay import replay_stream
+    from tracer.session.replay import replay_stream, run_info
 
-    digest = Digest(live.MAX_ROWS)
-    spool = ReportSpool(open_session(session).header.start_ns) if json_dest else None
+    digest = live.new_digest()
+    out = writer = None
+    if json_dest:
+        reader = open_session(session)  # the head: what the recording says at its start
+        out = ReportFile(json_dest)
+        writer = ReportWriter(out.stream)
+        writer.begin(run_info(reader.header, reader.footer, 0))
 
     def take(done: Finished) -> None:
         digest.add(*done)
-        if spool is not None:
-            spool.add(*done)
+        if writer is not None:
+            writer.add(done.conn, done.diag)
 
     try:
         res = replay_stream(session, take)
-        _warn(res.warnings)
-        live.render_digest(res.run, digest)
-        if spool is not None and json_dest:
-            write_json_with(lambda out: spool.write(res.run, out), json_dest)
-    finally:
-        if spool is not None:
-            spool.close()
-    return exit_status(digest.results)
+        if writer is not None and out is not None:
+            writer.end(res.run)
+            out.done()
+    except BaseException:
+        if out is not None:
+            out.abandon()
+        raise
+    _warn(res.warnings)
+    live.render_digest(res.run, digest)
+    return EXIT_BROKEN if digest.broken else 0
 
 
 @click.command()

@@ -43,7 +43,8 @@ def _curl(lab: seed.SeedLab) -> tuple[str, ...]:
 
 def _trace(lab: seed.SeedLab, live: bool) -> TraceResult:
     opts = TraceOptions(lab.service_ip, lab.service_port, lab.node_ns, command=_curl(lab))
-    return trace_with_view(opts, live=live)
+    result, _view = trace_with_view(opts, live, keep_results=True)
+    return result
 
 
 def _verdicts(result: TraceResult) -> list[tuple[str, str | None]]:

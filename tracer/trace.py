@@ -22,13 +22,22 @@ from typing import Any, Protocol, Self
 import numpy as np
 
 from tracer import __version__
-from tracer.analysis import analyse
-from tracer.analysis.context import Context, RuleDrop, TopologyNames, node_scope, scope_fields
+from tracer.analysis.context import (
+    Context,
+    RuleDrop,
+    SysctlChange,
+    TopologyNames,
+    node_scope,
+    scope_fields,
+)
 from tracer.analysis.diagnose import Diagnosis
-from tracer.analysis.model import Event, Point, point_info
+from tracer.analysis.finalize import Finished
 from tracer.analysis.reassemble import Connection
+from tracer.analysis.stream import StreamAnalyser
 from tracer.errors import HairtraceError, UsageError
-from tracer.kernel import events as kevents
+from tracer.events import codec as kevents
+from tracer.events.model import Point, point_info
+from tracer.events.rows import CODEC, rows_of
 from tracer.kernel.backends import EventReader, Loaded, LoadedObject, choose_backend
 from tracer.kernel.features import probe
 from tracer.kernel.ksyms import load_text
@@ -39,8 +48,8 @@ from tracer.kernel.ringbuf import open_reader
 from tracer.kernel.ringbuf import records as split_records
 from tracer.options import DEFAULT_DATA_BUDGET
 from tracer.present.report import RunInfo
-from tracer.topology import Topology, resolve_netns, snapshot
-from tracer.topology.counters import collect_counters, drops_between
+from tracer.topology import NetnsRef, Topology, resolve_netns, snapshot
+from tracer.topology.counters import collect_counters, drops_between, sysctls_of
 from tracer.topology.services import node_view
 
 HT_PT_MAX = 32
@@ -87,8 +96,11 @@ class Stats:
 
 @dataclass
 class TraceResult:
+    """What a trace ends with. results: every connection in judgment order, kept only
+    when run_trace was asked to (keep_results; a sink gets them as they are judged);
+    chunks: the raw records, kept only with keep_records (fixtures)."""
+
     run: RunInfo
-    events: list[Event]
     context: Context
     topology: Topology
     results: list[tuple[Connection, Diagnosis]]
@@ -101,11 +113,20 @@ class TraceResult:
 
 
 class Sink(Protocol):
-    """Receives progress of a live trace (the rich live view, a recorder)."""
+    """Receives a live trace's connections as they are judged (the summary, the report)
+    and, when `live`, the open ones from time to time (the live view)."""
+
+    live: bool
 
     def attached(self, run: RunInfo) -> None: ...
 
-    def update(self, results: list[tuple[Connection, Diagnosis]], stats: Stats) -> None: ...
+    def judged(self, done: list[Finished]) -> None:
+        """Connections just judged, in judgment order: each one once."""
+        ...
+
+    def update(self, open_now: list[Finished], stats: Stats) -> None:
+        """The connections still open, provisionally judged (only when `live`)."""
+        ...
 
 
 def _config(ip: str, port: int, data_budget: int) -> bytes:
@@ -256,18 +277,18 @@ def _check_options(opts: TraceOptions) -> None:
 
 @dataclass
 class _Live:
-    """What one trace accumulates while it runs.
+    """What one trace does with each drained batch, and all it keeps of them.
 
-    Records stay raw (128 bytes each) until the trace ends; they are decoded as
-    they come only when a live view analyses them while tracing (`decode`).
-    Their kernel addresses (skb, conntrack entry, drop location) are replaced by
-    per-trace ids as they arrive, so nothing downstream (analysis, live view,
-    session, report) ever holds one.
+    Kernel addresses (skb, conntrack entry, drop location) are replaced by per-trace
+    ids as records arrive, so nothing downstream (analysis, live view, session, report)
+    ever holds one; the batch is then recorded and fed to the analysis engine (`judge`),
+    which keeps only the connections still open. Raw records are kept only for
+    fixtures (`keep_records`).
     """
 
-    decode: bool = False
-    events: list[Event] = field(default_factory=list)  # decoded so far (when decode)
-    chunks: list[np.ndarray] = field(default_factory=list)  # raw records, (n, 128) uint8
+    judge: Callable[[np.ndarray], None] | None = None  # the engine's feed, once it exists
+    keep_records: bool = False
+    chunks: list[np.ndarray] = field(default_factory=list)  # raw, (n, 128) uint8
     count: int = 0
     writer: Any = None  # tracer.session.SessionWriter when recording
     pseudonyms: Pseudonyms = field(default_factory=Pseudonyms)
@@ -275,23 +296,19 @@ class _Live:
     nf_moved: dict[int, int] = field(default_factory=dict)
 
     def add(self, batch: np.ndarray) -> None:
-        """One drained batch: addresses replaced, kept raw, recorded, decoded for a live view."""
+        """One drained batch: addresses replaced, recorded, analysed (kept for fixtures)."""
         if not len(batch):
             return
         self.pseudonyms.rewrite(batch)  # every backend's drain returns its own copy
         if self.nf_moved:
             set_nf_prio(batch, self.nf_moved)
-        if self.decode:
-            self.events.extend(kevents.decode_batch(batch))
-        self.chunks.append(batch)
         self.count += len(batch)
         if self.writer is not None:
             self.writer.write_records(batch)
-
-    def all_events(self) -> list[Event]:
-        if self.decode or not self.chunks:
-            return self.events
-        return kevents.decode_batch(np.concatenate(self.chunks))
+        if self.keep_records:
+            self.chunks.append(batch)
+        if self.judge is not None:
+            self.judge(batch)
 
     def location_names(self) -> dict[int, str]:
         """Drop location id -> 'function+0xoff', from /proc/kallsyms (read once, at the end)."""
@@ -314,12 +331,12 @@ def _drain(
     ring_bytes: int,
     live: _Live,
     losses: _Losses,
-    update: Callable[[], None] | None,
+    update: Callable[[], None],
 ) -> int | None:
     """Poll until the duration ends, CMD exits (+grace) or a signal; CMD's exit status.
 
-    The live view is refreshed every 0.25 s, or less often when analysing takes
-    longer: at most a fifth of the loop's time goes to it, the rest to draining.
+    update() (silent connections judged, the live view refreshed) runs every 0.25 s, or
+    less often when it takes longer: at most a fifth of the loop's time goes to it.
     After a small batch the loop pauses briefly (at most 4 ms, less for a small
     ring buffer) so each wake-up drains many records: under a steady stream of
     events the BPF side wakes the reader every 64 KiB, and a drain per wake-up
@@ -335,12 +352,12 @@ def _drain(
             while not stop.set:
                 rb.wait(opts.poll_ms)
                 batch = rb.drain()
+                losses.check()  # before the analysis judges what the losses touched
                 live.add(batch)
                 if 0 < batch.nbytes < ring_bytes // 8:
                     time.sleep(pace_s)
-                losses.check()
                 now = time.monotonic()
-                if update and now >= next_update:
+                if now >= next_update:
                     update()
                     done = time.monotonic()
                     next_update = done + max(0.25, 4 * (done - now))
@@ -355,23 +372,147 @@ def _drain(
     return status
 
 
+LIVE_LAG_NS = 1_000_000_000  # records still in the ring buffer are younger than this
+RESNAPSHOT_S = 1.0  # at most one topology snapshot per second for unknown namespaces
+RULES_EVERY_S = 1.0  # rule counters re-read at most this often, when drops are seen
+SYSCTLS_EVERY_NS = 200_000_000  # the node's sysctls are sampled this often
+
+
+class _Judge:
+    """The analysis engine of a live trace, and what the trace learns while it runs:
+    loss windows, namespaces created after the first snapshot (a new pod), the kernel's
+    drop reason names and the rule counters (read when a drop is seen). The engine
+    judges each connection with what was known when it was over."""
+
+    def __init__(
+        self,
+        opts: TraceOptions,
+        node: NetnsRef,
+        topo: Topology,
+        losses: _Losses,
+        clock: Callable[[], int],
+        out: Callable[[list[Finished]], None],
+    ) -> None:
+        self.opts, self.node, self.topo, self.losses, self.clock = opts, node, topo, losses, clock
+        self.out = out
+        self.retaken = False
+        self.drops: dict[int, str] | None = drop_reason_names() if opts.record else None
+        self.counters_before = collect_counters(node.path)  # before CMD starts any traffic
+        self.rule_drops: tuple[RuleDrop, ...] = ()
+        self._rules_at = 0.0
+        self._snap_at = 0.0
+        self._unknown: set[int] = set()  # namespaces no snapshot found
+        self._windows = 0
+        # the node's sysctls, sampled every SYSCTLS_EVERY_NS: what changed, and when
+        self.sysctl_changes: list[SysctlChange] = []
+        self._sysctls = sysctls_of(node.path)
+        self._sysctls_ns = clock()
+        self.engine = StreamAnalyser(self.context(clock()), CODEC)
+
+    def context(self, end_ns: int) -> Context:
+        scope = _scope(self.opts, self.topo, self.node.inode)
+        return _context(self.opts, self.topo, self.losses.windows, end_ns, self.drops or {},
+                        scope, self.rule_drops, self.node.inode,
+                        tuple(self.sysctl_changes))  # fmt: skip
+
+    def feed(self, batch: np.ndarray) -> None:
+        rec = batch.view(kevents.EVENT_DTYPE)[:, 0]
+        changed = self._learn(rec)
+        if changed or len(self.losses.windows) != self._windows:
+            self._windows = len(self.losses.windows)
+            self.engine.set_context(self.context(self.clock()))
+        self.out(self.engine.feed(rows_of(batch)))
+
+    def tick(self) -> None:
+        """Judge what went silent (no event comes to say so); sample the sysctls."""
+        if self._sample_sysctls() or len(self.losses.windows) != self._windows:
+            self._windows = len(self.losses.windows)
+            self.engine.set_context(self.context(self.clock()))
+        self.out(self.engine.advance(self.clock() - LIVE_LAG_NS))
+
+    def finish(self, end_ns: int) -> Context:
+        """Judge every connection still open; the final Context."""
+        self.rule_drops = drops_between(self.counters_before, collect_counters(self.node.path))
+        if self.drops is None:
+            self.drops = {}
+        ctx = self.context(end_ns)
+        self.engine.set_context(ctx)
+        self.out(self.engine.finish(end_ns))
+        return ctx
+
+    def _sample_sysctls(self) -> bool:
+        """Read the node's sysctls again (at most every SYSCTLS_EVERY_NS); whether one
+        changed. A change is placed between this sample and the previous one."""
+        now = self.clock()
+        if now - self._sysctls_ns < SYSCTLS_EVERY_NS or self._sysctls is None:
+            return False
+        seen = sysctls_of(self.node.path)
+        if seen is None:
+            return False
+        changed = [k for k in sorted(seen) if seen[k] != self._sysctls.get(k)]
+        for key in changed:
+            self.sysctl_changes.append(SysctlChange(
+                self._sysctls_ns, now, self.node.inode, key, self._sysctls.get(key), seen[key]
+            ))  # fmt: skip
+        self._sysctls, self._sysctls_ns = seen, now
+        return bool(changed)
+
+    def _learn(self, rec: np.ndarray) -> bool:
+        """What this batch tells about the node before its connections are judged."""
+        changed = False
+        now = time.monotonic()
+        ns = [  # 0: a record of no namespace (an skb freed without its device)
+            n for n in np.unique(rec["netns"]).tolist() if n and self.topo.namespace(n) is None
+        ]
+        fresh = [n for n in ns if n not in self._unknown]
+        if fresh and now - self._snap_at >= RESNAPSHOT_S:
+            self._snap_at = now
+            self.topo = snapshot(self.opts.service_ip, self.opts.service_port or None)
+            self.retaken = changed = True
+            self._unknown.update(n for n in fresh if self.topo.namespace(n) is None)
+        if (rec["point"] == Point.DROP).any():
+            if self.drops is None:
+                self.drops, changed = drop_reason_names(), True
+            if now - self._rules_at >= RULES_EVERY_S:
+                self._rules_at = now
+                after = collect_counters(self.node.path)
+                self.rule_drops, changed = drops_between(self.counters_before, after), True
+        return changed
+
+
 def run_trace(
     opts: TraceOptions,
     sink: Sink | None = None,
     clock: Callable[[], int] = time.monotonic_ns,
     announce: Callable[[RunInfo], None] | None = None,
+    *,
+    keep_results: bool = True,
+    keep_records: bool = False,
 ) -> TraceResult:
     """Trace until the duration ends, CMD exits (+grace), or SIGINT/SIGTERM.
 
-    announce(run), when given, is called once every probe is attached (before CMD starts):
-    for a caller without a live view that still says what matters at start (warnings).
+    Every connection is judged by the analysis engine as soon as it is over and handed
+    to sink.judged(); keep_results also keeps them all for the TraceResult (short
+    traces, tests), keep_records the raw records (fixtures). announce(run), when given,
+    is called once every probe is attached (before CMD starts): for a caller without a
+    live view that still says what matters at start (warnings).
     """
     t0 = time.monotonic()
     netns = resolve_netns(opts.netns)
     _check_options(opts)
     loaded = _load(opts)
     obj = loaded.obj
-    live, losses = _Live(decode=sink is not None), _Losses(obj, clock)
+    live, losses = _Live(keep_records=keep_records), _Losses(obj, clock)
+    kept: list[tuple[Connection, Diagnosis]] = []
+
+    def out(done: list[Finished]) -> None:
+        if not done:
+            return
+        if keep_results:
+            kept.extend((f.conn, f.diag) for f in done)
+        if sink is not None:
+            sink.judged(done)
+
     rb: EventReader | None = None
     try:
         attached = loaded.attach(netns.path)
@@ -382,7 +523,8 @@ def run_trace(
         attach_s, since_start = process_age(), time.monotonic() - t0
         start_ns, started_at = clock(), time.time()
         topo = snapshot(opts.service_ip, opts.service_port or None)
-        counters_before = collect_counters(netns.path)  # before CMD starts any traffic
+        judge = _Judge(opts, netns, topo, losses, clock, out)
+        live.judge = judge.feed
         ports, warnings = node_view(topo, netns.inode, opts.service_ip, opts.service_port)
         run = RunInfo(
             __version__, os.uname().release, loaded.provider, loaded.provider_reason,
@@ -397,54 +539,42 @@ def run_trace(
         if announce is not None:
             announce(run)
         stats = Stats()
-        update = None
-        live_scope = _scope(opts, topo, netns.inode)
         if sink:
             sink.attached(run)
 
-            def update() -> None:
-                stats.events, stats.lost, stats.lost_by_point = (
-                    live.count,
-                    losses.total,
-                    losses.by_point,
-                )
-                ctx = _context(opts, topo, losses.windows, clock(), {}, live_scope)
-                sink.update(analyse(live.events, ctx), stats)
+        def update() -> None:
+            judge.tick()
+            if sink is not None and sink.live:
+                stats.events, stats.lost = live.count, losses.total
+                stats.lost_by_point = losses.by_point
+                sink.update(judge.engine.peek(), stats)
 
-        drops = drop_reason_names() if opts.record else None
-        live.writer = _open_recording(opts, run, topo, drops or {}, netns.inode)
+        live.writer = _open_recording(opts, run, topo, judge.drops or {}, netns.inode)
         if opts.ready_file:
             Path(opts.ready_file).write_text(f"{attach_s:.3f}\n")
         status = _drain(opts, rb, ring_bytes, live, losses, update)
         obj.detach_all()
-        live.add(rb.drain())
+        last = rb.drain()
         losses.check()
+        live.add(last)
         end_ns = clock()
-        rule_drops = drops_between(counters_before, collect_counters(netns.path))
+        ctx = judge.finish(end_ns)
     finally:
         if rb is not None:
             rb.close()
         obj.close()
         if live.writer is not None and sys.exc_info()[0] is not None:
             live.writer.close()  # no footer: the file reads as a trace that did not finish
-    events = live.all_events()
-    retaken = any(topo.namespace(ev.netns) is None for ev in events)
-    if retaken:
-        topo = snapshot(opts.service_ip, opts.service_port or None)
-    if drops is None:
-        has_drops = any(ev.point == Point.DROP for ev in events)
-        drops = drop_reason_names() if has_drops else {}
-    scope = _scope(opts, topo, netns.inode)
-    ctx = _context(opts, topo, losses.windows, end_ns, drops, scope, rule_drops, netns.inode)
-    if retaken:
-        ports, warnings = node_view(topo, netns.inode, opts.service_ip, opts.service_port)
-    run = replace(run, events=len(events), lost_events=losses.total,
+    # service_ports and warnings stay what was said at start (the report's head)
+    topo, retaken, rule_drops = judge.topo, judge.retaken, judge.rule_drops
+    engine = judge.engine
+    scope = scope_fields(engine.events_out_of_scope, topo, ctx.scope)
+    run = replace(run, events=live.count, lost_events=losses.total,
                   lost_by_point=losses.by_point, command_status=status,
                   data_budget=opts.data_budget,
                   over_budget_events=sum(losses.over_budget.values()),
                   over_budget_by_point=losses.over_budget,
-                  rule_drops=rule_drops, service_ports=ports, warnings=warnings,
-                  **scope_fields(events, topo, scope))  # fmt: skip
+                  rule_drops=rule_drops, sysctl_changes=tuple(judge.sysctl_changes), **scope)  # fmt: skip
     if live.writer is not None:
         from tracer.session import footer_from_trace
 
@@ -455,9 +585,10 @@ def run_trace(
             topology=topo if retaken else None,
             rule_drops_netns=netns.inode,
             locations=live.location_names(),
+            sysctl_changes=judge.sysctl_changes,
         )
         live.writer.close(footer)
-    return TraceResult(run, events, ctx, topo, analyse(events, ctx), live.chunks)
+    return TraceResult(run, ctx, topo, kept, live.chunks)
 
 
 def _open_recording(
@@ -491,8 +622,9 @@ def _context(
     scope: frozenset[int] | None = None,
     rule_drops: tuple[RuleDrop, ...] = (),
     rule_drops_netns: int | None = None,
+    sysctl_changes: tuple[SysctlChange, ...] = (),
 ) -> Context:
-    names = TopologyNames(topo)
+    names = TopologyNames(topo, sysctl_changes)
     return Context(
         opts.service_ip, opts.service_port, names, end_ns, tuple(loss), drops, scope=scope,
         rule_drops=rule_drops, rule_drops_netns=rule_drops_netns,

@@ -9,7 +9,7 @@ import pytest
 from tests.fixtures.loader import Fixture, load
 from tracer.analysis import analyse
 from tracer.analysis.context import Context
-from tracer.analysis.model import Point
+from tracer.events.model import Event, Point
 from tracer.topology import Topology
 
 
@@ -154,16 +154,26 @@ def test_a_drop_on_the_path_is_reported_with_its_reason(
     assert name in diag.brk.explanation or name in "\n".join(diag.brk.evidence)
 
 
-def test_recovered_when_a_later_attempt_succeeds(broken: Fixture, healthy: Fixture) -> None:
-    """Broken first attempt, then the healthy exchange on the same tuple (rewritten)."""
+def _healthy_after_broken(broken: Fixture, healthy: Fixture, *, same_isn: bool) -> list[Event]:
+    """The broken fixture's attempt, then the healthy exchange moved onto the same 4-tuple
+    (rewritten): with same_isn, as a retransmission of the broken handshake (the client's
+    sequence numbers shifted onto the broken SYN's); else as a new socket on that port."""
     b_conn, _ = _one(broken)
     h_conn, _ = _one(healthy)
-    port_map = {h_conn.key.sport: b_conn.key.sport}
+    port = b_conn.key.sport
+    port_map = {h_conn.key.sport: port}
     shift = max(e.ts_ns for e in broken.events) + 1 - min(e.ts_ns for e in healthy.events)
+    assert b_conn.isn is not None and h_conn.isn is not None
+    delta = (b_conn.isn - h_conn.isn) % (1 << 32) if same_isn else 0
 
     def moved(ev):  # type: ignore[no-untyped-def]
         t = ev.tuple
         t = replace(t, sport=port_map.get(t.sport, t.sport), dport=port_map.get(t.dport, t.dport))
+        seq, ack = ev.seq, ev.ack_seq
+        if t.sport == port:
+            seq = (seq + delta) % (1 << 32)
+        elif t.dport == port and ev.tcp_flags & 0x10:
+            ack = (ack + delta) % (1 << 32)
         ct = ev.ct
         if ct is not None:
             o, r = ct.orig, ct.reply
@@ -172,13 +182,37 @@ def test_recovered_when_a_later_attempt_succeeds(broken: Fixture, healthy: Fixtu
                 orig=replace(o, sport=port_map.get(o.sport, o.sport)),
                 reply=replace(r, dport=port_map.get(r.dport, r.dport)),
             )
-        return replace(ev, tuple=t, ct=ct, ts_ns=ev.ts_ns + shift)
+        return replace(ev, tuple=t, ct=ct, ts_ns=ev.ts_ns + shift, seq=seq, ack_seq=ack)
 
-    events = broken.events + [moved(e) for e in healthy.events]
+    return broken.events + [moved(e) for e in healthy.events]
+
+
+def test_recovered_when_a_retransmitted_syn_succeeds(broken: Fixture, healthy: Fixture) -> None:
+    """The same handshake (same ISN) broke, then completed: one connection, recovered."""
+    events = _healthy_after_broken(broken, healthy, same_isn=True)
     ctx = broken.context(end_ns=max(e.ts_ns for e in events) + 1)
-    _, diag = analyse(events, ctx)[0]
+    results = analyse(events, ctx)
+    assert len(results) == 1
+    conn, diag = results[0]
     assert diag.verdict == "recovered"
     assert diag.brk is not None and diag.brk.cause == "bridge-nf-call-iptables-off"
+    assert conn.isn == _one(broken)[0].isn and not conn.first_seen_mid_connection
+
+
+def test_a_new_handshake_on_a_reused_port_is_a_new_connection(
+    broken: Fixture, healthy: Fixture
+) -> None:
+    """A broken attempt, then a new socket on the same port (a new ISN): two connections,
+    broken then ok, each with its own ISN."""
+    events = _healthy_after_broken(broken, healthy, same_isn=False)
+    ctx = broken.context(end_ns=max(e.ts_ns for e in events) + 1)
+    results = analyse(events, ctx)
+    assert [d.verdict for _c, d in results] == ["broken", "ok"]
+    (first, d1), (second, _d2) = results
+    assert first.key == second.key
+    assert d1.brk is not None and d1.brk.cause == "bridge-nf-call-iptables-off"
+    assert (first.isn, second.isn) == (_one(broken)[0].isn, _one(healthy)[0].isn)
+    assert first.last_ns < second.first_ns
 
 
 def test_conntrack_function_point_counts_as_netfilter(broken: Fixture) -> None:
@@ -213,7 +247,14 @@ def test_scope_is_the_node_and_its_veth_joined_pods(broken: Fixture) -> None:
     assert {broken.topology.ns_name(i) for i in scope} == {"node", "poda", "podb"}
     stranger = replace(broken.events[0], netns=1)  # same tuple, a namespace of another lab
     events = [*broken.events, stranger]
-    fields = scope_fields(events, broken.topology, scope)
+    from tracer.analysis.stream import StreamAnalyser
+    from tracer.events.codec import encode
+    from tracer.events.rows import CODEC, rows_of
+
+    engine = StreamAnalyser(broken.context(scope=scope), CODEC)
+    engine.feed(rows_of(b"".join(map(encode, events))))
+    engine.finish()
+    fields = scope_fields(engine.events_out_of_scope, broken.topology, scope)
     assert fields == {"scope": ("node", "poda", "podb"), "events_out_of_scope": 1}
     scoped = analyse(events, broken.context(scope=scope))
     unscoped = analyse(events, broken.context())

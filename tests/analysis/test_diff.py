@@ -25,8 +25,8 @@ from tracer.analysis.diff import (
     parse_reports,
     render_text,
 )
-from tracer.analysis.model import POINTS
 from tracer.errors import UsageError
+from tracer.events.model import POINTS
 
 REPORTS = Path(__file__).resolve().parent.parent / "fixtures" / "reports"
 Reports = dict[str, dict[str, Any]]
@@ -364,7 +364,7 @@ def test_diff_sources_uses_the_callers_loader() -> None:
 def test_a_service_traced_on_every_port_is_written_ip_any() -> None:
     """Issue 17.8: text output writes "any port" one way, IP:any ("port": 0 in JSON)."""
     from tracer.analysis.diff import _side
-    from tracer.analysis.model import service_label
+    from tracer.events.model import service_label
 
     assert service_label("100.67.30.133", 0) == "100.67.30.133:any"
     assert service_label("100.67.30.133", 80) == "100.67.30.133:80"

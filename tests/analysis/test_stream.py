@@ -12,8 +12,8 @@ from tracer.analysis import analyse
 from tracer.analysis.diagnose import diagnose
 from tracer.analysis.finalize import Finished, LazyConnection
 from tracer.analysis.stream import StreamAnalyser, analyse_stream
-from tracer.kernel.events import decode_all
-from tracer.kernel.records import CODEC, rows_of
+from tracer.events.codec import decode_all
+from tracer.events.rows import CODEC, rows_of
 from tracer.present.report import build
 from tracer.session import replay
 from tracer.session.synth import synthesize
@@ -47,13 +47,28 @@ def test_streamed_equals_analyse(name: str, size: int, tmp_path: Path) -> None:
 @pytest.mark.parametrize("block", [5, 40])
 @pytest.mark.parametrize("name", FAULT_SESSIONS)
 def test_events_before_their_conntrack_entry_still_join_it(name: str, block: int) -> None:
-    """Records arriving out of order (each block of `block` reversed): events whose tuple
-    only a later conntrack entry reveals wait for it, as analyse() groups them."""
+    """Records arriving out of order (each block of `block` reversed) within the engine's
+    reorder window, in batches of any size: the same report as in time order."""
     res = replay(FAULTS / name)
     recs = [r for i in range(0, len(res.records), block) for r in res.records[i : i + block][::-1]]
-    expected = build(res.run, analyse(decode_all(recs), res.context))
+    expected = build(res.run, analyse(decode_all(res.records), res.context))
+    window = 10_000_000_000  # wider than any block's span in these recordings
     for size in (1, 7):
-        assert build(res.run, analyse_stream(_batches(recs, size), res.context, CODEC)) == expected
+        got = analyse_stream(_batches(recs, size), res.context, CODEC, reorder_ns=window)
+        assert build(res.run, got) == expected
+
+
+@pytest.mark.parametrize("name", FAULT_SESSIONS)
+def test_events_before_their_conntrack_entry_still_join_it_without_reordering(
+    name: str,
+) -> None:
+    """No reorder window, blocks of 5 reversed: events whose tuple only a later conntrack
+    entry reveals (after DNAT) wait for it and join its connection."""
+    res = replay(FAULTS / name)
+    recs = [r for i in range(0, len(res.records), 5) for r in res.records[i : i + 5][::-1]]
+    expected = [(c.key, d.verdict) for c, d in analyse(decode_all(res.records), res.context)]
+    got = analyse_stream(_batches(recs, 5), res.context, CODEC, reorder_ns=0)
+    assert [(c.key, d.verdict) for c, d in got] == expected
 
 
 def _finished(records: list[bytes], ctx, size: int) -> tuple[StreamAnalyser, list[Finished]]:  # type: ignore[no-untyped-def]
@@ -115,3 +130,27 @@ def test_memory_is_bounded_by_the_open_connections(tmp_path: Path) -> None:
     # the tuple map: 4 tuples of each connection of the last two idle periods (and a second)
     per_second = summary.connections / (summary.span_ns / 1e9)
     assert most_tuples <= 4 * per_second * (2 * analyser.idle_ns / 1e9 + 1) < 4 * finished / 2
+
+
+def test_a_live_view_peeks_at_open_connections_and_the_clock_closes_them() -> None:
+    """peek(): the open connections judged as if the trace ended now (a break shows while
+    its connection is still open); advance(t): trace time passed without events, so the
+    silent ones are judged, as finish() would have judged them."""
+    res = replay(FAULTS / "bridge-nf-off.hts")
+    engine = StreamAnalyser(res.context, CODEC)
+    done = engine.feed(rows_of(b"".join(res.records)))
+    assert done == [] and engine.open_connections == len(res.results)
+    last = max(e.ts_ns for e in res.events)
+    engine.advance(last + 1)  # not long enough for anything to be over
+    peeked = engine.peek()
+    assert [(f.conn.key, f.diag.verdict) for f in peeked] == [
+        (c.key, d.verdict) for c, d in res.results
+    ]
+    assert engine.peek() == peeked  # nothing grew: the same verdicts, not judged again
+    assert engine.open_connections == len(res.results)  # peeking closes nothing
+    closed = engine.advance(last + engine.idle_ns + 1)
+    assert [(f.conn.key, f.diag.verdict) for f in closed] == [
+        (c.key, d.verdict) for c, d in res.results
+    ]
+    assert engine.open_connections == 0 and engine.peek() == []
+    assert engine.finish() == []

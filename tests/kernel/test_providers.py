@@ -242,7 +242,7 @@ def test_netfilter_programs_name_the_points_and_priorities_the_bpf_source_gives(
     import re
     from pathlib import Path
 
-    from tracer.analysis.model import Point
+    from tracer.events.model import Point
     from tracer.kernel.providers import TracepointProvider
 
     src = (Path(__file__).resolve().parents[2] / "bpf" / "hairtrace.bpf.c").read_text()
@@ -269,7 +269,7 @@ def test_moved_names_only_the_programs_off_their_compiled_priority() -> None:
 def test_events_of_a_moved_program_carry_its_real_priority() -> None:
     import numpy as np
 
-    from tracer.kernel.events import EVENT_DTYPE
+    from tracer.events.codec import EVENT_DTYPE
     from tracer.trace import set_nf_prio
 
     batch = np.zeros((3, 128), dtype=np.uint8)

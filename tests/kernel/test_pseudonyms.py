@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tracer.errors import HairtraceError
+from tracer.events.codec import EVENT_DTYPE, EVENT_SIZE, decode_batch
 from tracer.kernel import pseudonyms
-from tracer.kernel.events import EVENT_DTYPE, EVENT_SIZE, decode_batch
 from tracer.kernel.ksyms import load_text
 from tracer.kernel.pseudonyms import FIELDS, Pseudonyms, pseudonymised
 

@@ -11,7 +11,7 @@ import pytest
 
 from tracer.analysis.finalize import Finalizer, LazyConnection
 from tracer.analysis.stream import StreamAnalyser
-from tracer.kernel.records import CODEC, rows_of
+from tracer.events.rows import CODEC, rows_of
 from tracer.present.columnar import ColumnarWriter
 from tracer.present.jsontext import dumps_indented
 from tracer.present.report import connection_dict

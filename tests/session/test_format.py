@@ -18,7 +18,7 @@ from tests.session.helpers import (
 )
 from tracer.analysis.context import RuleDrop
 from tracer.errors import HairtraceError, UsageError
-from tracer.kernel.events import decode_all
+from tracer.events.codec import decode_all
 from tracer.session import (
     FORMAT_NAME,
     SessionFooter,

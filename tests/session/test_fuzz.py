@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from tests.fixtures.loader import load
 from tests.session.helpers import fixture_footer, fixture_header, write_fixture
-from tracer.analysis.model import Event
 from tracer.errors import HairtraceError
+from tracer.events.model import Event
 from tracer.session import open_session
 from tracer.session.format import Kind, chunk_head, preamble
 

@@ -21,7 +21,8 @@ import pandas as pd
 import pytest
 
 from tracer.errors import HairtraceError
-from tracer.kernel.events import EVENT_DTYPE, EVENT_SIZE
+from tracer.events.codec import EVENT_DTYPE, EVENT_SIZE, decode_batch
+from tracer.events.model import Event
 from tracer.kernel.pseudonyms import FIELDS, Pseudonyms
 from tracer.present.report import build
 from tracer.session import (
@@ -220,15 +221,20 @@ class _Writer:
 
 
 def test_live_batches_get_ids_before_anything_sees_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    """tracer.trace._Live.add: the live view's events, the recorder and the kept chunks."""
+    """tracer.trace._Live.add: what the analysis engine is fed, the recorder and the kept
+    chunks."""
     raw = raw_records(FAULTS / "conntrack-miss.hts")
-    live = _Live(decode=True, writer=_Writer())
+    fed: list[Event] = []
+    live = _Live(
+        judge=lambda batch: fed.extend(decode_batch(batch)), keep_records=True, writer=_Writer()
+    )
     for lo in range(0, len(raw), 7):
         live.add(raw[lo : lo + 7].copy())
     ids = read_records(FAULTS / "conntrack-miss.hts")  # the reader's ids for the same file
     assert (np.concatenate(live.chunks) == ids).all()
     assert b"".join(live.writer.batches) == ids.tobytes()
-    assert max(max(e.skb, e.location, e.ct.id if e.ct else 0) for e in live.events) < 2**32
+    assert len(fed) == len(raw)
+    assert max(max(e.skb, e.location, e.ct.id if e.ct else 0) for e in fed) < 2**32
     addrs = sorted(set(address_fields(raw)["location"].tolist()) - {0})
 
     class Text:

@@ -17,11 +17,10 @@ from tests.session.helpers import write_fixture
 from tracer import cli_session
 from tracer.analysis.finalize import Finished
 from tracer.present import live
-from tracer.present.digest import Digest
 from tracer.present.report import build
-from tracer.present.spool import ReportSpool
-from tracer.session import replay
-from tracer.session.replay import replay_stream
+from tracer.present.reportfile import ReportWriter
+from tracer.session import open_session, replay
+from tracer.session.replay import replay_stream, run_info
 from tracer.session.synth import synthesize
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -30,17 +29,18 @@ FAULTS = ROOT / "tests" / "fixtures" / "faults"
 
 def _streamed(path: Path) -> tuple[str, str]:
     """(the report's text, the summary) of a streamed replay."""
-    spool, digest = None, Digest(live.MAX_ROWS)
-    spool = ReportSpool(replay(path).run.start_ns)
+    digest = live.new_digest()
+    report = io.BytesIO()
+    writer = ReportWriter(report)
+    head = open_session(path)
+    writer.begin(run_info(head.header, head.footer, 0))
 
     def take(done: Finished) -> None:
-        spool.add(*done)
+        writer.add(done.conn, done.diag)
         digest.add(*done)
 
     res = replay_stream(path, take)
-    report = io.BytesIO()
-    spool.write(res.run, report)
-    spool.close()
+    writer.end(res.run)
     summary = io.StringIO()
     live.render_digest(res.run, digest, Console(file=summary, width=200))
     return report.getvalue().decode(), summary.getvalue()

@@ -11,74 +11,18 @@ per event of an open connection; TupleIds packs 4-tuples into integers.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from tracer.analysis.model import Event, Tuple
 from tracer.errors import HairtraceError
-
-
-@dataclass(frozen=True)
-class EventColumns:
-    """One entry per event, except the o_* / r_* fields (the conntrack original and reply
-    tuples): one entry per event that has_ct, in order. Addresses are IPv4 as unsigned
-    ints (a.b.c.d = a<<24|...); ports are sport<<16 | dport."""
-
-    ts: np.ndarray  # uint64
-    netns: np.ndarray  # uint32
-    flags: np.ndarray  # uint8, TCP flags
-    saddr: np.ndarray  # uint32
-    daddr: np.ndarray
-    ports: np.ndarray  # uint32
-    has_ct: np.ndarray  # bool
-    o_saddr: np.ndarray
-    o_daddr: np.ndarray
-    o_ports: np.ndarray
-    r_saddr: np.ndarray
-    r_daddr: np.ndarray
-    r_ports: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ts)
-
-
-@dataclass(frozen=True)
-class EventFields:
-    """Every field of the events that a report shows, one entry per event (what Event
-    holds, as arrays): for writing many connections without building their objects.
-    Addresses as in EventColumns, ports host order, dev the raw 16 bytes."""
-
-    ts: np.ndarray
-    point: np.ndarray
-    netns: np.ndarray
-    dev: np.ndarray  # S16
-    saddr: np.ndarray
-    daddr: np.ndarray
-    sport: np.ndarray
-    dport: np.ndarray
-    flags: np.ndarray
-    seq: np.ndarray
-    ack: np.ndarray
-    ip_id: np.ndarray
-    reason: np.ndarray
-    has_ct: np.ndarray
-    ct_id: np.ndarray
-    ct_status: np.ndarray
-    ctinfo: np.ndarray
-    o_saddr: np.ndarray
-    o_daddr: np.ndarray
-    o_sport: np.ndarray
-    o_dport: np.ndarray
-    r_saddr: np.ndarray
-    r_daddr: np.ndarray
-    r_sport: np.ndarray
-    r_dport: np.ndarray
+from tracer.events.model import Event, Tuple
+from tracer.events.rows import EventColumns, EventFields
 
 
 class RecordCodec(Protocol):
-    """How the analysis reads rows of raw records (tracer.kernel.records.CODEC)."""
+    """How the analysis reads rows of raw records (tracer.events.rows.CODEC; tests may
+    give their own)."""
 
     def columns(self, rows: np.ndarray) -> EventColumns: ...
 
@@ -99,10 +43,11 @@ class RecordCodec(Protocol):
 
 # What the streaming analysis keeps per event besides its raw record, computed once:
 # time, position in the recording, the packet's tuple and (where has_ct) the conntrack
-# entry's original and reply tuples as TupleIds integers, netns, TCP flags, has_ct.
+# entry's original and reply tuples as TupleIds integers, netns, TCP sequence number,
+# TCP flags, has_ct.
 DERIVED = np.dtype(
     [("ts", "<u8"), ("arrival", "<i8"), ("t", "<u8"), ("o", "<u8"), ("r", "<u8"),
-     ("netns", "<u4"), ("flags", "u1"), ("ct", "?")]
+     ("netns", "<u4"), ("seq", "<u4"), ("flags", "u1"), ("ct", "?")]
 )  # fmt: skip
 _DERIVED_OPAQUE = np.dtype(f"V{DERIVED.itemsize}")
 
@@ -126,6 +71,7 @@ def derive(cols: EventColumns, first: int, ids: TupleIds) -> np.ndarray:
     d["arrival"] = np.arange(first, first + len(cols))
     d["netns"] = cols.netns
     d["flags"] = cols.flags
+    d["seq"] = cols.seq
     d["t"] = ids.pack(cols.saddr, cols.daddr, cols.ports)
     ct = cols.has_ct
     d["ct"] = ct

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tracer.analysis.model import Event
+from tracer.events.model import Event
 
 
 class Names(Protocol):
@@ -14,6 +14,11 @@ class Names(Protocol):
     def ns_name(self, inode: int) -> str: ...
 
     def sysctl(self, inode: int, name: str) -> str | None: ...
+
+    def sysctl_at(self, inode: int, name: str, at_ns: int) -> tuple[str | None, ...]:
+        """The values the sysctl may have had at at_ns (one, or two when it changed near
+        then: the tracer samples it, so a change is known to within its sampling)."""
+        ...
 
     def bridge_of(self, inode: int, dev: str) -> str | None: ...
 
@@ -93,11 +98,45 @@ class Context:
         return ip == self.service_ip and (self.service_port == 0 or port == self.service_port)
 
 
-class TopologyNames:
-    """Names adapter over a topology snapshot (tracer.topology.Topology or anything alike)."""
+@dataclass(frozen=True)
+class SysctlChange:
+    """A sysctl of a namespace seen to change while tracing: it held `before` at after_ns
+    and `value` at by_ns (two samples of the tracer; the change happened in between)."""
 
-    def __init__(self, topology: Any) -> None:
+    after_ns: int
+    by_ns: int
+    netns: int
+    key: str
+    before: str | None
+    value: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"after_ns": self.after_ns, "by_ns": self.by_ns, "netns": self.netns,
+                "key": self.key, "before": self.before, "value": self.value}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Any) -> SysctlChange:
+        """The inverse of to_dict; TypeError or ValueError on anything malformed."""
+        if not isinstance(d, dict):
+            raise TypeError("sysctl change is not an object")
+        ints = [d.get(k) for k in ("after_ns", "by_ns", "netns")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
+            raise ValueError("sysctl change: after_ns, by_ns, netns must be integers")
+        texts = (d.get("before"), d.get("value"))
+        if not isinstance(d.get("key"), str) or not all(
+            v is None or isinstance(v, str) for v in texts
+        ):
+            raise ValueError("sysctl change: key must be a string, before/value strings or null")
+        return cls(d["after_ns"], d["by_ns"], d["netns"], d["key"], d["before"], d["value"])
+
+
+class TopologyNames:
+    """Names adapter over a topology snapshot (tracer.topology.Topology or anything alike),
+    with the sysctl changes seen since it was taken (in time order)."""
+
+    def __init__(self, topology: Any, changes: tuple[SysctlChange, ...] = ()) -> None:
         self.topology = topology
+        self.changes = changes
 
     def ns_name(self, inode: int) -> str:
         return str(self.topology.ns_name(inode))
@@ -108,6 +147,18 @@ class TopologyNames:
             return "unknown (namespace not in the topology snapshot)"
         value = ns.sysctls.get(name)
         return None if value is None else str(value)
+
+    def sysctl_at(self, inode: int, name: str, at_ns: int) -> tuple[str | None, ...]:
+        last: SysctlChange | None = None
+        for ch in self.changes:  # in time order, each `before` the previous one's value
+            if ch.netns != inode or ch.key != name:
+                continue
+            if at_ns <= ch.after_ns:
+                return (ch.before,)
+            if at_ns < ch.by_ns:  # between the two samples: either
+                return (ch.before, ch.value)
+            last = ch
+        return (last.value,) if last is not None else (self.sysctl(inode, name),)
 
     def _iface(self, inode: int, dev: str) -> Any:
         ns = self.topology.namespace(inode)
@@ -172,11 +223,10 @@ def in_scope(events: list[Event], scope: frozenset[int] | None) -> list[Event]:
     return events if scope is None else [e for e in events if e.netns in scope]
 
 
-def scope_fields(
-    events: list[Event], topology: Any, scope: frozenset[int] | None
-) -> dict[str, Any]:
-    """The report's `scope` (namespace names) and `events_out_of_scope`."""
+def scope_fields(out_of_scope: int, topology: Any, scope: frozenset[int] | None) -> dict[str, Any]:
+    """The report's `scope` (namespace names) and `events_out_of_scope` (the engine's
+    count: StreamAnalyser.events_out_of_scope)."""
     if scope is None:
         return {"scope": None, "events_out_of_scope": 0}
     names = tuple(sorted(str(topology.ns_name(i)) for i in scope))
-    return {"scope": names, "events_out_of_scope": sum(e.netns not in scope for e in events)}
+    return {"scope": names, "events_out_of_scope": out_of_scope}

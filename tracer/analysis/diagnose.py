@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from tracer.analysis import drops
 from tracer.analysis.context import Context
-from tracer.analysis.model import IPS_SEEN_REPLY, NETFILTER_KINDS
 from tracer.analysis.reassemble import Connection, Hop, Packet
+from tracer.events.model import IPS_SEEN_REPLY, NETFILTER_KINDS
 
 SYSCTL_BR_NF = "net.bridge.bridge-nf-call-iptables"
 
@@ -114,6 +114,11 @@ def diagnose(conn: Connection, ctx: Context) -> Diagnosis:
     roles = _roles(conn)
     brk: Break | None = None
     success = False
+    # after the handshake: a reply that reached the client untranslated (its data, ACKs,
+    # FIN or RST bridged past reverse NAT) breaks the connection, unless a translated
+    # reply of it got through later
+    later: Break | None = None
+    later_ok = False
     for i, pkt in enumerate(conn.packets):
         if pkt.direction == "reply" and pkt.role == "SYN+ACK":
             hop = _delivered(pkt, roles.client_ns)
@@ -123,12 +128,22 @@ def diagnose(conn: Connection, ctx: Context) -> Diagnosis:
                 success = True
             elif brk is None:
                 brk = _untranslated_reply(conn, i, pkt, hop, roles, ctx)
+        elif pkt.direction == "reply" and success and brk is None:
+            hop = _delivered(pkt, roles.client_ns)
+            if hop is None:
+                continue
+            if ctx.is_service(hop.tuple.src, hop.tuple.sport):
+                later_ok = later_ok or (later is not None and pkt.role != "RST")
+            elif later is None:
+                later = _untranslated_reply(conn, i, pkt, hop, roles, ctx)
         elif pkt.direction == "original" and pkt.role in ("ACK", "DATA", "FIN") and not success:
             success = any(p.role == "SYN+ACK" for p in conn.packets[:i])
     if brk is None and not success:
         brk = _refused(conn, roles, ctx) or _dropped(conn, roles, ctx)
     notes: list[str] = []
     verdict = "recovered" if brk and success else "broken" if brk else "ok" if success else ""
+    if brk is None and later is not None:
+        brk, verdict = later, "recovered" if later_ok else "broken"
     if not verdict:
         brk, verdict, why = _unanswered(conn, ctx)
         notes.extend(why)
@@ -334,11 +349,13 @@ def _untranslated_reply(
         )
         fix = drops.NO_ENTRY_FIX
     elif bridge is not None and not nf_seen and nat_ns is not None:
-        value = ctx.names.sysctl(nat_ns, SYSCTL_BR_NF)
-        evidence.append(
-            f"{SYSCTL_BR_NF} = {value if value is not None else 'absent'} in netns "
-            f"{place.netns_name}"
-        )
+        # its value when the packet crossed (it may have changed during the trace); while
+        # it was changing, 0 is what explains a bridged reply
+        values = ctx.names.sysctl_at(nat_ns, SYSCTL_BR_NF, place.ts_ns)
+        value = "0" if "0" in values else values[-1]
+        shown = " or ".join("absent" if v is None else v for v in values)
+        changing = " (it changed then)" if len(values) > 1 else ""
+        evidence.append(f"{SYSCTL_BR_NF} = {shown} in netns {place.netns_name}{changing}")
         cause, explanation, fix = _bridge_cause(
             value, pkt.role, bridge, place.netns_name, seen_src, svc
         )

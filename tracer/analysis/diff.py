@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from typing import Any
 
-from tracer.analysis.model import POINTS, service_label
 from tracer.errors import UsageError
+from tracer.events.model import POINTS, service_label
 
 REPORT_SCHEMA = "hairtrace/report@1"
 DIFF_SCHEMA = "hairtrace/diff@1"

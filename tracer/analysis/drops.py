@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tracer.analysis.context import Context, RuleDrop
-from tracer.analysis.model import NETFILTER_KINDS
 from tracer.analysis.reassemble import Connection, Hop, Packet
+from tracer.events.model import NETFILTER_KINDS
 
 # Drops that are the normal end of a segment nobody wanted (a reset's target, an
 # unexpected SYN+ACK in the client): consequences, never the place a path broke.
@@ -185,7 +185,8 @@ def classify(
             hook, rule.rule if rule else None,
         )  # fmt: skip
 
-    forward = ctx.names.sysctl(hop.netns, "net.ipv4.ip_forward")
+    values = ctx.names.sysctl_at(hop.netns, "net.ipv4.ip_forward", hop.ts_ns)
+    forward = "0" if "0" in values else values[-1]
     routed = ctx.names.has_address(hop.netns, hop.tuple.dst) is False
     if forward == "0" and routed and hop.netns != client_ns:
         ev.append(f"net.ipv4.ip_forward = 0 in {hop.netns_name}, which does not own "

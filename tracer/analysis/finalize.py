@@ -15,13 +15,17 @@ tuple of any conntrack entry its events carried):
   2. every SYN+ACK event is on the reply side,
   3. every SYN+ACK event in the client's namespace comes from the service
      address, and there is at least one,
-  4. no event-loss window overlaps the connection.
+  4. every event in the client's namespace has the key or its reverse as its
+     tuple (nothing reached the client untranslated; a client that is its own
+     backend is left to the full diagnosis),
+  5. no event-loss window overlaps the connection.
 Then diagnose() finds a SYN+ACK delivered from the service and nothing
 untranslated: verdict ok, no break, no notes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -38,8 +42,8 @@ from tracer.analysis.batch import (
 )
 from tracer.analysis.context import Context
 from tracer.analysis.diagnose import Diagnosis, diagnose
-from tracer.analysis.model import ACK, RST, SYN, Conntrack, Tuple
 from tracer.analysis.reassemble import Connection, Packet, connection_of
+from tracer.events.model import ACK, RST, SYN, Conntrack, Tuple
 
 OK = Diagnosis("ok", None, ())
 
@@ -58,9 +62,11 @@ class LazyConnection(Connection):
         codec: RecordCodec,
         ctx: Context,
         span: tuple[int, int],
+        isn: int | None = None,
     ) -> None:
         self.key = key
         self.backend = backend
+        self.isn = isn
         self._rows: RowsRef | None = rows
         self._codec, self._ctx = codec, ctx
         self._span = span
@@ -70,7 +76,7 @@ class LazyConnection(Connection):
         if self._full is None:
             assert self._rows is not None
             rows = rows_from(self._codec, [self._rows])
-            self._full = connection_of(self.key, self._codec.events(rows), self._ctx)
+            self._full = connection_of(self.key, self._codec.events(rows), self._ctx, self.isn)
             self._rows = None
         return self._full
 
@@ -123,12 +129,14 @@ class LazyConnection(Connection):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Connection):
             return NotImplemented
-        return (self.key, self.backend, self.packets, self.ct_ids, self.last_ct) == (
+        mine = (self.key, self.backend, self.packets, self.ct_ids, self.last_ct, self.isn)
+        return mine == (
             other.key,
             other.backend,
             other.packets,
             other.ct_ids,
             other.last_ct,
+            other.isn,
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -136,20 +144,23 @@ class LazyConnection(Connection):
 
 class Closing(NamedTuple):
     """One connection to finalize: its key, raw rows and DERIVED entries (chunks in
-    arrival order), and the trace time to judge it at (the Context's end_ns for diagnose)."""
+    arrival order), the trace time to judge it at (the Context's end_ns for diagnose),
+    the trace time it was known to be over (close_ns) and its client's ISN."""
 
     key64: int
     key: Tuple
     rows: list[RowsRef]
     derived: list[np.ndarray]
     end_ns: int
+    close_ns: int
+    isn: int | None
 
 
 class Finished(NamedTuple):
-    """A finalized connection. order: (first event's time, its arrival index), the
-    order analyse() sorts connections in."""
+    """A finalized connection. order: (time it was known to be over, first event's time,
+    its arrival index): the order the engine judges connections in, and the report's."""
 
-    order: tuple[int, int]
+    order: tuple[int, int, int]
     conn: Connection
     diag: Diagnosis
 
@@ -172,6 +183,11 @@ class Finalizer:
         self.ctx, self.codec, self.tuples = ctx, codec, tuples
         self.full = 0  # connections given the full diagnosis
         self.fast = 0  # connections recognised healthy from their columns
+        # called per finished connection, when set: (order, its events' arrival indices,
+        # which of them are on its reply side) -- what an export's conn column needs
+        self.membership: Callable[[tuple[int, int, int], np.ndarray, np.ndarray], None] | None = (
+            None
+        )
 
     def run(self, closing: list[Closing]) -> list[Finished]:
         if not closing:
@@ -195,24 +211,51 @@ class Finalizer:
         has_backend_l, healthy_l = has_backend.tolist(), healthy.tolist()
         starts_l, ends_l = starts.tolist(), ends.tolist()
         name, codec, ctx = self.tuples.name, self.codec, self.ctx
+        if self.membership is not None:
+            self._members(closing, d, seg, starts_l, ends_l, first, arrival)
         out: list[Finished] = []
         for j, c in enumerate(closing):
             ref = c.rows[0] if len(c.rows) == 1 else (rows_from(codec, c.rows), None)
             if order is not None:  # this connection's rows in (time, arrival) order
                 s, e = starts_l[j], ends_l[j]
                 ref = (rows_from(codec, [ref]), order[s:e] - s)
-            order_key = (first[j], arrival[j])
+            order_key = (c.close_ns, first[j], arrival[j])
             if healthy_l[j]:
                 backend = (name(b_src[j]), b_port[j]) if has_backend_l[j] else None
                 span = (first[j], last[j])
-                conn: Connection = LazyConnection(c.key, backend, ref, codec, ctx, span)
+                conn: Connection = LazyConnection(c.key, backend, ref, codec, ctx, span, c.isn)
                 out.append(Finished(order_key, conn, OK))
                 self.fast += 1
                 continue
-            full = connection_of(c.key, codec.events(rows_from(codec, [ref])), ctx)
+            full = connection_of(c.key, codec.events(rows_from(codec, [ref])), ctx, c.isn)
             out.append(Finished(order_key, full, diagnose(full, replace(ctx, end_ns=c.end_ns))))
             self.full += 1
         return out
+
+    def _members(
+        self,
+        closing: list[Closing],
+        d: np.ndarray,
+        seg: np.ndarray,
+        starts: list[int],
+        ends: list[int],
+        first: list[int],
+        arrival: list[int],
+    ) -> None:
+        """Hand membership() each connection's events and their direction: reply when the
+        event's tuple is the key reversed or the reply tuple of one of its conntrack
+        entries (reassembly's rule)."""
+        assert self.membership is not None
+        key64 = np.array([c.key64 for c in closing], dtype=np.uint64)
+        t64 = d["t"]
+        reply = t64 == self.tuples.reverse(key64)[seg]
+        p = np.flatnonzero(d["ct"])
+        if len(p):
+            reply |= _member(seg[p], d["r"][p], seg, t64)
+        arr = d["arrival"]
+        for j, c in enumerate(closing):
+            s, e = starts[j], ends[j]
+            self.membership((c.close_ns, first[j], arrival[j]), arr[s:e], reply[s:e])
 
     def _healthy(
         self, closing: list[Closing], d: np.ndarray, seg: np.ndarray, starts: np.ndarray
@@ -258,6 +301,11 @@ class Finalizer:
         bad = np.bincount(sa_seg[~sa_reply | (in_client & ~from_svc)], minlength=k)
         good = np.bincount(sa_seg[in_client & from_svc], minlength=k)
         healthy = first_original & (bad == 0) & (good > 0)
+        # in the client's namespace every packet is client -> service or back: anything
+        # else is a reply that escaped reverse NAT (or the client is its own backend)
+        client_ns = d["netns"][starts][seg]
+        stray = (d["netns"] == client_ns) & (t64 != key64[seg]) & (t64 != krev64[seg])
+        healthy &= np.bincount(seg[stray], minlength=k) == 0
         if ctx.loss_windows:
             first = d["ts"][starts].astype(np.int64)
             last = np.maximum.reduceat(d["ts"], starts).astype(np.int64)

@@ -2,16 +2,17 @@
 
 A packet is one TCP segment followed across points, devices and namespaces
 (same flags, sequence numbers and IP id; its addresses may change under NAT).
-A connection is everything whose tuple belongs to one conntrack entry of the
-service: original and reply, before and after NAT. Pure: no kernel, no I/O.
+A connection is one handshake: the events tracer.analysis.stream gives it (its
+rules of connection identity), original and reply, before and after NAT, linked
+through the tuples of its conntrack entry. Pure: no kernel, no I/O.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tracer.analysis.context import Context, in_scope
-from tracer.analysis.model import (
+from tracer.analysis.context import Context
+from tracer.events.model import (
     ACK,
     FIN,
     PSH,
@@ -69,6 +70,12 @@ class Connection:
     packets: list[Packet]
     ct_ids: set[int]
     last_ct: Conntrack | None
+    isn: int | None = None  # the client's SYN sequence number; None: no SYN was seen
+
+    @property
+    def first_seen_mid_connection(self) -> bool:
+        """Its first events came after its SYN (the trace started during it)."""
+        return self.isn is None
 
     @property
     def first_ns(self) -> int:
@@ -89,29 +96,6 @@ def role_of(flags: int) -> str:
     if flags & PSH:
         return "DATA"
     return "ACK"
-
-
-def _conn_keys(events: list[Event], ctx: Context) -> dict[Tuple, Tuple]:
-    """Every directional tuple seen in a service conntrack entry -> its original tuple."""
-    keys: dict[Tuple, Tuple] = {}
-    for ev in events:
-        ct = ev.ct
-        if ct is None or not ctx.is_service(ct.orig.dst, ct.orig.dport):
-            continue
-        for t in (ct.orig, ct.orig.reversed(), ct.reply, ct.reply.reversed()):
-            keys.setdefault(t, ct.orig)
-    return keys
-
-
-def _key_of(ev: Event, keys: dict[Tuple, Tuple], ctx: Context) -> Tuple | None:
-    if ev.tuple in keys:
-        return keys[ev.tuple]
-    t = ev.tuple
-    if ctx.is_service(t.dst, t.dport):
-        return t
-    if ctx.is_service(t.src, t.sport):
-        return t.reversed()
-    return None
 
 
 def _nat_change(prev: Tuple, cur: Tuple) -> str | None:
@@ -196,23 +180,18 @@ def _link_resets(packets: list[Packet]) -> None:
                 break
 
 
-def reassemble(events: list[Event], ctx: Context) -> list[Connection]:
-    """Group events into connections of the service, each with its packets in time order."""
-    events = sorted(in_scope(events, ctx.scope), key=lambda e: e.ts_ns)
-    keys = _conn_keys(events, ctx)
-    groups: dict[Tuple, list[Event]] = {}
-    for ev in events:
-        key = _key_of(ev, keys, ctx)
-        if key is not None:
-            groups.setdefault(key, []).append(ev)
-    conns = [connection_of(key, evs, ctx) for key, evs in groups.items()]
-    return sorted(conns, key=lambda c: c.first_ns)
-
-
-def connection_of(key: Tuple, events: list[Event], ctx: Context) -> Connection:
-    """One connection from its events (in time order), as reassemble builds each."""
+def connection_of(
+    key: Tuple, events: list[Event], ctx: Context, isn: int | None = None
+) -> Connection:
+    """One connection from its events (in time order): tracer.analysis.stream decides which
+    events those are (see its rules of connection identity)."""
     cts = [e.ct for e in events if e.ct is not None and e.ct.orig == key]
     backend = next(((ct.reply.src, ct.reply.sport) for ct in reversed(cts) if ct.dnat), None)
     return Connection(
-        key, backend, _packets(events, key, ctx), {c.id for c in cts}, cts[-1] if cts else None
+        key,
+        backend,
+        _packets(events, key, ctx),
+        {c.id for c in cts},
+        cts[-1] if cts else None,
+        isn,
     )

@@ -1,40 +1,48 @@
-"""Streaming analysis: batches of events in, each connection's diagnosis out once it is done.
+"""The analysis engine: batches of events in, each connection's diagnosis out once it is done.
 
-tracer.analysis.analyse needs every event of a trace at once. StreamAnalyser
-reads them batch by batch (rows of raw records, read through a RecordCodec),
-keeps only the connections still open, and hands back (Connection, Diagnosis)
-for each one as soon as it is finished, then forgets its events. Memory is
-bounded by the open connections, the tuple -> connection map of recent
-connections and the few events waiting for their connection to be known.
+There is one engine. The live trace feeds it every drained batch, replay every
+session chunk, and tracer.analysis.analyse() a list of events (one batch).
+StreamAnalyser reads rows of raw records through a RecordCodec, keeps only the
+connections still open, and hands back (Connection, Diagnosis) for each one as
+soon as it is over, then forgets its events. Memory is bounded by the open
+connections, the tuple -> connection map of recent connections, the events
+waiting for their connection to be known and the newest reorder_ns of events.
 
-A connection is finished when no event of it arrived for
+A connection is one handshake (docs/connections.md has the rules for users):
+  - an event belongs to the connection whose service conntrack entry (original
+    or reply tuple, either direction) holds its tuple, else to the tuple itself
+    when it is addressed to or from the service; anything else is dropped. A
+    tuple's entry may show up after some of its events (the tuple after DNAT is
+    known once an event carrying the entry arrives), so events without a
+    connection wait up to idle_ns for one (`pending`);
+  - a client SYN with a sequence number other than the open connection's ISN
+    ends that connection (judged as if the trace had gone on for a reply
+    timeout after its last event) and opens the next; the same ISN is a
+    retransmission and stays; events before any SYN form a connection of
+    their own (isn None: first seen mid-connection);
+  - events are grouped in time order: the newest reorder_ns (REORDER_NS) of
+    events wait for stragglers of other CPUs or chunks before they are grouped.
+
+A connection is over when no event of it arrived for
   - quiet_ns of trace time (event timestamps) after it closed: FIN in both
-    directions and an ACK after them, or a reset towards the client (or from a
-    client that had completed the handshake); late retransmissions still group;
+    directions, or a reset the client's socket sent or got (towards the client, or
+    from a client that had completed the handshake); late retransmissions still
+    group;
   - idle_ns otherwise (default: the Context's reply timeout plus IDLE_MARGIN_NS,
-    which spans TCP's SYN retransmissions up to the fifth, 31 s after the first).
-It is then judged as analyse() would have judged it at that moment: diagnose()
-with end_ns = its last event + that period. Connections still open at finish()
-are judged with the Context's end_ns, exactly as analyse() does.
+    which spans TCP's SYN retransmissions up to the fifth, 31 s after the first);
+or at a new ISN, or at finish() (judged with the Context's end_ns). It is judged
+with diagnose() at end_ns = that moment. Connections come out in the order they
+were judged (Finished.order: the time each was known to be over, then its first
+event): whatever the batches, the same events give the same list.
 
-Grouping follows reassemble: an event belongs to the connection whose service
-conntrack entry (original or reply tuple, either direction) holds its tuple,
-else to the tuple itself when it is addressed to or from the service; anything
-else is dropped. A tuple's entry may show up after some of its events (the
-tuple after DNAT is only known once an event carrying the entry arrives), so
-events without a connection wait up to idle_ns for one (`pending`).
-
-Where streaming differs from analyse() (never in the recorded fixtures): a
-4-tuple reused after its connection finished (or silent longer than idle_ns)
-starts a new connection; silences are measured at batch boundaries, so a
-longer one inside a single batch does not split a connection; an entry learned
-more than idle_ns after a tuple's events no longer claims them.
+Silences are checked per key at the start of each group of its events, so a
+silence longer than the limit inside one group does not split a connection.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -52,11 +60,12 @@ from tracer.analysis.batch import (
 from tracer.analysis.context import Context
 from tracer.analysis.diagnose import Diagnosis
 from tracer.analysis.finalize import Closing, Finalizer, Finished
-from tracer.analysis.model import ACK, FIN, RST, SYN
 from tracer.analysis.reassemble import Connection
+from tracer.events.model import ACK, FIN, RST, SYN
 
 QUIET_NS = 2_000_000_000
 IDLE_MARGIN_NS = 30_000_000_000
+REORDER_NS = 100_000_000
 _NEVER = int(np.iinfo(np.uint64).max)
 _ORIGINAL, _REPLY = 0, 1
 _RST_ORIG, _RST_REPLY, _CLIENT_ACK = 1, 2, 4  # _group_stats bits
@@ -74,14 +83,18 @@ class _Open:
         "fin_orig",
         "fin_reply",
         "fresh",
+        "isn",
         "key64",
         "last_ack",
         "last_ts",
+        "peeked",
         "rows",
     )  # fmt: skip
 
-    def __init__(self, key64: int) -> None:
+    def __init__(self, key64: int, isn: int | None) -> None:
         self.key64 = key64
+        self.isn = isn  # the client's SYN sequence number; None: opened by later packets
+        self.peeked: tuple[int, Finished] | None = None  # (events then, provisional verdict)
         self.rows: list[RowsRef] = []  # raw records
         self.derived: list[np.ndarray] = []  # batch.DERIVED
         self.fresh = 0  # how many of the last chunks are views into the current batch
@@ -95,13 +108,14 @@ class _Open:
         self.closed = False
 
     def done(self) -> bool:
-        """Closed by FINs both ways and an ACK after them, or by a reset towards the client
-        (or from a client that had completed the handshake)."""
+        """Closed by FINs both ways, or by a reset towards the client (or from a client
+        that had completed the handshake). The ACK of the last FIN is not waited for: the
+        data budget (bpf/hairtrace.h) usually leaves it untraced, and quiet_ns still
+        groups it when it comes."""
         bits = self.bits
         if bits & _RST_REPLY or (bits & _RST_ORIG and bits & _CLIENT_ACK):
             return True
-        fin = max(self.fin_orig, self.fin_reply)
-        return fin != _NEVER and self.last_ack > fin
+        return self.fin_orig != _NEVER and self.fin_reply != _NEVER
 
 
 @dataclass(eq=False)
@@ -127,12 +141,20 @@ class StreamAnalyser:
         *,
         quiet_ns: int = QUIET_NS,
         idle_ns: int | None = None,
+        reorder_ns: int = REORDER_NS,
     ) -> None:
         self.ctx, self.codec = ctx, codec
         self.quiet_ns = quiet_ns
+        self.reorder_ns = reorder_ns
+        # events newer than the latest one seen minus reorder_ns wait here (raw rows and
+        # DERIVED, in arrival order) so that events are grouped in time order whatever
+        # the batches: CPUs' ring-buffer records, session chunks
+        self._late: tuple[np.ndarray, np.ndarray] | None = None
+        self._seen_ns = 0  # latest event time seen
         self.idle_ns = idle_ns if idle_ns is not None else ctx.reply_timeout_ns + IDLE_MARGIN_NS
         self.tuples = TupleIds(ctx.service_ip)
         self._finalizer = Finalizer(ctx, codec, self.tuples)
+        self._peeker = Finalizer(ctx, codec, self.tuples)  # peek()'s: not counted
         self._scope = np.array(sorted(ctx.scope), dtype=np.uint32) if ctx.scope else None
         self._open: dict[int, _Open] = {}
         # tuple -> (connection key, direction): claims by service conntrack entries. A claim
@@ -146,7 +168,7 @@ class StreamAnalyser:
         self._seq = count()
         self._closing: list[Closing] = []
         self._touched: list[_Open] = []
-        self.watermark = 0  # latest event time seen
+        self.watermark = 0  # the time up to which events were grouped and expiry done
         # counters
         self.events = 0
         self.events_out_of_scope = 0
@@ -155,6 +177,21 @@ class StreamAnalyser:
         self.max_held_events = 0
         self.max_open_connections = 0
         self.last_event_ns: int | None = None
+
+    def on_membership(
+        self, call: Callable[[tuple[int, int, int], np.ndarray, np.ndarray], None]
+    ) -> None:
+        """call(order, arrival indices, reply mask) for every connection judged from now on:
+        which connection each event is of (its arrival index counts from the first event
+        fed), and whether it is on its reply side. For exports."""
+        self._finalizer.membership = call
+
+    def set_context(self, ctx: Context) -> None:
+        """Judge from now on with ctx: a live trace learns losses, namespaces, drop reason
+        names and rule drops as it goes (same service and port as before)."""
+        assert (ctx.service_ip, ctx.service_port) == (self.ctx.service_ip, self.ctx.service_port)
+        self.ctx = self._finalizer.ctx = self._peeker.ctx = ctx
+        self._scope = np.array(sorted(ctx.scope), dtype=np.uint32) if ctx.scope else None
 
     @property
     def open_connections(self) -> int:
@@ -173,7 +210,8 @@ class StreamAnalyser:
     # ------------------------------------------------------------------ input
 
     def feed(self, rows: np.ndarray) -> list[Finished]:
-        """One batch of raw records (any time order within it)."""
+        """One batch of raw records (any time order within it and, within reorder_ns,
+        across batches)."""
         n = len(rows)
         if not n:
             return []
@@ -182,37 +220,78 @@ class StreamAnalyser:
         self.events += n
         top = int(cols.ts.max())
         self.last_event_ns = top if self.last_event_ns is None else max(self.last_event_ns, top)
+        self._seen_ns = max(self._seen_ns, top)
         d = derive(cols, first, self.tuples)
-        sel = None  # the rows of the batch to analyse, in time order (None: all, as they are)
         if self._scope is not None:
             inside = np.isin(cols.netns, self._scope)
             if not inside.all():
                 sel = np.flatnonzero(inside)
                 self.events_out_of_scope += n - len(sel)
-        ts = d["ts"] if sel is None else d["ts"][sel]
-        if len(ts) > 1 and np.any(ts[1:] < ts[:-1]):
-            by_time = np.argsort(ts, kind="stable")
-            sel = by_time if sel is None else sel[by_time]
-        if sel is None:
-            sel = np.arange(n)
-        else:
-            d = take_derived(d, sel)
-        if len(sel):
-            self._learn(d)
-            self._assign(rows, sel, d)
-        self.watermark = max(self.watermark, top)
-        self._expire()
-        self._settle()
-        return self._flush()
+                rows, d = self.codec.take(rows, sel), take_derived(d, sel)
+        return self._run(rows, d, self._seen_ns - self.reorder_ns)
+
+    def advance(self, now_ns: int) -> list[Finished]:
+        """Trace time is at least now_ns (a live trace's clock, minus the records not yet
+        drained): group the events up to it, judge what went silent."""
+        return self._run(None, None, now_ns)
 
     def finish(self, end_ns: int | None = None) -> list[Finished]:
         """Every connection still open, judged at end_ns (default: the Context's)."""
         end = self.ctx.end_ns if end_ns is None else end_ns
+        done = self._run(None, None, _NEVER - 1, expire=False)
         for conn in list(self._open.values()):
-            self._close(conn, end)
+            self._close(conn, end, end)
         self.unmatched_events += sum(sum(map(len, p.derived)) for p in self._pending.values())
         self._pending.clear()
         self.held_events = 0
+        return done + self._flush()
+
+    def peek(self) -> list[Finished]:
+        """Provisional verdicts of the connections still open, judged as if the trace
+        ended now (for a live view; a connection is re-judged only when it grew)."""
+        out = []
+        for conn in self._open.values():
+            if conn.peeked is None or conn.peeked[0] != conn.events:
+                key = self.tuples.tuple(conn.key64)
+                closing = Closing(conn.key64, key, list(conn.rows), list(conn.derived),
+                                  self.watermark, self.watermark, conn.isn)  # fmt: skip
+                conn.peeked = (conn.events, self._peeker.run([closing])[0])
+            out.append(conn.peeked[1])
+        return sorted(out, key=lambda f: f.order[1:])
+
+    def _run(
+        self, rows: np.ndarray | None, d: np.ndarray | None, upto: int, *, expire: bool = True
+    ) -> list[Finished]:
+        """Group, in time order, the waiting events and those of this batch up to `upto`;
+        keep the later ones waiting; then expire up to it."""
+        late = self._late
+        if late is not None:
+            if rows is None or d is None:
+                rows, d = late
+            else:
+                rows = self.codec.concat([late[0], rows])
+                d = concat_derived([late[1], d])
+            self._late = None
+            self.held_events -= len(late[1])
+        if rows is not None and d is not None and len(d):
+            ts = d["ts"]
+            cut = np.uint64(max(upto, self.watermark, 0))  # never behind what was grouped
+            now = np.flatnonzero(ts <= cut)
+            if len(now) < len(d):
+                wait = np.flatnonzero(ts > cut)
+                self._late = (self.codec.take(rows, wait), take_derived(d, wait).copy())
+                self._held(len(wait))
+            if len(now):
+                d = take_derived(d, now)
+                by_time = np.argsort(d["ts"], kind="stable")
+                sel, d = now[by_time], take_derived(d, by_time)
+                self._learn(d)
+                self._assign(rows, sel, d)
+        if upto > self.watermark and upto < _NEVER - 1:
+            self.watermark = upto
+        if expire:
+            self._expire()
+        self._settle()
         return self._flush()
 
     # ------------------------------------------------------------- grouping
@@ -242,12 +321,16 @@ class StreamAnalyser:
         keys, live, released, now = self._keys, self._open, self._released, self.watermark
         pending = self._pending
         for ok, rok, rk, rrk in zip(o.tolist(), rev(o).tolist(), r.tolist(), rev(r).tolist()):
-            if ok not in live and ok not in released:
-                released[ok] = now + self.idle_ns  # its claims hold until then, or it opens
+            if ok not in live and released.get(ok, -1) < now + self.idle_ns:
+                # its claims hold until then, or it opens (a port reused after its last
+                # connection was released gets its claims back)
+                released[ok] = now + self.idle_ns
             fwd, back = (ok, _ORIGINAL), (ok, _REPLY)
             for t, hit in ((ok, fwd), (rok, back), (rk, back), (rrk, fwd)):
-                old = keys.get(t)  # a claim that still holds wins (see _key_of)
-                if old is not None and (old[0] in live or released.get(old[0], -1) >= now):
+                old = keys.get(t)  # a claim that still holds wins (see _key_of) ...
+                holds = old is not None and (old[0] in live or released.get(old[0], -1) >= now)
+                # ... but events that waited for this key's tuple join it all the same
+                if holds and (old is None or old[0] != ok or t not in pending):
                     continue
                 keys[t] = hit
                 if pending:
@@ -311,21 +394,103 @@ class StreamAnalyser:
         starts = offset[new_key]
         ends = np.append(starts[1:], len(ev))
         side = np.repeat(uside[inv], run_len)
-        stats = _group_stats(d["flags"], d["ts"], side, starts, ends)
+        at_client = _at_client(d["t"], np.repeat(run_key, run_len))
+        stats = _group_stats(d["flags"], d["ts"], side, at_client, starts, ends)
         keys = run_key[new_key].tolist()
+        # client SYNs: where a new handshake (a new ISN) may start a new connection
+        syn_at = np.flatnonzero(((d["flags"] & (SYN | ACK | RST)) == SYN) & (side == _ORIGINAL))
+        first_syn = np.searchsorted(syn_at, starts).tolist()
+        n_syn = len(syn_at)
+        syn_l = syn_at.tolist()
         for g, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-            self._append(keys[g], (rows, src[s:e]), d[s:e], stats[g], fresh=True)
+            j = first_syn[g]
+            if j >= n_syn or syn_l[j] >= e:
+                self._append(keys[g], (rows, src[s:e]), d[s:e], stats[g], fresh=True)
+                continue
+            syns = []
+            while j < n_syn and syn_l[j] < e:
+                syns.append(syn_l[j])
+                j += 1
+            self._handshakes(keys[g], rows, src, d, (side, at_client), s, e, syns)
+
+    def _handshakes(
+        self,
+        key64: int,
+        rows: np.ndarray,
+        src: np.ndarray,
+        d: np.ndarray,
+        sides: tuple[np.ndarray, np.ndarray],
+        s: int,
+        e: int,
+        syns: list[int],
+    ) -> None:
+        """Events s..e of one key that hold client SYNs: a SYN whose sequence number is
+        not the open connection's ISN ends that connection and opens the next one."""
+        conn = self._open.get(key64)
+        if conn is not None and int(d["ts"][s]) > conn.deadline:
+            self._close(conn, conn.deadline, conn.deadline)
+            conn = None
+        isn = conn.isn if conn is not None else None
+        exists = conn is not None
+        seq, ts = d["seq"], d["ts"]
+        seg, seg_isn = s, None
+        for i in syns:
+            sq = int(seq[i])
+            if exists and isn == sq:
+                continue  # a retransmission, or the same SYN at another point
+            if i > seg:
+                self._append_part(key64, rows, src, d, sides, seg, i, seg_isn)
+                exists = True
+            if exists:
+                self._cut(key64, int(ts[i]))
+            seg, seg_isn, isn, exists = i, sq, sq, True
+        self._append_part(key64, rows, src, d, sides, seg, e, seg_isn)
+
+    def _append_part(
+        self,
+        key64: int,
+        rows: np.ndarray,
+        src: np.ndarray,
+        d: np.ndarray,
+        sides: tuple[np.ndarray, np.ndarray],
+        s: int,
+        e: int,
+        isn: int | None,
+    ) -> None:
+        part = d[s:e]
+        at = np.zeros(1, dtype=np.int64)
+        side, at_client = sides
+        stats = _group_stats(
+            part["flags"], part["ts"], side[s:e], at_client[s:e], at, np.array([e - s])
+        )
+        self._append(key64, (rows, src[s:e]), part, stats[0], fresh=True, isn=isn)
+
+    def _cut(self, key64: int, at_ns: int) -> None:
+        """A new handshake on key64 at at_ns: its open connection is over. It is judged as
+        if the trace had gone on for a reply timeout after its last event (or to at_ns)."""
+        conn = self._open.get(key64)
+        if conn is not None:
+            self._close(conn, max(at_ns, conn.last_ts + self.ctx.reply_timeout_ns), at_ns)
 
     def _append(
-        self, key64: int, rows: RowsRef, d: np.ndarray, stats: list[int], *, fresh: bool
+        self,
+        key64: int,
+        rows: RowsRef,
+        d: np.ndarray,
+        stats: list[int],
+        *,
+        fresh: bool,
+        isn: int | None = None,
     ) -> None:
+        """Events of key64's open connection (a new one, with isn, when none is open)."""
         first, last, fin_o, fin_r, ack, bits = stats
         conn = self._open.get(key64)
         if conn is not None and first > conn.deadline:
-            self._close(conn, conn.deadline)  # silent past its deadline: that one is over
+            # silent past its deadline: that one is over
+            self._close(conn, conn.deadline, conn.deadline)
             conn = None
         if conn is None:
-            conn = self._open[key64] = _Open(key64)
+            conn = self._open[key64] = _Open(key64, isn)
             if key64 in self._released:
                 del self._released[key64]
             self.max_open_connections = max(self.max_open_connections, len(self._open))
@@ -372,8 +537,13 @@ class StreamAnalyser:
         rows, d = self.codec.take(rows, by_time), take_derived(d, by_time)
         sides = np.full(len(d), side, dtype=np.int8)
         ends = np.array([len(d)])
-        stats = _group_stats(d["flags"], d["ts"], sides, np.zeros(1, dtype=np.int64), ends)
-        self._append(key64, (rows, None), d, stats[0], fresh=False)
+        key = np.full(len(d), key64, dtype=np.uint64)
+        stats = _group_stats(
+            d["flags"], d["ts"], sides, _at_client(d["t"], key), np.zeros(1, dtype=np.int64), ends
+        )
+        syn = np.flatnonzero((d["flags"] & (SYN | ACK | RST)) == SYN)
+        isn = int(d["seq"][syn[0]]) if side == _ORIGINAL and len(syn) else None
+        self._append(key64, (rows, None), d, stats[0], fresh=False, isn=isn)
 
     def _held(self, n: int) -> None:
         self.held_events += n
@@ -400,7 +570,7 @@ class StreamAnalyser:
         while heap and heap[0][0] < now:
             deadline, _seq, conn = heapq.heappop(heap)
             if not conn.closed and conn.deadline == deadline:
-                self._close(conn, deadline)
+                self._close(conn, deadline, deadline)
         if now >= self._next_purge:
             self._next_purge = now + self.idle_ns
             live, released = self._open, {k: at for k, at in self._released.items() if at >= now}
@@ -416,27 +586,47 @@ class StreamAnalyser:
             self.unmatched_events += n
             self.held_events -= n
 
-    def _close(self, conn: _Open, end_ns: int) -> None:
+    def _close(self, conn: _Open, end_ns: int, close_ns: int) -> None:
+        """conn is over, known at close_ns; diagnose() judges it at end_ns."""
         conn.closed = True
         del self._open[conn.key64]
         self.held_events -= conn.events
         self._released[conn.key64] = conn.last_ts + self.idle_ns
         key = self.tuples.tuple(conn.key64)
-        self._closing.append(Closing(conn.key64, key, conn.rows, conn.derived, end_ns))
+        self._closing.append(
+            Closing(conn.key64, key, conn.rows, conn.derived, end_ns, close_ns, conn.isn)
+        )
 
     def _flush(self) -> list[Finished]:
+        """The connections closed since the last call, in judgment order."""
         closing, self._closing = self._closing, []
-        return self._finalizer.run(closing)
+        return sorted(self._finalizer.run(closing), key=lambda f: f.order)
+
+
+def _at_client(t: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Events whose tuple is their connection's key or its reverse: the packet as the
+    client's socket sends or gets it (before DNAT, after the reply's reverse NAT)."""
+    return (t == key) | (t == TupleIds.reverse(key))
 
 
 def _group_stats(
-    flags: np.ndarray, ts: np.ndarray, side: np.ndarray, starts: np.ndarray, ends: np.ndarray
+    flags: np.ndarray,
+    ts: np.ndarray,
+    side: np.ndarray,
+    at_client: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
 ) -> list[list[int]]:
     """Per group of consecutive events in time order: first and last time, first FIN of
-    each direction, last pure ACK, and bits: _RST_ORIG, _RST_REPLY, _CLIENT_ACK."""
+    each direction, last pure ACK, and bits: _RST_ORIG, _RST_REPLY, _CLIENT_ACK.
+
+    Only a reset the client's socket sends or gets (at_client) ends a connection: the
+    client's RST to a reply that was not translated back (it answers a 4-tuple it does
+    not know), or a reset that reaches it untranslated, leave its connection open, and
+    the retransmissions that follow stay in it."""
     orig = side == _ORIGINAL
+    rst_own = ((flags & RST) != 0) & at_client
     fin = (flags & FIN) != 0
-    rst = (flags & RST) != 0
     acks = (flags & ACK) != 0
     never = np.uint64(_NEVER)
     fin_o = np.minimum.reduceat(np.where(fin & orig, ts, never), starts)
@@ -444,8 +634,8 @@ def _group_stats(
     pure_ack = acks & ((flags & (SYN | FIN | RST)) == 0)
     last_ack = np.maximum.reduceat(np.where(pure_ack, ts, np.uint64(0)), starts)
     bits = (
-        (rst & orig).astype(np.uint64) * _RST_ORIG
-        | (rst & ~orig).astype(np.uint64) * _RST_REPLY
+        (rst_own & orig).astype(np.uint64) * _RST_ORIG
+        | (rst_own & ~orig).astype(np.uint64) * _RST_REPLY
         | (acks & ((flags & (SYN | RST)) == 0) & orig).astype(np.uint64) * _CLIENT_ACK
     )
     any_bits = np.bitwise_or.reduceat(bits, starts)
@@ -457,11 +647,11 @@ def _group_stats(
 def analyse_stream(
     batches: Iterable[np.ndarray], ctx: Context, codec: RecordCodec, **limits: int
 ) -> list[tuple[Connection, Diagnosis]]:
-    """analyse() over batches of raw records, results in analyse's order (which needs
-    them all at the end: consumers of big sessions use StreamAnalyser's output as it comes)."""
+    """Every connection of batches of raw records, in the order the engine judged them.
+    limits: quiet_ns, idle_ns, reorder_ns of StreamAnalyser."""
     analyser = StreamAnalyser(ctx, codec, **limits)
     done: list[Finished] = []
     for rows in batches:
         done += analyser.feed(rows)
     done += analyser.finish()
-    return [(f.conn, f.diag) for f in sorted(done, key=lambda f: f.order)]
+    return [(f.conn, f.diag) for f in done]

@@ -37,6 +37,14 @@ for _ in range(int(sys.argv[3])):
 
 IN_MEMORY = "--no-stream (all events in memory)"
 ANALYSIS = Target("value", ">=", 2e6, ">= 2 M ev/s")
+EXPORT = Target("value", ">=", 1e6, ">= 1 M ev/s")
+_LOAD = """\
+import sys, time
+from tracer import session
+t = time.monotonic()
+df = getattr(session, sys.argv[1])(sys.argv[2])
+print(len(df), time.monotonic() - t)
+"""
 
 
 def template() -> list[Row]:
@@ -49,6 +57,12 @@ def template() -> list[Row]:
             "hairtrace replay BIG (diagnosis, summary view; whole command)", "ev/s",
             target=ANALYSIS),
         Row("offline.summary_rss", SECTION, "peak RSS of that replay", "MiB"),
+        Row("offline.export_parquet", SECTION, "hairtrace export BIG --format parquet", "ev/s",
+            target=EXPORT),
+        Row("offline.export_rss", SECTION, "peak RSS of that export", "MiB"),
+        Row("offline.load_events", SECTION, "tracer.session.load_events(BIG) (pandas)", "ev/s"),
+        Row("offline.load_connections", SECTION,
+            "tracer.session.load_connections(BIG) (pandas)", "ev/s"),
     ]  # fmt: skip
 
 
@@ -119,8 +133,42 @@ def replay(env: Env, path: Path, events: int, *flags: str) -> Replay:
     return Replay(events, took, kib / 1024, status)
 
 
+def _peak(env: Env, argv: list[str], what: str) -> tuple[float, float, str]:
+    """argv run under peakrss: (wall seconds, peak RSS MiB, its standard output)."""
+    t0 = time.monotonic()
+    try:
+        res = subprocess.run([str(env.tools.get("peakrss")), *argv], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=1800, check=False)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise HairtraceError(f"{what} did not finish in 30 min") from None
+    took = time.monotonic() - t0
+    last = (res.stderr.strip().splitlines() or [""])[-1].split()
+    if len(last) != 3 or last[0] != "peakrss" or int(last[2]) != 0:
+        raise HairtraceError(f"{what}: {res.stderr.strip()[-200:]}")
+    return took, int(last[1]) / 1024, res.stdout
+
+
+def _exports(env: Env, big: Path, events: int) -> list[Row]:
+    """export --format parquet (whole command), load_events, load_connections."""
+    export_row, export_rss_row, events_row, conns_row = template()[4:]
+    out = env.workdir / "big.parquet"
+    took, rss, _ = _peak(env, [*hairtrace_argv(), "export", str(big), "--format", "parquet",
+                               "--out", str(out), "--force"], "hairtrace export")  # fmt: skip
+    rows = [replace(export_row, value=round(events / took),
+                    detail={"seconds": round(took, 3), "events": events,
+                            "file_mib": round(out.stat().st_size / 2**20, 1)}),
+            replace(export_rss_row, value=round(rss, 1))]  # fmt: skip
+    for row, func in ((events_row, "load_events"), (conns_row, "load_connections")):
+        _wall, peak, text = _peak(env, [sys.executable, "-c", _LOAD, func, str(big)], func)
+        n, inner = text.split()
+        rows.append(replace(row, value=round(events / float(inner)),
+                            detail={"rows": int(n), "seconds": round(float(inner), 3),
+                                    "peak_rss_mib": round(peak, 1)}))  # fmt: skip
+    return rows
+
+
 def measure(env: Env) -> list[Row]:
-    rate_row, rss_row, summary_row, summary_rss_row = template()
+    rate_row, rss_row, summary_row, summary_rss_row = template()[:4]
     synth, why = synth_module()
     if synth is None:
         return [not_available(r, why or "") for r in template()]
@@ -149,4 +197,5 @@ def measure(env: Env) -> list[Row]:
                 baseline=round(before.peak_rss_mib, 1) if before else None, detail=detail),
         replace(summary_row, value=round(shown.rate), detail={"replay": shown.to_dict()}),
         replace(summary_rss_row, value=round(shown.peak_rss_mib, 1)),
+        *_exports(env, big, events),
     ]  # fmt: skip

@@ -17,7 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tracer.bench import bcc_startup, netlab, offline, overload, peers, pipeline, pktrate, startup
+from tracer.bench import (
+    bcc_startup,
+    longrun,
+    netlab,
+    offline,
+    overload,
+    peers,
+    pipeline,
+    pktrate,
+    startup,
+)
 from tracer.bench.context import Env, StopRequest
 from tracer.bench.procs import Procs, Tools, cpus
 from tracer.bench.rows import Row, not_available
@@ -36,6 +46,7 @@ class Section:
 
 SECTIONS = (
     Section("pipeline", pipeline.template, pipeline.measure, needs_lab=False),
+    Section("longrun", longrun.template, longrun.measure, needs_lab=False),
     Section("pktrate", pktrate.template, pktrate.measure),
     Section("startup", startup.template, startup.measure),
     Section("bcc-startup", bcc_startup.template, bcc_startup.measure),

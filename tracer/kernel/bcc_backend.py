@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from tracer.errors import HairtraceError
+from tracer.events.codec import EVENT_SIZE
 from tracer.kernel.backends import BCC_PYTHON, EventReader, Loaded, bcc_missing
-from tracer.kernel.events import EVENT_SIZE
 from tracer.kernel.features import kfree_skb_has_reason, privileged
 from tracer.kernel.libbpf import BPF_MAP_TYPE_RINGBUF, Libbpf
 from tracer.kernel.providers import FunctionProvider

@@ -19,7 +19,7 @@ from itertools import repeat
 import numpy as np
 
 from tracer.errors import HairtraceError
-from tracer.kernel.events import EVENT_SIZE, LAYOUT
+from tracer.events.codec import EVENT_SIZE, LAYOUT
 
 FIELDS = ("skb", "ct_id", "location")
 # The three are adjacent u64 fields of struct ht_event: one block of 24 bytes per record.

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tracer.errors import HairtraceError
-from tracer.kernel.events import EVENT_SIZE
+from tracer.events.codec import EVENT_SIZE
 from tracer.kernel.libbpf import Libbpf, RingBuffer
 
 BUSY_BIT = 1 << 31

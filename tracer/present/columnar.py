@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from tracer.analysis.batch import EventFields
 from tracer.analysis.context import Context
 from tracer.analysis.diagnose import Diagnosis
 from tracer.analysis.finalize import LazyConnection
-from tracer.analysis.model import CTINFO_NAMES, Conntrack, Tuple, point_info
 from tracer.analysis.reassemble import role_of
+from tracer.events.model import CTINFO_NAMES, Conntrack, Tuple, point_info
+from tracer.events.rows import EventFields
 from tracer.present.jsontext import dumps_indented
 from tracer.present.report import connection_dict
 

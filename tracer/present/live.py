@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from rich.console import Console, Group
@@ -13,10 +13,12 @@ from rich.table import Table
 from rich.text import Text
 
 from tracer.analysis.diagnose import Diagnosis
-from tracer.analysis.model import service_label
+from tracer.analysis.finalize import Finished
 from tracer.analysis.reassemble import Connection
+from tracer.events.model import service_label
 from tracer.present.digest import Digest
 from tracer.present.report import RunInfo
+from tracer.present.reportfile import ReportFile, ReportWriter
 from tracer.trace import Stats, TraceOptions, TraceResult, run_trace
 
 _STYLE = {"ok": "green", "broken": "bold red", "recovered": "yellow", "incomplete": "magenta"}
@@ -52,19 +54,25 @@ def _announce(console: Console) -> Callable[[RunInfo], None]:
 
 
 MAX_ROWS = 25  # beyond this, ok rows are tallied instead of listed
+MAX_BAD_ROWS = 200  # beyond this, connections that are not ok are counted, not listed
 
 
-def _table(results: list[tuple[Connection, Diagnosis]]) -> Table:
-    return _digest_table(Digest.of(results, MAX_ROWS))
+def new_digest() -> Digest:
+    """The Digest the live view and the summary gather connections in."""
+    return Digest(MAX_ROWS, max_bad_rows=MAX_BAD_ROWS)
 
 
-def _digest_table(digest: Digest) -> Table:
+def _digest_table(digest: Digest, open_now: Sequence[Finished] = ()) -> Table:
+    """The connections judged (digest) and, in a live view, the open ones that already
+    show a break (open_now: provisional verdicts)."""
     table = Table(expand=True, show_lines=False)
     for col in ("client", "service", "backend", "packets", "verdict", "where / cause"):
         table.add_column(col)
     shown, hidden = digest.shown()
     if hidden:
-        table.caption = f"... and {hidden} more ok connection(s) not listed ({digest.tally()})"
+        bad = digest.hidden_not_ok
+        more = f"{hidden - bad} more ok" + (f" and {bad} more not ok" if bad else "")
+        table.caption = f"... and {more} connection(s) not listed ({digest.tally()})"
     for conn, diag in shown:
         backend = f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "-"
         roles = compact_roles([p.role for p in conn.packets])
@@ -79,6 +87,27 @@ def _digest_table(digest: Digest) -> Table:
             roles,
             Text(diag.verdict, style=_STYLE.get(diag.verdict, "")),
             where,
+        )
+    breaking = [f for f in open_now if f.diag.brk is not None]
+    for f in breaking[:MAX_ROWS]:
+        conn, brk = f.conn, f.diag.brk
+        assert brk is not None
+        table.add_row(
+            f"{conn.key.src}:{conn.key.sport}",
+            f"{conn.key.dst}:{conn.key.dport}",
+            f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "-",
+            compact_roles([p.role for p in conn.packets]),
+            Text(f"{f.diag.verdict} (open)", style=_STYLE.get(f.diag.verdict, "")),
+            f"{brk.where}: {brk.cause}",
+        )
+    if open_now:
+        more = (
+            f"; {len(breaking) - MAX_ROWS} more open ones broken"
+            if len(breaking) > MAX_ROWS
+            else ""
+        )
+        table.caption = (table.caption + "\n" if table.caption else "") + (
+            f"{len(open_now)} connection(s) still open{more}"
         )
     return table
 
@@ -121,44 +150,88 @@ def _run_losses(run: RunInfo) -> Text:
     return _losses(Stats(run.events, run.lost_events, run.lost_by_point or {}))
 
 
-class LiveSink:
-    """Redraws the connection table as events arrive; breaks show the moment they are known."""
+class TraceView:
+    """A live trace's sink: the summary's Digest, the JSON report (written to `report` as
+    connections are judged, when given) and, when live, the rich table redrawn as they
+    are; a break shows the moment it is known, while its connection is still open."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, live: bool, report: str | None = None) -> None:
         self.console = console
-        self.live: Live | None = None
+        self.live = live
+        self.digest = new_digest()
+        self._report = report
+        self._file: ReportFile | None = None
+        self._writer: ReportWriter | None = None
+        self._view: Live | None = None
         self.header = Text("")
 
     def attached(self, run: RunInfo) -> None:
         self.header = _header(run)
-        self.live = Live(
-            Group(self.header, Text("waiting for packets...")),
-            console=self.console,
-            refresh_per_second=4,
-            transient=True,
-        )
-        self.live.start()
+        if self._report:
+            self._file = ReportFile(self._report)
+            self._writer = ReportWriter(self._file.stream)
+            self._writer.begin(run)
+        if self.live:
+            self._view = Live(
+                Group(self.header, Text("waiting for packets...")),
+                console=self.console,
+                refresh_per_second=4,
+                transient=True,
+            )
+            self._view.start()
 
-    def update(self, results: list[tuple[Connection, Diagnosis]], stats: Stats) -> None:
-        if self.live is not None:
-            self.live.update(Group(self.header, _table(results), _losses(stats)))
+    def judged(self, done: list[Finished]) -> None:
+        for f in done:
+            self.digest.add(*f)
+            if self._writer is not None:
+                self._writer.add(f.conn, f.diag)
+
+    def update(self, open_now: list[Finished], stats: Stats) -> None:
+        if self._view is not None:
+            table = _digest_table(self.digest, open_now)
+            self._view.update(Group(self.header, table, _losses(stats)))
 
     def close(self) -> None:
-        if self.live is not None:
-            self.live.stop()
+        if self._view is not None:
+            self._view.stop()
+            self._view = None
+
+    def finish_report(self, run: RunInfo) -> None:
+        """The report's tail (run: the trace's final RunInfo); the report is complete."""
+        if self._writer is not None and self._file is not None:
+            self._writer.end(run)
+            self._file.done()
+            self._writer = self._file = None
+
+    def discard(self) -> None:
+        """No report after all (the trace failed): a partial file goes."""
+        if self._file is not None:
+            self._file.abandon()
+            self._writer = self._file = None
 
 
-def trace_with_view(opts: TraceOptions, live: bool) -> TraceResult:
-    """Trace with the live table (when live), then print the summary either way."""
+def trace_with_view(
+    opts: TraceOptions, live: bool, *, report: str | None = None, keep_results: bool = False
+) -> tuple[TraceResult, TraceView]:
+    """Trace with the live table (when live), then write the report (to `report`, when
+    given: a path or '-') and print the summary. The view holds the summary's digest."""
     console = _console()
-    sink = LiveSink(console) if live else None
+    view = TraceView(console, live, report)
     try:
-        result = run_trace(opts, sink, announce=None if sink else _announce(console))
-    finally:
-        if sink:
-            sink.close()
-    render_summary(result, console)
-    return result
+        result = run_trace(
+            opts,
+            view,
+            announce=None if live else _announce(console),
+            keep_results=keep_results,
+        )
+        view.close()
+        view.finish_report(result.run)
+    except BaseException:
+        view.close()
+        view.discard()
+        raise
+    render_digest(result.run, view.digest, console)
+    return result, view
 
 
 class Outcome(Protocol):
@@ -173,7 +246,9 @@ class Outcome(Protocol):
 
 def render_summary(result: Outcome, console: Console | None = None) -> None:
     """Everything a person needs at the end: table, then each break in full."""
-    render_digest(result.run, Digest.of(result.results, MAX_ROWS), console)
+    render_digest(
+        result.run, Digest.of(result.results, MAX_ROWS, max_bad_rows=MAX_BAD_ROWS), console
+    )
 
 
 def render_digest(run: RunInfo, digest: Digest, console: Console | None = None) -> None:
@@ -186,17 +261,16 @@ def render_digest(run: RunInfo, digest: Digest, console: Console | None = None) 
         console.print("no connection to the service was seen")
     else:
         console.print(digest.tally())
-    same: dict[tuple[str, str, str], int] = {}
-    for conn, diag in digest.results:  # every one with notes or a break is kept
+    with_notes, more_notes = digest.notes()
+    for conn, diag in with_notes:
         for note in diag.notes:
             console.print(f"[magenta]note[/] {conn.key}: {note}")
-        if diag.brk is None:
-            continue
+    if more_notes:
+        console.print(f"[magenta]note[/] {more_notes} more note(s): each is in the JSON report")
+    breaks = digest.breaks()
+    for (conn, diag), _n in breaks:
         b = diag.brk
-        kind = (diag.verdict, b.cause, b.where)
-        same[kind] = same.get(kind, 0) + 1
-        if same[kind] > 1:
-            continue  # the same break again: counted below, not repeated
+        assert b is not None
         body = Text()
         body.append(f"{b.explanation}\n\n", style="bold")
         body.append("where: ", style="bold")
@@ -215,9 +289,9 @@ def render_digest(run: RunInfo, digest: Digest, console: Console | None = None) 
                 border_style=_STYLE.get(diag.verdict, ""),
             )
         )
-    for (verdict, cause, where), n in same.items():
-        if n > 1:
+    for (_conn, diag), n in breaks:
+        if n > 1 and diag.brk is not None:
             console.print(
-                f"{n - 1} more connection(s) {verdict} the same way: {cause}, {where}; "
-                "each is in the JSON report"
+                f"{n - 1} more connection(s) {diag.verdict} the same way: {diag.brk.cause}, "
+                f"{diag.brk.where}; each is in the JSON report"
             )

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracer.analysis.context import RuleDrop
+from tracer.analysis.context import RuleDrop, SysctlChange
 from tracer.analysis.diagnose import Break, Diagnosis
 from tracer.analysis.reassemble import Connection, Hop, Packet
 
@@ -56,6 +56,13 @@ class RunInfo:
     service_ports: tuple[str, ...] | None = None
     warnings: tuple[str, ...] = ()  # said at start and in the summary (e.g. no such Service)
     nf_priorities: dict[str, int] = field(default_factory=dict)  # netfilter program -> prio
+    # the traced netns's sysctls seen to change while tracing (analysis.context.SysctlChange)
+    sysctl_changes: tuple[SysctlChange, ...] = ()
+
+
+def _since(ts_ns: int, start_ns: int) -> float:
+    """Seconds since the trace started, as packet times are given."""
+    return round((ts_ns - start_ns) / 1e9, 6)
 
 
 def _endpoint(ip: str, port: int) -> dict[str, Any]:
@@ -124,11 +131,14 @@ def connection_dict(
         "notes": list(d.notes),
         "packets": [_packet(p, origin_ns) for p in c.packets] if packets is None else packets,
         "break": break_dict(d.brk),
+        "isn": c.isn,
+        "first_seen_mid_connection": c.first_seen_mid_connection,
     }
 
 
-def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str, Any]:
-    """The whole report as plain data, ready for json.dumps."""
+def head_fields(run: RunInfo) -> dict[str, Any]:
+    """The report's fields known once every probe is attached (before any connection):
+    they come first, so that a live trace can write its connections as it judges them."""
     return {
         "schema": SCHEMA,
         "tool_version": run.tool_version,
@@ -144,13 +154,6 @@ def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str
         },
         "warnings": list(run.warnings),
         "netns": run.netns,
-        "events": run.events,
-        "lost_events": run.lost_events,
-        "lost_by_point": run.lost_by_point,
-        "lost_events_unknown": run.lost_events_unknown,
-        "data_budget": run.data_budget,
-        "over_budget_events": run.over_budget_events,
-        "over_budget_by_point": run.over_budget_by_point,
         "attached": list(run.attached),
         "netfilter_priorities": run.nf_priorities,
         "skipped_points": run.skipped,
@@ -158,13 +161,45 @@ def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str
         "trace_attach_seconds": run.trace_attach_seconds,
         "started_at": run.started_at,
         "command": list(run.command),
+    }
+
+
+def tail_fields(run: RunInfo) -> dict[str, Any]:
+    """The report's fields known when the trace ends: after the connections."""
+    return {
+        "events": run.events,
+        "lost_events": run.lost_events,
+        "lost_by_point": run.lost_by_point,
+        "lost_events_unknown": run.lost_events_unknown,
+        "data_budget": run.data_budget,
+        "over_budget_events": run.over_budget_events,
+        "over_budget_by_point": run.over_budget_by_point,
         "command_status": run.command_status,
         "scope": list(run.scope) if run.scope is not None else None,
         "events_out_of_scope": run.events_out_of_scope,
         "rule_drops": None
         if run.rule_drops is None
         else [{"netns": run.netns, **d.to_dict()} for d in run.rule_drops],
+        "sysctl_changes": [
+            {
+                "netns": run.netns,
+                "key": c.key,
+                "before": c.before,
+                "value": c.value,
+                "between": [_since(c.after_ns, run.start_ns), _since(c.by_ns, run.start_ns)],
+            }
+            for c in run.sysctl_changes
+        ],
+    }
+
+
+def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str, Any]:
+    """The whole report as plain data, ready for json.dumps: the head fields, the
+    connections in the order they were judged, the tail fields."""
+    return {
+        **head_fields(run),
         "connections": [connection_dict(c, d, run.start_ns) for c, d in results],
+        **tail_fields(run),
     }
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tracer.session.columns import columnar, pandas_dtypes
-from tracer.session.export import iter_rows
+from tracer.analysis.finalize import Finished
+from tracer.session.columns import arrow_schema, pandas_dtypes, record_batch
+from tracer.session.export import event_batches
 from tracer.session.reader import open_session
-from tracer.session.replay import replay
+from tracer.session.replay import replay_stream
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,34 +37,39 @@ CONNECTION_DTYPES: dict[str, str] = {
     "first_ts": "float64",  # seconds since the trace started
     "last_ts": "float64",
     "notes": "str",  # "; "-joined, null when none
+    "isn": "Int64",  # the client's SYN sequence number, null when no SYN was seen
+    "first_seen_mid_connection": "bool",
 }
 
 
 def load_events(path: str | Path) -> pd.DataFrame:
-    """Every event of a session as a DataFrame (in memory; reads the file twice)."""
-    import pandas as pd
+    """Every event of a session as a DataFrame (in memory; reads the file twice: the
+    connection pass, then the columns, the same batches as `hairtrace export`)."""
+    import pyarrow as pa
 
     reader = open_session(path)
-    all_rows: list[tuple[Any, ...]] = []
-    for batch in iter_rows(reader):
-        all_rows.extend(batch)
-    df = pd.DataFrame(columnar(all_rows)).astype(pandas_dtypes())
+    batches = [record_batch(columns) for columns in event_batches(reader)]
+    table = pa.Table.from_batches(batches, schema=arrow_schema())
+    df = table.to_pandas().astype(pandas_dtypes())
     df.attrs["warnings"] = list(reader.warnings)
     return df
 
 
 def load_connections(path: str | Path) -> pd.DataFrame:
-    """One row per connection the analysis found, with verdict and break (a full replay)."""
+    """One row per connection of the JSON report (its order), with verdict and break: the
+    session replayed through the engine, each connection turned into its row and
+    forgotten (memory: the rows)."""
     import pandas as pd
 
-    res = replay(path)
-    origin = res.run.start_ns
+    origin = open_session(path).header.start_ns
     out: list[dict[str, Any]] = []
-    for i, (conn, diag) in enumerate(res.results):
+
+    def row(done: Finished) -> None:
+        conn, diag = done.conn, done.diag
         b = diag.brk
         out.append(
             {
-                "conn": i,
+                "conn": len(out),
                 "client": f"{conn.key.src}:{conn.key.sport}",
                 "service": f"{conn.key.dst}:{conn.key.dport}",
                 "backend": f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else None,
@@ -78,8 +84,12 @@ def load_connections(path: str | Path) -> pd.DataFrame:
                 "first_ts": (conn.first_ns - origin) / 1e9,
                 "last_ts": (conn.last_ns - origin) / 1e9,
                 "notes": "; ".join(diag.notes) or None,
+                "isn": conn.isn,
+                "first_seen_mid_connection": conn.first_seen_mid_connection,
             }
         )
+
+    res = replay_stream(path, row)
     df = pd.DataFrame(out, columns=list(CONNECTION_DTYPES)).astype(CONNECTION_DTYPES)
     df.attrs["warnings"] = list(res.warnings)
     return df

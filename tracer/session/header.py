@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracer.analysis.context import RuleDrop
+from tracer.analysis.context import RuleDrop, SysctlChange
 from tracer.errors import HairtraceError
-from tracer.kernel.events import EVENT_SIZE
+from tracer.events.codec import EVENT_SIZE
 from tracer.session.format import FORMAT_MINOR, FORMAT_NAME
 from tracer.topology.model import Topology
 
@@ -152,6 +152,8 @@ class SessionFooter:
     over_budget_events: int = 0
     over_budget_by_point: dict[str, int] = field(default_factory=dict)
     locations: dict[int, str] = field(default_factory=dict)
+    # sysctls seen to change while tracing (optional in the file: older recordings have none)
+    sysctl_changes: tuple[SysctlChange, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -168,6 +170,7 @@ class SessionFooter:
             "over_budget_events": self.over_budget_events,
             "over_budget_by_point": dict(self.over_budget_by_point),
             "locations": {str(k): v for k, v in sorted(self.locations.items())},
+            "sysctl_changes": [c.to_dict() for c in self.sysctl_changes],
         }
 
     @classmethod
@@ -194,6 +197,12 @@ class SessionFooter:
             )
         except (TypeError, ValueError) as e:
             raise HairtraceError(f"bad session footer: 'rule_drops': {e}") from None
+        try:
+            changes = tuple(
+                map(SysctlChange.from_dict, g.get("sysctl_changes", list, optional=True) or [])
+            )
+        except (TypeError, ValueError) as e:
+            raise HairtraceError(f"bad session footer: 'sysctl_changes': {e}") from None
         return cls(
             end_ns=g.get("end_ns", int),
             events=g.get("events", int),
@@ -208,6 +217,7 @@ class SessionFooter:
             over_budget_events=g.get("over_budget_events", int, optional=True) or 0,
             over_budget_by_point=dict(over_by_point),
             locations={int(k): v for k, v in locations.items()},
+            sysctl_changes=changes,
         )
 
 

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from tracer.analysis.model import Event
 from tracer.errors import HairtraceError, UsageError
-from tracer.kernel.events import decode_all
+from tracer.events.codec import decode_all
+from tracer.events.model import Event
 from tracer.kernel.pseudonyms import Pseudonyms, pseudonymised
 from tracer.session.format import (
     CHUNK,
@@ -66,7 +66,7 @@ class SessionReader:
 
     def payloads(self) -> Iterator[bytes]:
         """The records of each chunk back to back (header.record_size bytes each), as
-        recorded: what numpy reads without copying (tracer.kernel.records.rows_of).
+        recorded: what numpy reads without copying (tracer.events.rows.rows_of).
         Kernel addresses of files older than format 1.1 are replaced by per-trace ids
         (the same ids on every pass: they follow the order of the file)."""
         size = self.header.record_size

@@ -1,9 +1,11 @@
 """Replay a session file: rebuild what a live trace produces, without root or a kernel.
 
-ReplayResult has the attribute names of tracer.trace.TraceResult (run, events,
-context, topology, results, records), so the live summary and the JSON report
-take either. replay_stream() analyses a session of any length in bounded memory
-(tracer.analysis.stream), handing each connection to a sink as it finishes.
+Both go through the one analysis engine (tracer.analysis.stream), fed the
+session's chunks as the live trace fed it its drained batches. replay_stream()
+analyses a session of any length in bounded memory, handing each connection to a
+sink as it is judged; replay() keeps them all, with the events and records
+(ReplayResult has the attribute names of tracer.trace.TraceResult, so the
+summary and the JSON report take either).
 header_from_trace / footer_from_trace build the header and footer from what
 run_trace knows, for the recording side.
 
@@ -22,15 +24,20 @@ from pathlib import Path
 import numpy as np
 
 from tracer import __version__
-from tracer.analysis import analyse
-from tracer.analysis.context import Context, TopologyNames, node_scope, scope_fields
+from tracer.analysis.context import (
+    Context,
+    SysctlChange,
+    TopologyNames,
+    node_scope,
+    scope_fields,
+)
 from tracer.analysis.diagnose import Diagnosis
 from tracer.analysis.finalize import Finished
-from tracer.analysis.model import Event
 from tracer.analysis.reassemble import Connection
 from tracer.analysis.stream import StreamAnalyser
-from tracer.kernel.events import decode_all
-from tracer.kernel.records import CODEC, rows_of
+from tracer.events.codec import decode_all
+from tracer.events.model import Event
+from tracer.events.rows import CODEC, rows_of
 from tracer.present.report import RunInfo
 from tracer.session.header import SessionFooter, SessionHeader
 from tracer.session.reader import open_session
@@ -100,6 +107,7 @@ def footer_from_trace(
     topology: Topology | None = None,
     rule_drops_netns: int | None = None,
     locations: dict[int, str] | None = None,
+    sysctl_changes: Iterable[SysctlChange] = (),
 ) -> SessionFooter:
     """The session footer from the final RunInfo (its rule_drops were read in netns
     rule_drops_netns); topology only when it was re-taken; locations: drop location
@@ -119,6 +127,7 @@ def footer_from_trace(
         over_budget_events=run.over_budget_events or 0,
         over_budget_by_point=dict(run.over_budget_by_point or {}),
         locations=dict(locations or {}),
+        sysctl_changes=tuple(sysctl_changes),
     )
 
 
@@ -132,7 +141,7 @@ def context_of(header: SessionHeader, footer: SessionFooter | None, end_ns: int)
     return Context(
         header.service_ip,
         header.service_port,
-        TopologyNames(topology_of(header, footer)),
+        TopologyNames(topology_of(header, footer), footer.sysctl_changes if footer else ()),
         footer.end_ns if footer is not None else end_ns,
         footer.loss_windows if footer is not None else (),
         dict(header.drop_reasons),
@@ -152,8 +161,9 @@ def scope_of(header: SessionHeader, footer: SessionFooter | None) -> frozenset[i
 def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -> RunInfo:
     """The RunInfo of a replay: the recording's, analysed by this hairtrace version.
     Without a footer, the counters it holds (losses, data budget) are None: unknown."""
+    # what the live trace said at its start (from the first snapshot)
     ports, warnings = node_view(
-        topology_of(header, footer), header.netns_inode, header.service_ip, header.service_port
+        header.topology, header.netns_inode, header.service_ip, header.service_port
     )
     return RunInfo(
         tool_version=__version__,
@@ -183,6 +193,7 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         command=header.command,
         command_status=footer.command_status if footer else None,
         rule_drops=footer.rule_drops if footer else None,  # read at the end: unknown
+        sysctl_changes=footer.sysctl_changes if footer else (),
         service_ports=ports,
         warnings=warnings,
     )
@@ -205,38 +216,24 @@ def cut_short_note(conn: Connection, diag: Diagnosis, ctx: Context) -> Diagnosis
 
 
 def replay(path: str | Path) -> ReplayResult:
-    """Read a whole session and analyse it as the live trace would have (all events in memory)."""
-    reader = open_session(path)
+    """A whole session analysed as the live trace analysed it: the same engine as
+    replay_stream(), with every connection, event and record kept (small sessions,
+    tests, diff)."""
+    results: list[tuple[Connection, Diagnosis]] = []
+    streamed = replay_stream(path, lambda f: results.append((f.conn, f.diag)))
     records: list[bytes] = []
-    for batch in reader.record_batches():
+    for batch in open_session(path).record_batches():
         records.extend(batch)
-    events = decode_all(records)
-    header, footer = reader.header, reader.footer
-    warnings = list(reader.warnings)
-    if footer is not None and footer.events != len(events):
-        warnings.append(
-            f"session file {path}: the footer counts {footer.events} events, "
-            f"the file holds {len(events)}"
-        )
-    last = max((ev.ts_ns for ev in events), default=header.start_ns)
-    ctx = context_of(header, footer, last)
-    run = replace(
-        run_info(header, footer, len(events)),
-        **scope_fields(events, topology_of(header, footer), ctx.scope),
-    )
-    results = analyse(events, ctx)
-    if footer is None:
-        results = [(c, cut_short_note(c, d, ctx)) for c, d in results]
     return ReplayResult(
-        run=run,
-        events=events,
-        context=ctx,
-        topology=topology_of(header, footer),
+        run=streamed.run,
+        events=decode_all(records),
+        context=streamed.context,
+        topology=streamed.topology,
         results=results,
         records=records,
-        header=header,
-        footer=footer,
-        warnings=tuple(warnings),
+        header=streamed.header,
+        footer=streamed.footer,
+        warnings=streamed.warnings,
     )
 
 
@@ -273,17 +270,21 @@ def replay_stream(
     sink: Callable[[Finished], None],
     *,
     batch_events: int = STREAM_BATCH,
+    membership: Callable[[tuple[int, int, int], np.ndarray, np.ndarray], None] | None = None,
     **limits: int,
 ) -> StreamedReplay:
     """Analyse a session as replay() does, without holding its events: every connection
     goes to sink as soon as it is finished (Finished.order sorts them as replay() does).
-    limits: quiet_ns / idle_ns of tracer.analysis.stream.StreamAnalyser. Without a
+    membership: see StreamAnalyser.on_membership. limits: quiet_ns / idle_ns /
+    reorder_ns of tracer.analysis.stream.StreamAnalyser. Without a
     footer, the connections still open at the end get replay()'s cut_short_note (those
     finished earlier went quiet_ns, 2 s, before it: more than the note's reply timeout)."""
     reader = open_session(path)
     header, footer = reader.header, reader.footer
     ctx = context_of(header, footer, header.start_ns)  # end_ns: fixed below
     analyser = StreamAnalyser(ctx, CODEC, **limits)
+    if membership is not None:
+        analyser.on_membership(membership)
     done = 0
     for rows in _batches(reader.payloads(), header.record_size, batch_events):
         for f in analyser.feed(rows):
@@ -301,9 +302,7 @@ def replay_stream(
             f"the file holds {analyser.events}"
         )
     topology = topology_of(header, footer)
-    scope = scope_fields([], topology, ctx.scope)
-    if ctx.scope is not None:
-        scope["events_out_of_scope"] = analyser.events_out_of_scope
+    scope = scope_fields(analyser.events_out_of_scope, topology, ctx.scope)
     return StreamedReplay(
         run=replace(run_info(header, footer, analyser.events), **scope),
         context=ctx,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tracer.errors import HairtraceError
-from tracer.kernel.events import LAYOUT
+from tracer.events.codec import LAYOUT
 from tracer.session.reader import open_session
 from tracer.session.writer import SessionWriter
 

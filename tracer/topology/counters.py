@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from tracer.analysis.context import RuleDrop
 from tracer.errors import HairtraceError
-from tracer.topology.collect import CMD_TIMEOUT_S, _setns, run_dump
+from tracer.topology.collect import CMD_TIMEOUT_S, _setns, read_sysctls, run_dump
 from tracer.topology.natrules import (
     _NFT_BLOCK,
     _NFT_REF,
@@ -255,6 +255,34 @@ def _dump(argv: list[str]) -> str:
         return ""
     notes = [ln for ln in p.stderr.splitlines() if "managed by iptables-nft" in ln]
     return "".join(f"# {ln.lstrip('# ')}\n" for ln in notes) + p.stdout
+
+
+def sysctls_of(netns_path: str) -> dict[str, str | None] | None:
+    """SYSCTL_KEYS of the namespace at netns_path (read by a throwaway thread that
+    setns()es; a few small reads); None when it cannot be read."""
+    try:
+        fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    result: list[dict[str, str | None]] = []
+
+    def work() -> None:
+        try:
+            _setns(fd)
+            result.append(read_sysctls())
+        except HairtraceError:
+            return
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=work, name="sysctls", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:
+        os.close(fd)
+        return None
+    thread.join(5)
+    return result[0] if result else None
 
 
 def collect_counters(netns_path: str) -> tuple[str, str]:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from tracer.analysis.model import Conntrack, Event, Tuple
 from tracer.errors import HairtraceError
+from tracer.events.model import Conntrack, Event, Tuple
 
 EVENT_SIZE = 128
 HT_CT_PRESENT, HT_CT_UNTRACKED = 0x01, 0x02
@@ -129,6 +129,45 @@ def decode(raw: bytes) -> Event:
         reason=reason,
         location=location,
         aux=aux,
+    )
+
+
+def encode_tuple(t: Tuple) -> bytes:
+    return _TUPLE.pack(socket.inet_aton(t.src), socket.inet_aton(t.dst), t.sport, t.dport)
+
+
+_NO_TUPLE = bytes(12)
+
+
+def encode(ev: Event) -> bytes:
+    """Event -> the record decode() reads it from (for events built in Python: tests,
+    the in-memory analyse())."""
+    ct = ev.ct
+    flags = (HT_CT_PRESENT if ct is not None else 0) | (HT_CT_UNTRACKED if ev.untracked else 0)
+    return _EVENT.pack(
+        ev.ts_ns,
+        ev.skb,
+        ct.id if ct is not None else 0,
+        ev.location,
+        ev.netns,
+        ev.ifindex,
+        ev.point,
+        ev.hook,
+        ev.tcp_flags,
+        ev.nf_prio,
+        encode_tuple(ev.tuple),
+        ev.seq,
+        ev.ack_seq,
+        ev.ip_id,
+        flags,
+        ct.ctinfo if ct is not None else 0,
+        ct.status if ct is not None else 0,
+        ev.reason,
+        encode_tuple(ct.orig) if ct is not None else _NO_TUPLE,
+        encode_tuple(ct.reply) if ct is not None else _NO_TUPLE,
+        ev.aux,
+        ev.proto,
+        ev.dev.encode()[:16],
     )
 
 

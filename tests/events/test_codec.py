@@ -10,10 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tracer.analysis.model import POINTS, Point
 from tracer.errors import HairtraceError
-from tracer.kernel.btf import KIND_ENUM, KIND_STRUCT, object_btf
-from tracer.kernel.events import (
+from tracer.events.codec import (
     EVENT_DTYPE,
     EVENT_SIZE,
     LAYOUT,
@@ -21,6 +19,8 @@ from tracer.kernel.events import (
     decode_all,
     decode_batch,
 )
+from tracer.events.model import POINTS, Point
+from tracer.kernel.btf import KIND_ENUM, KIND_STRUCT, object_btf
 
 
 def test_layout_matches_the_compiled_object(bpf_object: Path) -> None:

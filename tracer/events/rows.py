@@ -8,25 +8,86 @@ decodes rows into Event objects only when a connection needs a full diagnosis.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from tracer.analysis.batch import EventColumns, EventFields
-from tracer.analysis.model import Event
 from tracer.errors import HairtraceError
-from tracer.kernel.events import EVENT_DTYPE, EVENT_SIZE, HT_CT_PRESENT, LAYOUT, decode_batch
+from tracer.events.codec import EVENT_DTYPE, EVENT_SIZE, HT_CT_PRESENT, LAYOUT, decode_batch
+from tracer.events.model import Event
+
+
+@dataclass(frozen=True)
+class EventColumns:
+    """One entry per event, except the o_* / r_* fields (the conntrack original and reply
+    tuples): one entry per event that has_ct, in order. Addresses are IPv4 as unsigned
+    ints (a.b.c.d = a<<24|...); ports are sport<<16 | dport."""
+
+    ts: np.ndarray  # uint64
+    netns: np.ndarray  # uint32
+    flags: np.ndarray  # uint8, TCP flags
+    seq: np.ndarray  # uint32, TCP sequence number (a client SYN's is its ISN)
+    saddr: np.ndarray  # uint32
+    daddr: np.ndarray
+    ports: np.ndarray  # uint32
+    has_ct: np.ndarray  # bool
+    o_saddr: np.ndarray
+    o_daddr: np.ndarray
+    o_ports: np.ndarray
+    r_saddr: np.ndarray
+    r_daddr: np.ndarray
+    r_ports: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+
+@dataclass(frozen=True)
+class EventFields:
+    """Every field of the events that a report shows, one entry per event (what Event
+    holds, as arrays): for writing many connections without building their objects.
+    Addresses as in EventColumns, ports host order, dev the raw 16 bytes."""
+
+    ts: np.ndarray
+    point: np.ndarray
+    netns: np.ndarray
+    dev: np.ndarray  # S16
+    saddr: np.ndarray
+    daddr: np.ndarray
+    sport: np.ndarray
+    dport: np.ndarray
+    flags: np.ndarray
+    seq: np.ndarray
+    ack: np.ndarray
+    ip_id: np.ndarray
+    reason: np.ndarray
+    has_ct: np.ndarray
+    ct_id: np.ndarray
+    ct_status: np.ndarray
+    ctinfo: np.ndarray
+    o_saddr: np.ndarray
+    o_daddr: np.ndarray
+    o_sport: np.ndarray
+    o_dport: np.ndarray
+    r_saddr: np.ndarray
+    r_daddr: np.ndarray
+    r_sport: np.ndarray
+    r_dport: np.ndarray
+
 
 _OPAQUE = np.dtype(f"V{EVENT_SIZE}")  # a record as one opaque item: fast to gather and copy
 
 
-def rows_of(payload: bytes | memoryview, record_size: int = EVENT_SIZE) -> np.ndarray:
+def rows_of(payload: bytes | memoryview | np.ndarray, record_size: int = EVENT_SIZE) -> np.ndarray:
     """Records back to back -> rows (one opaque item per record; a view of payload when
     record_size is EVENT_SIZE), what CODEC reads."""
-    if record_size < EVENT_SIZE or len(payload) % record_size:
+    size = payload.nbytes if isinstance(payload, np.ndarray | memoryview) else len(payload)
+    if record_size < EVENT_SIZE or size % record_size:
         raise HairtraceError(
-            f"a batch of {len(payload)} bytes is not made of {record_size}-byte records "
+            f"a batch of {size} bytes is not made of {record_size}-byte records "
             f"of at least {EVENT_SIZE} bytes: BPF object and tracer version do not match"
         )
-    flat = np.frombuffer(payload, dtype=np.uint8)
+    flat = np.frombuffer(payload, dtype=np.uint8)  # an array: its bytes (C-contiguous)
     if record_size != EVENT_SIZE:  # a newer recorder's longer records: keep the known part
         flat = np.ascontiguousarray(flat.reshape(-1, record_size)[:, :EVENT_SIZE]).reshape(-1)
     return flat.view(_OPAQUE)
@@ -35,7 +96,9 @@ def rows_of(payload: bytes | memoryview, record_size: int = EVENT_SIZE) -> np.nd
 def _fields() -> np.dtype:
     """The fields the columns come from, each port pair as one big-endian u32."""
     names, formats, offsets = [], [], []
-    for name, typ in (("ts_ns", "<u8"), ("netns", "<u4"), ("tcp_flags", "u1"), ("ct_flags", "u1")):
+    own = (("ts_ns", "<u8"), ("netns", "<u4"), ("tcp_flags", "u1"), ("ct_flags", "u1"),
+           ("seq", "<u4"))  # fmt: skip
+    for name, typ in own:
         names.append(name)
         formats.append(typ)
         offsets.append(LAYOUT[name][0])
@@ -72,6 +135,7 @@ class _Codec:
             ts=rec["ts_ns"],
             netns=rec["netns"],
             flags=rec["tcp_flags"],
+            seq=rec["seq"],
             saddr=host("pkt_saddr"),
             daddr=host("pkt_daddr"),
             ports=host("pkt_ports"),
