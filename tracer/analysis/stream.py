@@ -239,6 +239,11 @@ class StreamAnalyser:
         """Every connection still open, judged at end_ns (default: the Context's)."""
         end = self.ctx.end_ns if end_ns is None else end_ns
         done = self._run(None, None, _NEVER - 1, expire=False)
+        # those silent past their deadline before the end are judged as of their deadline,
+        # as when the trace's clock had passed it (a live trace's last seconds)
+        self.watermark = max(self.watermark, end)
+        self._expire()
+        done += self._flush()
         for conn in list(self._open.values()):
             self._close(conn, end, end)
         self.unmatched_events += sum(sum(map(len, p.derived)) for p in self._pending.values())
@@ -467,9 +472,15 @@ class StreamAnalyser:
 
     def _cut(self, key64: int, at_ns: int) -> None:
         """A new handshake on key64 at at_ns: its open connection is over. It is judged as
-        if the trace had gone on for a reply timeout after its last event (or to at_ns)."""
+        if the trace had gone on for a reply timeout after its last event (or to at_ns);
+        if it was over before (silent past its deadline), as of then, as it would have
+        been had the batch ended between the two."""
         conn = self._open.get(key64)
-        if conn is not None:
+        if conn is None:
+            return
+        if at_ns > conn.deadline:
+            self._close(conn, conn.deadline, conn.deadline)
+        else:
             self._close(conn, max(at_ns, conn.last_ts + self.ctx.reply_timeout_ns), at_ns)
 
     def _append(
