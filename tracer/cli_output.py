@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -51,20 +50,5 @@ def write_json(data: dict[str, Any], dest: str) -> None:
     try:
         with open(dest, "w") as fh:
             fh.write(text)
-    except OSError as exc:
-        raise HairtraceError(f"cannot write {dest}: {exc.strerror}") from exc
-
-
-def write_json_with(write: Callable[[IO[bytes]], None], dest: str) -> None:
-    """What write(stream) writes (a report streamed piece by piece, UTF-8) to a file, or
-    to stdout for '-'."""
-    if dest == "-":
-        sys.stdout.flush()
-        write(sys.stdout.buffer)
-        sys.stdout.buffer.flush()
-        return
-    try:
-        with open(dest, "wb") as fh:
-            write(fh)
     except OSError as exc:
         raise HairtraceError(f"cannot write {dest}: {exc.strerror}") from exc
