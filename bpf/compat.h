@@ -99,7 +99,7 @@ struct net_bridge_port {
 #define HT_COUNT(arr, i) arr##_count(i)
 #define HT_OUTPUT(ctx, map, ev, size, flags) map##_output(ctx, ev, flags)
 #define ht_cfg ((const struct ht_config){ .svc_addr = HT_CFG_SVC_ADDR, \
-	.svc_port = HT_CFG_SVC_PORT, .proto = HT_CFG_PROTO, .data_budget = HT_CFG_DATA_BUDGET })
+	.svc_port = HT_CFG_SVC_PORT, .protos = HT_CFG_PROTOS, .data_budget = HT_CFG_DATA_BUDGET })
 #ifndef HT_RINGBUF_PAGES /* the loader may size the ring buffer */
 #define HT_RINGBUF_PAGES (HT_RINGBUF_BYTES / 4096)
 #endif

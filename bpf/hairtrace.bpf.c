@@ -129,6 +129,61 @@ static __always_inline int events_output(void *ctx, struct ht_event *ev, __u64 f
 
 /* -------------------------------------------------------------- helpers */
 
+static __always_inline bool traced_proto(__u8 proto)
+{
+	return (proto == IPPROTO_TCP && (ht_cfg.protos & HT_PROTO_TCP)) ||
+	       (proto == IPPROTO_UDP && (ht_cfg.protos & HT_PROTO_UDP));
+}
+
+/* The protocol of the flow a packet belongs to: an ICMP error's is the quoted packet's. */
+static __always_inline __u8 flow_proto(const struct ht_event *ev)
+{
+	return ev->proto == IPPROTO_ICMP ? ev->inner_proto : ev->proto;
+}
+
+#define HT_ICMP_DEST_UNREACH 3
+#define HT_ICMP_TIME_EXCEEDED 11
+#define HT_ICMP_PARAMETERPROB 12
+
+/* An ICMP error (destination unreachable, time exceeded, parameter problem): the
+ * event takes the tuple of the packet it quotes, so it matches that packet's flow.
+ * Only ICMP packets pay this second read; other packets never get here. */
+static __always_inline int read_icmp_error(const unsigned char *l4, const struct iphdr *outer,
+					   const void *icmp, struct ht_event *ev)
+{
+	/* ICMP header (8 bytes), then the quoted IP header and its first 8 bytes */
+	struct {
+		struct iphdr iph;
+		__be16 sport;
+		__be16 dport;
+	} in;
+	const __u8 *ih = icmp;
+	__u8 type = ih[0];
+
+	if (type != HT_ICMP_DEST_UNREACH && type != HT_ICMP_TIME_EXCEEDED &&
+	    type != HT_ICMP_PARAMETERPROB)
+		return -1;
+	if (HT_COPY(&in, sizeof(in), l4 + 8))
+		return -1;
+	if (in.iph.version != 4 || !traced_proto(in.iph.protocol) ||
+	    (in.iph.frag_off & bpf_htons(0x1fff)))
+		return -1;
+	if (in.iph.ihl != 5 && HT_COPY(&in.sport, 4, l4 + 8 + in.iph.ihl * 4))
+		return -1;
+	ev->proto = IPPROTO_ICMP;
+	ev->inner_proto = in.iph.protocol;
+	ev->icmp_type = type;
+	ev->icmp_code = ih[1];
+	ev->pkt.saddr = in.iph.saddr;
+	ev->pkt.daddr = in.iph.daddr;
+	ev->pkt.sport = in.sport;
+	ev->pkt.dport = in.dport;
+	ev->seq = bpf_ntohl(outer->saddr);
+	ev->ack_seq = bpf_ntohl(outer->daddr);
+	ev->ip_id = bpf_ntohs(outer->id);
+	return 0;
+}
+
 static __always_inline int read_packet(const struct sk_buff *skb, struct ht_event *ev, bool btf)
 {
 	unsigned char *head = HT_LOAD(btf, skb, head);
@@ -149,13 +204,17 @@ static __always_inline int read_packet(const struct sk_buff *skb, struct ht_even
 	whole = !HT_COPY(&h, sizeof(h), head + nh);
 	if (!whole && HT_COPY(&h.iph, sizeof(h.iph), head + nh))
 		return -1;
-	if (h.iph.version != 4 || h.iph.protocol != ht_cfg.proto)
+	if (h.iph.version != 4)
+		return -1;
+	if (!traced_proto(h.iph.protocol) && h.iph.protocol != IPPROTO_ICMP)
 		return -1;
 	/* Only first fragments carry ports. */
 	if (h.iph.frag_off & bpf_htons(0x1fff))
 		return -1;
 	if ((!whole || h.iph.ihl != 5) && HT_COPY(&h.l4, sizeof(h.l4), head + nh + h.iph.ihl * 4))
 		return -1;
+	if (h.iph.protocol == IPPROTO_ICMP)
+		return read_icmp_error(head + nh + h.iph.ihl * 4, &h.iph, &h.l4, ev);
 	ev->proto = h.iph.protocol;
 	ev->pkt.saddr = h.iph.saddr;
 	ev->pkt.daddr = h.iph.daddr;
@@ -166,9 +225,10 @@ static __always_inline int read_packet(const struct sk_buff *skb, struct ht_even
 		ev->seq = bpf_ntohl(h.l4.th.seq);
 		ev->ack_seq = bpf_ntohl(h.l4.th.ack_seq);
 		ev->tcp_flags = ((__u8 *)&h.l4.th)[13];
-	} else if (h.iph.protocol == IPPROTO_UDP) {
+	} else {
 		ev->pkt.sport = h.l4.uh.source;
 		ev->pkt.dport = h.l4.uh.dest;
+		ev->seq = bpf_ntohs(h.l4.uh.len);
 	}
 	return 0;
 }
@@ -192,7 +252,7 @@ static __always_inline bool match_flow(const struct ht_tuple *t, __u8 proto)
 
 /* One copy of the whole tuple, then fields of the copy (CO-RE relocates
  * those offsets like any other), instead of a helper call per field. */
-static __always_inline void read_ct_tuple(const struct nf_conntrack_tuple *t, struct ht_tuple *out)
+static __always_inline __u8 read_ct_tuple(const struct nf_conntrack_tuple *t, struct ht_tuple *out)
 {
 	struct nf_conntrack_tuple tup;
 
@@ -201,6 +261,7 @@ static __always_inline void read_ct_tuple(const struct nf_conntrack_tuple *t, st
 	out->daddr = tup.dst.u3.ip;
 	out->sport = tup.src.u.all;
 	out->dport = tup.dst.u.all;
+	return tup.dst.protonum;
 }
 
 static __always_inline struct nf_conn *read_ct(const struct sk_buff *skb, struct ht_event *ev,
@@ -250,7 +311,7 @@ static __always_inline bool learn_ct(const struct ht_event *ev)
 {
 	struct ht_flow_key reply = {
 		.saddr = ev->ct_reply.saddr, .daddr = ev->ct_reply.daddr,
-		.sport = ev->ct_reply.sport, .dport = ev->ct_reply.dport, .proto = ev->proto,
+		.sport = ev->ct_reply.sport, .dport = ev->ct_reply.dport, .proto = flow_proto(ev),
 	};
 	__u64 *known;
 
@@ -259,8 +320,8 @@ static __always_inline bool learn_ct(const struct ht_event *ev)
 	known = HT_LOOKUP(flows, &reply);
 	if (known && *known == ev->ct_id)
 		return true;
-	learn_tuple(&ev->ct_orig, ev->proto, ev->ct_id);
-	learn_tuple(&ev->ct_reply, ev->proto, ev->ct_id);
+	learn_tuple(&ev->ct_orig, flow_proto(ev), ev->ct_id);
+	learn_tuple(&ev->ct_reply, flow_proto(ev), ev->ct_id);
 	return true;
 }
 
@@ -368,7 +429,7 @@ static __always_inline int trace_event(const struct sk_buff *skb, const struct h
 		return 0;
 	if (!parsed && read_packet(skb, ev, w->btf))
 		return 0;
-	if (!match_flow(&ev->pkt, ev->proto)) {
+	if (!match_flow(&ev->pkt, flow_proto(ev))) {
 		/* After DNAT the packet no longer carries the VIP and its new
 		 * tuple may not be learned yet: its conntrack entry tells. */
 		if (!w->ct_fallback)
@@ -585,7 +646,7 @@ static __always_inline int on_nat_manip(void *ctx, struct sk_buff *skb, struct n
 	struct ht_event ev = {};
 	struct ht_tuple other;
 
-	if (!skb || !ct || read_packet(skb, &ev, btf))
+	if (!skb || !ct || read_packet(skb, &ev, btf) || ev.proto == IPPROTO_ICMP)
 		return 0;
 	w.dev = HT_LOAD(btf, skb, dev);
 	read_ct_tuple(&ct->tuplehash[dir ? 0 : 1].tuple, &other);
@@ -602,11 +663,13 @@ static __always_inline int on_nat_manip(void *ctx, struct sk_buff *skb, struct n
 /* nf_nat_setup_info: the binding is chosen; learn its tuples (no packet). */
 static __always_inline int on_nat_setup(struct nf_conn *ct)
 {
-	struct ht_event ev = { .ct_flags = HT_CT_PRESENT, .ct_id = (__u64)ct, .proto = ht_cfg.proto };
+	struct ht_event ev = { .ct_flags = HT_CT_PRESENT, .ct_id = (__u64)ct };
 
 	if (!ct)
 		return 0;
-	read_ct_tuple(&ct->tuplehash[0].tuple, &ev.ct_orig);
+	ev.proto = read_ct_tuple(&ct->tuplehash[0].tuple, &ev.ct_orig);
+	if (!traced_proto(ev.proto))
+		return 0;
 	read_ct_tuple(&ct->tuplehash[1].tuple, &ev.ct_reply);
 	learn_ct(&ev);
 	return 0;

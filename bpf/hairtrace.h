@@ -54,6 +54,10 @@ enum ht_point {
 #define HT_AUX_VALID 0x10000
 /* ht_event.aux at HT_PT_CT_IN (fexit only): verdict | HT_AUX_VALID */
 
+/* ht_config.protos */
+#define HT_PROTO_TCP 0x01
+#define HT_PROTO_UDP 0x02
+
 /* A TCP/UDP 4-tuple, network byte order. */
 struct ht_tuple {
 	__u32 saddr;
@@ -74,9 +78,11 @@ struct ht_event {
 	__u8 hook;      /* netfilter hook number, 0xff when not a hook */
 	__u8 tcp_flags;
 	__s32 nf_prio;  /* priority of the netfilter program */
-	struct ht_tuple pkt; /* the packet's addresses at this point */
-	__u32 seq;
-	__u32 ack_seq;
+	/* the packet's addresses at this point; of an ICMP error (proto
+	 * IPPROTO_ICMP): the tuple of the packet it quotes (its inner header) */
+	struct ht_tuple pkt;
+	__u32 seq;      /* TCP: sequence number; UDP: datagram length; ICMP error: its own source address (host order) */
+	__u32 ack_seq;  /* TCP: ack number; ICMP error: its own destination address (host order) */
 	__u16 ip_id;
 	__u8 ct_flags;  /* HT_CT_* */
 	__u8 ctinfo;    /* enum ip_conntrack_info */
@@ -85,8 +91,10 @@ struct ht_event {
 	struct ht_tuple ct_orig;  /* conntrack original-direction tuple */
 	struct ht_tuple ct_reply; /* conntrack reply-direction tuple */
 	__u32 aux;      /* point-specific: NAT manip (HT_AUX_*), conntrack verdict */
-	__u8 proto;     /* IPPROTO_* */
-	__u8 _pad[3];
+	__u8 proto;     /* IPPROTO_TCP, IPPROTO_UDP, or IPPROTO_ICMP for an ICMP error */
+	__u8 inner_proto; /* ICMP error: the quoted packet's protocol (TCP or UDP); else 0 */
+	__u8 icmp_type; /* ICMP error: type and code (3/3 port unreachable, 3/4 fragmentation needed, ...) */
+	__u8 icmp_code;
 	char dev[HT_DEV_LEN];
 };
 
@@ -94,7 +102,7 @@ struct ht_event {
 struct ht_config {
 	__u32 svc_addr; /* network byte order */
 	__u16 svc_port; /* network byte order, 0 = any port */
-	__u8 proto;     /* IPPROTO_TCP */
+	__u8 protos;    /* HT_PROTO_TCP | HT_PROTO_UDP: which the service is traced for */
 	/* TCP packets without SYN, FIN or RST emitted per tuple, point and device
 	 * (the handshake's ACK and the first data); 0 = every packet. Drops and
 	 * resets are always emitted; a SYN or SYN+ACK starts the count again. */

@@ -7,6 +7,12 @@
 # net.bridge.bridge-nf-call-iptables=0 in the node netns the reply is bridged
 # back un-NATed, pod A answers RST and curl times out; with 1 it works.
 #
+# A second Service, kube-system/kube-dns (ClusterIP 100.67.30.140, ports 53/udp "dns"
+# and 53/tcp "dns-tcp"), has the same endpoint, where dnsmasq answers
+# export.prod.svc.cluster.local. With 0 a UDP query through it times out (the reply
+# is bridged back un-NATed too), with 1 it answers:
+#   ip netns exec poda dig @100.67.30.140 export.prod.svc.cluster.local +time=2 +tries=1
+#
 # Plain ip / sysctl / iptables-restore only (no CNI), so hairtrace can be shown
 # to work on a topology it did not build. Only the namespaces node, poda and
 # podb are touched, never the caller's own netns.
@@ -27,6 +33,7 @@ BRIDGE_IP=100.96.54.1
 POD_A_IP=100.96.54.240
 POD_B_IP=100.96.54.247
 SERVICE_IP=100.67.30.133
+DNS_IP=100.67.30.140
 if [[ ${SEED_LAB_SELF:-0} == 1 ]]; then
 	BACKEND_NS=$POD_A BACKEND_IP=$POD_A_IP BACKEND_LABEL="pod A"
 else
@@ -41,9 +48,26 @@ die() { echo "seed-lab: $*" >&2; exit 1; }
 in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 ns_exists() { [[ -e /run/netns/$1 ]]; }
 
-# The nat table as kube-proxy (iptables mode) writes it for Service prod/export
-# (unnamed port 80/TCP) with one endpoint; the chain hashes are kube-proxy's.
+# kp_hash TEXT: the hash kube-proxy puts in chain names, base32(sha256(TEXT)) cut to 16.
+kp_hash() {
+	local hex
+	hex=$(printf '%s' "$1" | sha256sum)
+	printf '%b' "$(printf '%s' "${hex%% *}" | sed 's/../\\x&/g')" | base32 | cut -c1-16
+}
+
+# The Service ports, one a line: kube-proxy's ServicePortName, protocol, ClusterIP, port
+# and the one endpoint. kube-proxy names the chains KUBE-SVC-hash(name protocol) and
+# KUBE-SEP-hash(name protocol endpoint).
+service_ports() {
+	echo "prod/export tcp $SERVICE_IP 80 $BACKEND_IP:80"
+	echo "kube-system/kube-dns:dns udp $DNS_IP 53 $BACKEND_IP:53"
+	echo "kube-system/kube-dns:dns-tcp tcp $DNS_IP 53 $BACKEND_IP:53"
+}
+
+# The nat table as kube-proxy (iptables mode) writes it for Services prod/export
+# (unnamed port 80/TCP) and kube-system/kube-dns (53/UDP, 53/TCP), one endpoint each.
 nat_rules() {
+	local name proto ip port ep svc sep
 	cat <<EOF
 *nat
 :PREROUTING ACCEPT [0:0]
@@ -54,8 +78,12 @@ nat_rules() {
 :KUBE-NODEPORTS - [0:0]
 :KUBE-POSTROUTING - [0:0]
 :KUBE-MARK-MASQ - [0:0]
-:KUBE-SVC-QM5PIMX6ZJ6FY244 - [0:0]
-:KUBE-SEP-6G6CDX4OM4CT72BU - [0:0]
+EOF
+	while read -r name proto ip port ep; do
+		echo ":KUBE-SVC-$(kp_hash "$name$proto") - [0:0]"
+		echo ":KUBE-SEP-$(kp_hash "$name$proto$ep") - [0:0]"
+	done < <(service_ports)
+	cat <<EOF
 -A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
 -A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
 -A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
@@ -63,14 +91,24 @@ nat_rules() {
 -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
 -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
 -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
--A KUBE-SERVICES -d $SERVICE_IP/32 -p tcp -m comment --comment "prod/export cluster IP" -m tcp --dport 80 -j KUBE-SVC-QM5PIMX6ZJ6FY244
--A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
--A KUBE-SVC-QM5PIMX6ZJ6FY244 ! -s $CLUSTER_CIDR -d $SERVICE_IP/32 -p tcp -m comment --comment "prod/export cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ
--A KUBE-SVC-QM5PIMX6ZJ6FY244 -m comment --comment "prod/export -> $BACKEND_IP:80" -j KUBE-SEP-6G6CDX4OM4CT72BU
--A KUBE-SEP-6G6CDX4OM4CT72BU -s $BACKEND_IP/32 -m comment --comment "prod/export" -j KUBE-MARK-MASQ
--A KUBE-SEP-6G6CDX4OM4CT72BU -p tcp -m comment --comment "prod/export" -m tcp -j DNAT --to-destination $BACKEND_IP:80
-COMMIT
 EOF
+	while read -r name proto ip port ep; do
+		echo "-A KUBE-SERVICES -d $ip/32 -p $proto -m comment --comment \"$name cluster IP\"" \
+			"-m $proto --dport $port -j KUBE-SVC-$(kp_hash "$name$proto")"
+	done < <(service_ports)
+	echo '-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must' \
+		'be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS'
+	while read -r name proto ip port ep; do
+		svc=KUBE-SVC-$(kp_hash "$name$proto")
+		sep=KUBE-SEP-$(kp_hash "$name$proto$ep")
+		cat <<EOF
+-A $svc ! -s $CLUSTER_CIDR -d $ip/32 -p $proto -m comment --comment "$name cluster IP" -m $proto --dport $port -j KUBE-MARK-MASQ
+-A $svc -m comment --comment "$name -> $ep" -j $sep
+-A $sep -s ${ep%:*}/32 -m comment --comment "$name" -j KUBE-MARK-MASQ
+-A $sep -p $proto -m comment --comment "$name" -m $proto -j DNAT --to-destination $ep
+EOF
+	done < <(service_ports)
+	echo COMMIT
 }
 
 # plug_pod NS IP HOST_IF: a pod netns with eth0 on a veth whose other end is a cni0 port.
@@ -106,12 +144,40 @@ start_server() {
 	die "the backend's HTTP server did not answer pod A: $(tail -n 1 "$STATE_DIR/server.log" 2>/dev/null)"
 }
 
+# start_dns: kube-dns's backend, dnsmasq on the backend's pod IP port 53 (UDP and TCP),
+# answering from its own records only (no upstream, no /etc/hosts, no config file). It
+# stays root (--user=root) rather than dropping to nobody, and logs every query.
+start_dns() {
+	rm -f "$STATE_DIR/dnsmasq.pid"
+	setsid -f sh -c 'echo $$ >"$0"; exec "$@"' "$STATE_DIR/dnsmasq.pid" \
+		ip netns exec "$BACKEND_NS" dnsmasq --keep-in-foreground --conf-file=/dev/null \
+		--no-resolv --no-hosts --user=root --group=root --pid-file= \
+		--log-facility="$STATE_DIR/dnsmasq.log" --log-queries \
+		--listen-address="$BACKEND_IP" --bind-dynamic --port=53 --local=/cluster.local/ \
+		--host-record="export.prod.svc.cluster.local,$SERVICE_IP" \
+		--host-record="kube-dns.kube-system.svc.cluster.local,$DNS_IP" \
+		</dev/null >>"$STATE_DIR/dnsmasq.log" 2>&1
+	local i
+	for i in $(seq 50); do
+		if [[ $(in_ns "$POD_A" dig +short +time=1 +tries=1 "@$BACKEND_IP" export.prod.svc.cluster.local 2>/dev/null) == "$SERVICE_IP" ]]; then
+			return 0
+		fi
+		sleep 0.1
+	done
+	die "the backend's DNS server did not answer pod A: $(tail -n 1 "$STATE_DIR/dnsmasq.log" 2>/dev/null)"
+}
+
 do_up() {
 	local knob=$1
 	[[ $knob == 0 || $knob == 1 ]] || die "bridge-nf-call-iptables must be 0 or 1, not '$knob'"
 	local ns
 	for ns in "$NODE" "$POD_A" "$POD_B"; do
 		! ns_exists "$ns" || die "netns $ns already exists; run '$0 down' first"
+	done
+	local tool
+	for tool in dnsmasq dig; do
+		command -v "$tool" >/dev/null ||
+			die "$tool not found (Debian packages dnsmasq-base, bind9-dnsutils: run scripts/setup)"
 	done
 	# From here on, any failure (set -e or die) tears down what was built.
 	trap 'rc=$?; if ((rc != 0)); then echo "seed-lab: up failed; tearing down" >&2; do_down >/dev/null 2>&1 || true; fi' EXIT
@@ -132,8 +198,10 @@ do_up() {
 
 	nat_rules | in_ns "$NODE" iptables-restore
 	start_server
+	start_dns
 	trap - EXIT
 	echo "seed-lab: up (bridge-nf-call-iptables=$knob); try: ip netns exec $POD_A curl -m 3 http://$SERVICE_IP/"
+	echo "  or: ip netns exec $POD_A dig @$DNS_IP export.prod.svc.cluster.local +time=2 +tries=1"
 }
 
 # kill_pid PID: SIGTERM, then SIGKILL if it lingers.
@@ -149,13 +217,16 @@ kill_pid() {
 }
 
 do_down() {
-	local pid ns
-	if [[ -f $STATE_DIR/server.pid ]]; then
-		pid=$(cat "$STATE_DIR/server.pid")
-		if [[ $pid =~ ^[0-9]+$ ]] && grep -qa http.server "/proc/$pid/cmdline" 2>/dev/null; then
-			kill_pid "$pid"
+	local pid ns what
+	# each recorded pid, if it is still that program (not a reused pid)
+	for what in server:http.server dnsmasq:dnsmasq; do
+		if [[ -f $STATE_DIR/${what%%:*}.pid ]]; then
+			pid=$(cat "$STATE_DIR/${what%%:*}.pid")
+			if [[ $pid =~ ^[0-9]+$ ]] && grep -qa "${what#*:}" "/proc/$pid/cmdline" 2>/dev/null; then
+				kill_pid "$pid"
+			fi
 		fi
-	fi
+	done
 	for ns in "$POD_A" "$POD_B"; do
 		if ns_exists "$ns"; then
 			for pid in $(ip netns pids "$ns"); do

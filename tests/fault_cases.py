@@ -52,6 +52,14 @@ WHERE: dict[str, Where] = {
                                evidence_has="VXLAN"),
     "route-unreachable": Where("SYN", "ht-n1", "cni0", "kfree_skb"),
     "backend-blackhole": Where("SYN", "ht-n1-b", "eth0", "netif_receive_skb"),
+    # over UDP (a dig to kube-dns): the reply, the request or the ICMP error that answered it
+    "dns-bridge-nf-off": Where("UDP", "ht-n1", "cni0", "net_dev_start_xmit",
+                               evidence_has="bridge-nf-call-iptables = 0"),
+    "dns-no-endpoints": Where("UDP", "ht-n1", "cni0", "kfree_skb", "NETFILTER_DROP",
+                              rule_has="has no endpoints",
+                              evidence_has="ICMP port unreachable (type 3, code 3)"),
+    "dns-wrong-target-port": Where("ICMP", "ht-n1-b", "eth0", "net_dev_start_xmit",
+                                   evidence_has="nothing listens on that port"),
 }  # fmt: skip
 
 HEALTHY = [name for name, f in FAULTS.items() if not f.cause]
@@ -65,6 +73,12 @@ def check_report(name: str, report: dict[str, Any]) -> None:
     conns = report["connections"]
     assert conns, f"{name}: no connection in the report"
     assert report["lost_events"] == 0
+    proto = "udp" if fault.client == "dig" else "tcp"
+    assert {c["proto"] for c in conns} == {proto}, [c["proto"] for c in conns]
+    if proto == "udp":  # one query (one try): one request, answered or not
+        for c in conns:
+            [x] = c["exchanges"]
+            assert x["request"] == 0 and x["ok"] == (not fault.cause), x
     if not fault.cause:
         assert all(c["verdict"] == "ok" and c["break"] is None for c in conns), [
             (c["verdict"], c["break"] and c["break"]["cause"]) for c in conns

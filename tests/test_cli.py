@@ -46,6 +46,8 @@ def assert_one_line_error(res: subprocess.CompletedProcess[str], code: int, need
         ("fd00::10", "only IPv4"),
         ("100.67.30.133:0", "1-65535"),
         ("100.67.30.133:99999", "1-65535"),
+        ("100.67.30.133:53/sctp", "bad service protocol 'sctp': expected tcp or udp"),
+        ("100.67.30.133/icmp", "bad service protocol"),
     ],
 )
 def test_bad_service_is_usage_error(svc: str, needle: str) -> None:

@@ -87,6 +87,56 @@ def test_300_concurrent_connections_through_a_multi_endpoint_service(tmp_path: P
     assert set(traced.values()) == {"100.96.54.247", "100.96.55.10", "100.96.55.11"}
 
 
+def test_1000_dns_queries_from_every_pod_over_udp_and_tcp_are_each_accounted(
+    tmp_path: Path,
+) -> None:
+    """Issue 13: no false alarm on healthy UDP and TCP under load. kube-dns (one endpoint,
+    pod n1-b) gets 1,000 queries over UDP and 100 over TCP at once, from both pods of the
+    traced node (n1-b calls its own Service); the source ports of the two loads may
+    coincide. Every query is one connection of its protocol, with its client's address
+    and port, and ok; no other connection is reported. (Node 2's pods are served by
+    node 2's kube-proxy rules and conntrack, which a trace of node 1 does not see.)"""
+    from tracer.lab.cluster import ClusterSpec
+
+    pods = {p.ns: p.ip for p in ClusterSpec(nodes=2).pods if p.node == 1}
+    subprocess.run([HAIRTRACE, "lab", "down"], check=True, capture_output=True, timeout=120)
+    subprocess.run([HAIRTRACE, "lab", "up", "--two-node"], check=True, capture_output=True,
+                   timeout=180)  # fmt: skip
+    try:
+        udp, tcp, out = tmp_path / "udp.json", tmp_path / "tcp.json", tmp_path / "report.json"
+        load = f"{HAIRTRACE} lab load --dns --all-pods --json"
+        both = f"{load} -n 1000 > {udp} & {load} --tcp -n 100 > {tcp}; wait"
+        res = subprocess.run(
+            [HAIRTRACE, "--no-live", "--svc", "100.67.30.140:53", "--netns", "ht-n1", "--json",
+             str(out), "--", "sh", "-c", both],
+            check=False, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    finally:
+        subprocess.run([HAIRTRACE, "lab", "down"], check=True, capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    asked: dict[str, set[tuple[str, int]]] = {}
+    for proto, path, n in (("udp", udp, 1000), ("tcp", tcp, 100)):
+        queries = json.loads(path.read_text())["queries"]
+        assert len(queries) == n and all(q["answered"] for q in queries)
+        assert {q["pod"] for q in queries} == set(pods)
+        asked[proto] = {(pods[q["pod"]], q["sport"]) for q in queries}
+        assert len(asked[proto]) == n
+    report = json.loads(out.read_text())
+    assert report["lost_events"] == 0
+    assert report["service"]["protocols"] == ["tcp", "udp"]
+    conns = report["connections"]
+    bad = [(c["proto"], c["client"], c["verdict"], c["break"] and c["break"]["cause"])
+           for c in conns if c["verdict"] != "ok"]  # fmt: skip
+    assert not bad, bad[:10]
+    for proto in ("udp", "tcp"):
+        traced = [(c["client"]["ip"], c["client"]["port"]) for c in conns if c["proto"] == proto]
+        assert len(traced) == len(asked[proto]), (proto, len(traced))
+        assert set(traced) == asked[proto]
+    udp_conns = [c for c in conns if c["proto"] == "udp"]
+    assert all([x["ok"] for x in c["exchanges"]] == [True] for c in udp_conns)
+    assert {c["backend"]["ip"] for c in conns} == {"100.96.54.247"}
+
+
 def test_no_br_netfilter_in_the_vm() -> None:
     """br_netfilter is built into the host kernel; the Debian VM has it as a module."""
     needs_binary("qemu-system-x86_64")

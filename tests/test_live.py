@@ -128,6 +128,57 @@ def test_seed_healthy(seed_lab: str, tmp_path: Path) -> None:
     assert any(h["nat"] and f"-> {SVC}:80" in h["nat"] for h in synack["hops"]), synack
 
 
+DNS = "100.67.30.140"
+DIG = ["ip", "netns", "exec", "poda", "dig", f"@{DNS}", "+time=2", "+tries=1",
+       "export.prod.svc.cluster.local"]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed_lab", ["0", "1"], indirect=True)
+def test_udp_seed_case_on_the_plain_lab(seed_lab: str, tmp_path: Path) -> None:
+    """Issue 13: a DNS query over UDP to a same-node kube-dns pod. With
+    bridge-nf-call-iptables=0 the reply is bridged back without reverse NAT: one udp
+    connection, broken, on the reply in the node netns, and dig times out; with 1 dig
+    answers and the connection is ok."""
+    report = tmp_path / "r.json"
+    res = hairtrace("--svc", f"{DNS}:53/udp", "--netns", "node", "--json", str(report), "--",
+                    *DIG)  # fmt: skip
+    r = json.loads(report.read_text())
+    assert r["lost_events"] == 0 and r["service"]["protocols"] == ["udp"]
+    [conn] = r["connections"]
+    assert conn["proto"] == "udp" and conn["isn"] is None
+    assert conn["service"] == {"ip": DNS, "port": 53}
+    assert conn["backend"] == {"ip": "100.96.54.247", "port": 53}
+    request, reply = conn["packets"][:2]
+    assert (request["role"], request["direction"]) == ("UDP", "original")
+    assert (reply["role"], reply["direction"]) == ("UDP", "reply")
+    assert request["length"] > 8 and reply["length"] > request["length"], "the answer is longer"
+    if seed_lab == "1":
+        assert res.returncode == 0, res.stderr
+        assert r["command_status"] == 0 and "100.67.30.133" in res.stdout, "dig answered"
+        assert (conn["verdict"], conn["break"]) == ("ok", None)
+        assert conn["exchanges"] == [{"request": 0, "reply": 1, "icmp": None, "ok": True}]
+        assert reply["hops"][-1]["src"] == f"{DNS}:53", "reverse-translated at the client"
+        return
+    assert res.returncode == 3, res.stderr
+    assert r["command_status"] == 9 and "timed out" in res.stdout, "dig got no answer"
+    assert conn["verdict"] == "broken"
+    assert conn["exchanges"] == [{"request": 0, "reply": 1, "icmp": None, "ok": False}]
+    brk = conn["break"]
+    assert (brk["packet_role"], brk["packet_index"], brk["netns"], brk["dev"]) == (
+        "UDP", 1, "node", "cni0")  # fmt: skip
+    assert brk["cause"] == "bridge-nf-call-iptables-off"
+    assert reply["hops"][-1]["src"] == "100.96.54.247:53", "the client got the pod's address"
+    evidence = "\n".join(brk["evidence"])
+    assert "net.bridge.bridge-nf-call-iptables = 0 in netns node" in evidence
+    # the client's stack answers the reply it has no socket for with port unreachable,
+    # an ICMP error of the same connection, on its original side
+    icmp = [p for p in conn["packets"] if p["role"] == "ICMP"]
+    assert icmp and icmp[0]["direction"] == "original", icmp
+    assert icmp[0]["icmp"]["type"] == 3 and icmp[0]["icmp"]["code"] == 3
+    assert icmp[0]["icmp"]["from"] == "100.96.54.240"
+    assert "answered with ICMP port unreachable" in evidence
+
+
 @pytest.fixture
 def self_call_lab() -> Iterator[None]:
     """The seed lab with pod A as the Service's only endpoint (hairpin on, masquerade)."""
@@ -165,14 +216,16 @@ def test_a_port_or_address_the_rules_lack_is_named(seed_lab: str, tmp_path: Path
     missing from kube-proxy's rules, at start and (for the port) in the break."""
     report = tmp_path / "r.json"
     curl81 = [*CURL[:-1], f"http://{SVC}:81/"]
-    res = hairtrace("--svc", f"{SVC}:81", "--netns", "node", "--json", str(report), "--", *curl81)
+    res = hairtrace("--svc", f"{SVC}:81/tcp", "--netns", "node", "--json", str(report), "--",
+                    *curl81)  # fmt: skip
     assert res.returncode == 3, res.stderr
     want = (f"kube-proxy's rules in netns node have no port 81/tcp for Service {SVC} "
             "(its ports: 80/tcp)")  # fmt: skip
     assert res.stderr.splitlines()[0] == f"warning: {want}", "said at start, before the trace"
     r = json.loads(report.read_text())
     assert r["warnings"] == [want]
-    assert r["service"] == {"ip": SVC, "port": 81, "ports_in_rules": ["80/tcp"]}
+    assert r["service"] == {"ip": SVC, "port": 81, "protocols": ["tcp"],
+                            "ports_in_rules": ["80/tcp"]}  # fmt: skip
     [conn] = r["connections"]
     brk = conn["break"]
     assert (conn["verdict"], brk["cause"], brk["packet_role"]) == (

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from tracer.errors import UsageError
-from tracer.options import parse_service
+from tracer.options import parse_service, parse_service_spec
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,24 @@ def test_good(spec: str, want: tuple[str, int]) -> None:
 def test_bad(spec: str, msg: str) -> None:
     with pytest.raises(UsageError, match=msg):
         parse_service(spec)
+
+
+@pytest.mark.parametrize(
+    "spec,want",
+    [
+        ("10.96.0.10:53", ("10.96.0.10", 53, ("tcp", "udp"))),
+        ("10.96.0.10:53/udp", ("10.96.0.10", 53, ("udp",))),
+        ("10.96.0.10:53/TCP", ("10.96.0.10", 53, ("tcp",))),
+        ("10.96.0.10/udp", ("10.96.0.10", 0, ("udp",))),
+    ],
+)
+def test_protocol(spec: str, want: tuple[str, int, tuple[str, ...]]) -> None:
+    assert parse_service_spec(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["10.96.0.10:53/sctp", "10.96.0.10:53/", "10.96.0.10/icmp"])
+def test_bad_protocol(spec: str) -> None:
+    with pytest.raises(UsageError, match="bad service protocol"):
+        parse_service_spec(spec)
+    with pytest.raises(UsageError):
+        parse_service(spec)  # the form without a protocol (scripts/capture-fixture)

@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 VIP = "100.67.30.133:80"
 CONNTRACK_NAT = {"nf_conntrack_in", "__nf_conntrack_confirm", "nf_nat_manip_pkt"}
 CASES = [(p, k) for p in ("fentry", "kprobe") for k in ("0", "1")]
+# the seed case over UDP: one dig to the lab's kube-dns Service (SEED_CLIENT=dig)
+DNS = "100.67.30.140:53"
+UDP_CASES = [(p, f"{k}/udp") for p in ("fentry", "kprobe") for k in ("0", "1")]
 # A kernel without BTF of its own (simulated: hairtrace is told its BTF is absent),
 # traced with --btf FILE: CO-RE relocations from the file, kprobes, and the
 # raw-tracepoint twins of the device and drop tracepoints (tp_btf needs kernel BTF).
@@ -46,14 +49,19 @@ def vm_reports() -> dict[tuple[str, str], dict[str, Any]]:
     needs_live()
     needs_binary("qemu-system-x86_64")
     runs = [f"scripts/scenario-seed {k} --provider {p}; echo" for p, k in CASES]
+    runs += [
+        f"SEED_CLIENT=dig scripts/scenario-seed {k.split('/')[0]} --provider {p}; echo"
+        for p, k in UDP_CASES
+    ]
     script = "; ".join([*runs, NO_BTF_RUN])
     res = subprocess.run(
         [str(ROOT / "scripts" / "vm-run"), "--timeout", "1500", "--", "sh", "-c", script],
         check=False, capture_output=True, text=True, timeout=1600, cwd=ROOT,
     )  # fmt: skip
     docs = _documents(res.stdout)
-    assert len(docs) == len(CASES) + 1, f"vm-run exit {res.returncode}: {res.stderr[-3000:]}"
-    return dict(zip([*CASES, NO_BTF], docs, strict=True))
+    want = len(CASES) + len(UDP_CASES) + 1
+    assert len(docs) == want, f"vm-run exit {res.returncode}: {res.stderr[-3000:]}"
+    return dict(zip([*CASES, *UDP_CASES, NO_BTF], docs, strict=True))
 
 
 def _only(report: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +109,42 @@ def test_seed_healthy_in_vm(vm_reports: dict[tuple[str, str], Any], provider: st
     assert any(
         h["point"] == "nf_nat_manip_pkt" and h["nat"] and h["nat"].endswith(f"-> {VIP}")
         for h in synack["hops"]
+    )
+
+
+@pytest.mark.parametrize("provider", ["fentry", "kprobe"])
+def test_udp_seed_in_vm(vm_reports: dict[tuple[str, str], Any], provider: str) -> None:
+    """The seed case over UDP (a DNS query bridged back without reverse NAT), with the
+    fentry and kprobe providers: broken with bridge-nf-call-iptables=0, ok with 1."""
+    broken, healthy = vm_reports[(provider, "0/udp")], vm_reports[(provider, "1/udp")]
+    for r in (broken, healthy):
+        assert r["provider"] == provider and r["lost_events"] == 0
+        assert r["service"]["protocols"] == ["udp"]
+    conn = _only(broken)
+    assert (conn["proto"], conn["verdict"]) == ("udp", "broken")
+    assert f"{conn['service']['ip']}:{conn['service']['port']}" == DNS
+    brk = conn["break"]
+    assert (brk["packet_role"], brk["netns"], brk["cause"]) == (
+        "UDP",
+        "node",
+        "bridge-nf-call-iptables-off",
+    )
+    reply = next(p for p in conn["packets"] if p["role"] == "UDP" and p["direction"] == "reply")
+    node = [h for h in reply["hops"] if h["netns"] == "node"]
+    assert any(h["point"] == "br_forward" for h in node)
+    assert not CONNTRACK_NAT & {h["point"] for h in node}
+    request = conn["packets"][0]
+    assert any(
+        h["point"] == "nf_nat_manip_pkt" and h["nat"] and "DNAT" in h["nat"]
+        for h in request["hops"]
+    )
+    ok = _only(healthy)
+    assert (ok["proto"], ok["verdict"], ok["break"]) == ("udp", "ok", None)
+    assert [x["ok"] for x in ok["exchanges"]] == [True]
+    reply = next(p for p in ok["packets"] if p["direction"] == "reply")
+    assert any(
+        h["point"] == "nf_nat_manip_pkt" and h["nat"] and h["nat"].endswith(f"-> {DNS}")
+        for h in reply["hops"]
     )
 
 

@@ -70,7 +70,12 @@ class _Main(click.Group):
 @click.group(
     cls=_Main, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]}
 )
-@click.option("--svc", "svc", metavar="IP[:PORT]", help="Service (ClusterIP) to trace.")
+@click.option(
+    "--svc",
+    "svc",
+    metavar="IP[:PORT][/tcp|/udp]",
+    help="Service (ClusterIP) to trace; without /PROTO both TCP and UDP.",
+)
 @click.option(
     "--netns",
     metavar="NAME|PATH",
@@ -146,10 +151,12 @@ def main(
     ready_file: str | None,
     ringbuf_bytes: int | None,
 ) -> None:
-    """Trace every TCP connection to a Service and explain where it breaks.
+    """Trace every connection to a Service (TCP, UDP flows and their ICMP errors) and
+    explain where it breaks.
 
     \b
     hairtrace --svc 100.67.30.133 [--netns NODE] [--json r.json] [-- CMD ...]
+    hairtrace --svc 10.96.0.10:53/udp ...
 
     With `-- CMD`, CMD runs once every probe is attached and the trace ends
     shortly after it exits. Exit status: 0 all traced connections ok (or none
@@ -161,12 +168,12 @@ def main(
     if svc is None:
         click.echo(ctx.get_help(), err=True)
         sys.exit(EXIT_USAGE)
-    from tracer.options import parse_service
+    from tracer.options import parse_service_spec
     from tracer.present.live import trace_with_view
     from tracer.trace import TraceOptions
 
     try:
-        ip, port = parse_service(svc)
+        ip, port, protocols = parse_service_spec(svc)
         if duration is not None and duration <= 0:
             raise UsageError("--duration must be positive")
         # before anything loads or attaches: a bad path found at the end loses the trace
@@ -190,6 +197,7 @@ def main(
             btf=btf,
             data_budget=data_packets,
             command_stdout_to_stderr=json_dest == "-",
+            protocols=protocols,
         )
         live = not no_live and sys.stderr.isatty()
         _result, view = trace_with_view(opts, live, report=json_dest)

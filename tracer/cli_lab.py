@@ -141,18 +141,37 @@ def lab_status(as_json: bool) -> None:
 @click.option("-n", "--connections", type=click.IntRange(1, 5000), default=300, show_default=True)
 @click.option("--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Every connection as JSON.")
-def lab_load(connections: int, timeout: float, as_json: bool) -> None:
+@click.option("--dns", is_flag=True, help="DNS queries (dig) to kube-dns instead of HTTP.")
+@click.option("--tcp", is_flag=True, help="With --dns: over TCP.")
+@click.option(
+    "--all-pods",
+    is_flag=True,
+    help="With --dns: from every pod of node 1 (the client's node), round-robin.",
+)
+def lab_load(
+    connections: int, timeout: float, as_json: bool, dns: bool, tcp: bool, all_pods: bool
+) -> None:
     """Open N concurrent connections from the cluster lab's client pod to the Service and
-    say which backend served each. Exit status 1 if any failed."""
+    say which backend served each (--dns: N DNS queries to 100.67.30.140:53, 16 at a
+    time, query i from source port BASE+i). Exit status 1 if any failed."""
     from tracer.lab import cluster
 
     try:
         state = cluster.load_state()
         if state is None:
             raise HairtraceError("no cluster lab: run hairtrace lab up --fault NAME first")
-        results = cluster.load(state.spec, connections, timeout)
+        if dns:
+            spec = state.spec
+            pods = tuple(p for p in spec.pods if p.node == 1) if all_pods else None
+            replies = cluster.dig_load(spec, connections, pods, tcp=tcp,
+                                       timeout=min(timeout, 5.0))  # fmt: skip
+        else:
+            results = cluster.load(state.spec, connections, timeout)
     except HairtraceError as exc:
         fail(exc)
+    if dns:
+        _dns_load_output(replies, as_json)
+        return
     failed = [r for r in results if r["status"] != 200]
     if as_json:
         click.echo(json.dumps({"connections": results}, indent=1))
@@ -164,6 +183,22 @@ def lab_load(connections: int, timeout: float, as_json: bool) -> None:
         )
         for line in failure_lines(failed):
             click.echo(line)
+    sys.exit(1 if failed else 0)
+
+
+def _dns_load_output(replies: list[Any], as_json: bool) -> None:
+    from dataclasses import asdict
+
+    failed = [r for r in replies if not r.answered]
+    if as_json:
+        click.echo(json.dumps({"queries": [asdict(r) for r in replies]}, indent=1))
+    else:
+        click.echo(f"{len(replies) - len(failed)}/{len(replies)} answered")
+        tally = Counter(r.status for r in failed)
+        if failed:
+            click.echo(
+                f"{len(failed)} failed: " + "; ".join(f"{n} {w}" for w, n in tally.most_common())
+            )
     sys.exit(1 if failed else 0)
 
 

@@ -12,8 +12,24 @@ from tracer.errors import UsageError
 DEFAULT_DATA_BUDGET = 8
 
 
+PROTOCOLS = ("tcp", "udp")  # what --svc traces without /PROTO
+
+
 def parse_service(spec: str) -> tuple[str, int]:
     """'IP[:PORT]' -> (ip, port); port 0 means any port of the service IP."""
+    ip, port, _protos = parse_service_spec(spec, allow_proto=False)
+    return ip, port
+
+
+def parse_service_spec(spec: str, *, allow_proto: bool = True) -> tuple[str, int, tuple[str, ...]]:
+    """'IP[:PORT][/tcp|/udp]' -> (ip, port, protocols); port 0 means any port of the
+    service IP; without /PROTO both TCP and UDP are traced."""
+    protos: tuple[str, ...] = PROTOCOLS
+    if allow_proto and "/" in spec:
+        spec, _, proto = spec.rpartition("/")
+        if proto.lower() not in PROTOCOLS:
+            raise UsageError(f"bad service protocol '{proto}': expected tcp or udp")
+        protos = (proto.lower(),)
     host, sep, port_s = spec.rpartition(":") if spec.count(":") == 1 else (spec, "", "")
     try:
         ip = ipaddress.ip_address(host)
@@ -22,7 +38,7 @@ def parse_service(spec: str) -> tuple[str, int]:
     if ip.version != 4:
         raise UsageError(f"bad service address '{host}': only IPv4 is supported")
     if not sep:
-        return str(ip), 0
+        return str(ip), 0, protos
     if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
         raise UsageError(f"bad service port '{port_s}': expected 1-65535")
-    return str(ip), int(port_s)
+    return str(ip), int(port_s), protos

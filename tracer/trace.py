@@ -46,14 +46,14 @@ from tracer.kernel.providers import Provider, choose, moved_points
 from tracer.kernel.pseudonyms import Pseudonyms
 from tracer.kernel.ringbuf import open_reader
 from tracer.kernel.ringbuf import records as split_records
-from tracer.options import DEFAULT_DATA_BUDGET
+from tracer.options import DEFAULT_DATA_BUDGET, PROTOCOLS
 from tracer.present.report import RunInfo
 from tracer.topology import NetnsRef, Topology, resolve_netns, snapshot
 from tracer.topology.counters import collect_counters, drops_between, sysctls_of
 from tracer.topology.services import node_view
 
 HT_PT_MAX = 32
-IPPROTO_TCP = 6
+HT_PROTO_BITS = {"tcp": 0x01, "udp": 0x02}  # struct ht_config.protos (bpf/hairtrace.h)
 DEFAULT_OBJECT = Path(__file__).resolve().parent.parent / "bpf" / "build" / "hairtrace.bpf.o"
 
 
@@ -83,6 +83,7 @@ class TraceOptions:
     backend: str = "auto"  # auto | core (libbpf CO-RE) | bcc
     btf: str | None = None  # external BTF file for CO-RE on a kernel without BTF
     command_stdout_to_stderr: bool = False  # keeps stdout for the report alone (--json -)
+    protocols: tuple[str, ...] = PROTOCOLS  # of the service: tcp, udp (ICMP errors follow them)
 
 
 @dataclass
@@ -129,10 +130,22 @@ class Sink(Protocol):
         ...
 
 
-def _config(ip: str, port: int, data_budget: int) -> bytes:
+def proto_bits(protocols: tuple[str, ...]) -> int:
+    """struct ht_config.protos of the protocols traced."""
+    bits = 0
+    for p in protocols:
+        bits |= HT_PROTO_BITS[p]
+    return bits
+
+
+def _config(ip: str, port: int, protocols: tuple[str, ...], data_budget: int) -> bytes:
     """struct ht_config (bpf/hairtrace.h)."""
     return struct.pack(
-        "=4s2sBB", socket.inet_aton(ip), port.to_bytes(2, "big"), IPPROTO_TCP, data_budget
+        "=4s2sBB",
+        socket.inet_aton(ip),
+        port.to_bytes(2, "big"),
+        proto_bits(protocols),
+        data_budget,
     )
 
 
@@ -225,7 +238,8 @@ def _load(opts: TraceOptions) -> Loaded:
         if opts.provider not in ("auto", "kprobe"):
             raise UsageError(f"provider {opts.provider}: the bcc backend has only kprobe")
         return bcc_backend.load(opts.service_ip, opts.service_port, opts.ringbuf_bytes,
-                                opts.data_budget, backend_reason)  # fmt: skip
+                                opts.data_budget, backend_reason,
+                                proto_bits(opts.protocols))  # fmt: skip
     lib, obj, provider, reason = _load_core(opts)
     return Loaded(
         "core", backend_reason, provider.name, reason, obj,
@@ -249,7 +263,9 @@ def _load_core(opts: TraceOptions) -> tuple[Libbpf, BpfObject, Provider, str]:
         obj = BpfObject(lib, str(object_path()), btf_custom_path=opts.btf)
         try:
             provider.prepare(obj)
-            obj.set_rodata(_config(opts.service_ip, opts.service_port, opts.data_budget))
+            obj.set_rodata(
+                _config(opts.service_ip, opts.service_port, opts.protocols, opts.data_budget)
+            )
             if opts.ringbuf_bytes:
                 obj.set_max_entries("events", opts.ringbuf_bytes)
             obj.load()
@@ -525,7 +541,9 @@ def run_trace(
         topo = snapshot(opts.service_ip, opts.service_port or None)
         judge = _Judge(opts, netns, topo, losses, clock, out)
         live.judge = judge.feed
-        ports, warnings = node_view(topo, netns.inode, opts.service_ip, opts.service_port)
+        ports, warnings = node_view(
+            topo, netns.inode, opts.service_ip, opts.service_port, opts.protocols
+        )
         run = RunInfo(
             __version__, os.uname().release, loaded.provider, loaded.provider_reason,
             opts.service_ip, opts.service_port, netns.name, attached=tuple(attached),
@@ -534,7 +552,7 @@ def run_trace(
             attach_seconds=round(attach_s, 3), trace_attach_seconds=round(since_start, 3),
             started_at=started_at, start_ns=start_ns,
             command=opts.command, service_ports=ports, warnings=warnings,
-            nf_priorities=nf_priorities,
+            nf_priorities=nf_priorities, protocols=opts.protocols,
         )  # fmt: skip
         if announce is not None:
             announce(run)

@@ -18,6 +18,7 @@ from tracer.events.codec import (
     decode,
     decode_all,
     decode_batch,
+    encode,
 )
 from tracer.events.model import POINTS, Point
 from tracer.kernel.btf import KIND_ENUM, KIND_STRUCT, object_btf
@@ -49,7 +50,7 @@ def test_config_struct_is_what_the_loader_writes(bpf_object: Path) -> None:
     assert [(n, b // 8) for n, _t, b in cfg.members] == [
         ("svc_addr", 0),
         ("svc_port", 4),
-        ("proto", 6),
+        ("protos", 6),
         ("data_budget", 7),
     ]
 
@@ -62,7 +63,7 @@ def _record(**kw: object) -> bytes:
         "!4s4sHH", socket.inet_aton("10.0.0.1"), socket.inet_aton("10.9.9.9"), 1234, 80
     )
     return struct.pack(
-        "<QQQQIIHBBi12sIIHBBII12s12sIB3x16s",
+        "<QQQQIIHBBi12sIIHBBII12s12sIBBBB16s",
         5,
         0xFFFF0001,
         0xDEAD,
@@ -84,9 +85,31 @@ def _record(**kw: object) -> bytes:
         ct,
         ct[4:8] + ct[0:4] + ct[10:12] + ct[8:10],
         0,
-        6,
+        int(kw.get("proto", 6)),
+        int(kw.get("inner_proto", 0)),
+        int(kw.get("icmp_type", 0)),
+        int(kw.get("icmp_code", 0)),
         b"cni0",
     )
+
+
+def test_icmp_error_event_is_of_the_flow_it_quotes() -> None:
+    """An ICMP error's tuple is the quoted packet's; as a flow packet it travels back."""
+    from tracer.events.rows import CODEC, rows_of
+
+    raw = _record(proto=1, inner_proto=17, icmp_type=3, icmp_code=3)
+    ev = decode(raw)
+    assert ev.is_icmp and ev.flow_proto == 17 and (ev.icmp_type, ev.icmp_code) == (3, 3)
+    assert str(ev.flow_tuple) == "10.0.0.2:80 -> 10.0.0.1:1234"
+    # seq / ack_seq hold the error's own addresses
+    assert ev.icmp_src == "0.0.0.100" and ev.icmp_dst == "0.0.0.200"
+    assert encode(ev) == raw
+    cols = CODEC.columns(rows_of(raw + _record(proto=17)))
+    # the columns carry the flow's tuple (reversed for the error) and its protocol
+    assert cols.saddr.tolist() == [0x0A000002, 0x0A000001]
+    assert cols.ports.tolist() == [80 << 16 | 1234, 1234 << 16 | 80]
+    assert cols.udp is not None and cols.udp.tolist() == [True, True]
+    assert CODEC.columns(rows_of(_record())).udp is None
 
 
 def test_decode_fields() -> None:

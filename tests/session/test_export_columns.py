@@ -67,9 +67,12 @@ def _row(
         drop,
         ev.aux,
         conn,
-        role_of(ev.tcp_flags),
+        {17: "UDP", 1: "ICMP"}.get(ev.proto) or role_of(ev.tcp_flags),
         side,
         locations.get(ev.location, f"{ev.location:#x}") if ev.location else None,
+        ev.inner_proto,
+        ev.icmp_type,
+        ev.icmp_code,
     )
 
 

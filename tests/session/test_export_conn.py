@@ -60,9 +60,14 @@ def report_hops(path: Path) -> list[Counter[Hop]]:
         hops: Counter[Hop] = Counter()
         for p in conn.packets:
             for h in p.hops:
-                t = h.tuple
+                # the export has the events as recorded: an ICMP error's tuple is the one
+                # it quotes (its hop has it reversed), a datagram's seq its length; an
+                # error's own addresses (its seq and ack) change hop by hop: left out
+                t = h.tuple.reversed() if p.role == "ICMP" else h.tuple
+                seq = p.length if p.role == "UDP" else None if p.role == "ICMP" else p.seq
+                ack = None if p.role == "ICMP" else p.ack_seq
                 hops[(h.ts_ns, h.point, h.netns, h.dev or None, t.src, t.sport, t.dst, t.dport,
-                      flags_text(p.tcp_flags), p.seq, p.ack_seq, p.ip_id, p.direction)] += 1  # fmt: skip
+                      flags_text(p.tcp_flags), seq, ack, p.ip_id, p.direction)] += 1  # fmt: skip
         out.append(hops)
     return out
 
@@ -71,8 +76,10 @@ def export_hops(df: pd.DataFrame) -> dict[int, Counter[Hop]]:
     """Per conn value of an export: its rows, as report_hops() has them."""
     out: dict[int, Counter[Hop]] = {}
     for r in df[df.conn.notna()].itertuples():
+        icmp = r.proto == 1
         hop = (r.ts_ns, r.point, r.netns, r.dev if isinstance(r.dev, str) else None, r.src,
-               r.sport, r.dst, r.dport, r.tcp_flags, r.seq, r.ack, r.ip_id, r.direction)  # fmt: skip
+               r.sport, r.dst, r.dport, r.tcp_flags, None if icmp else r.seq,
+               None if icmp else r.ack, r.ip_id, r.direction)  # fmt: skip
         out.setdefault(int(r.conn), Counter())[hop] += 1
     return out
 

@@ -200,10 +200,17 @@ def test_footer_locations_name_the_export_location_column(tmp_path: Path) -> Non
 def test_header_minor_and_footer_locations_in_the_file_format() -> None:
     header = open_session(FAULTS / "none.hts").header
     d = replace(header, format_minor=FORMAT_MINOR).to_dict()
-    assert d["format"] == FORMAT_NAME and d["format_minor"] == FORMAT_MINOR == 1
-    assert SessionHeader.from_dict(d).format_minor == 1
+    assert d["format"] == FORMAT_NAME and d["format_minor"] == FORMAT_MINOR == 2
+    assert SessionHeader.from_dict(d).format_minor == 2
+    assert d["protocols"] == ["tcp"]  # recorded before 1.2: TCP only
+    both = SessionHeader.from_dict({**d, "protocols": ["tcp", "udp"]})
+    assert both.protocols == ("tcp", "udp")
+    with pytest.raises(HairtraceError, match="'protocols'"):
+        SessionHeader.from_dict({**d, "protocols": ["icmp"]})
     del d["format_minor"]
-    assert SessionHeader.from_dict(d).format_minor == 0  # older files
+    del d["protocols"]
+    older = SessionHeader.from_dict(d)
+    assert (older.format_minor, older.protocols) == (0, ("tcp",))  # older files
     foot = SessionFooter(end_ns=5, events=1, locations={3: "tcp_v4_rcv+0xe19"})
     assert foot.to_dict()["locations"] == {"3": "tcp_v4_rcv+0xe19"}
     assert SessionFooter.from_dict(foot.to_dict()) == foot

@@ -12,6 +12,7 @@ from tracer.topology.services import kube_services, nearest, service_warning
 
 ROOT = Path(__file__).resolve().parents[2]
 SVC = "100.67.30.133"
+DNS = {"100.67.30.140": frozenset({"53/udp", "53/tcp"})}  # the labs' kube-dns
 
 
 def _seed_lab_nat() -> str:
@@ -26,7 +27,7 @@ def _seed_lab_nat() -> str:
 
 def test_iptables_cluster_ip_rules_give_the_address_and_port() -> None:
     services = kube_services(_seed_lab_nat(), "")
-    assert services == {SVC: frozenset({"80/tcp"})}
+    assert services == {SVC: frozenset({"80/tcp"}), **DNS}
 
 
 def test_a_service_without_endpoints_is_a_filter_table_reject() -> None:
@@ -55,18 +56,19 @@ def test_kube_proxy_rules_without_the_address_say_so() -> None:
 
 def test_nftables_maps_of_the_kube_proxy_table() -> None:
     text = cluster.nftables_rules(ClusterSpec(prefix="ht", nodes=1, proxy_mode="nftables"))
-    assert kube_services("", text) == {SVC: frozenset({"80/tcp"})}
+    assert kube_services("", text) == {SVC: frozenset({"80/tcp"}), **DNS}
     other = text.replace("table ip kube-proxy", "table ip not-kube-proxy")
     assert kube_services("", other) is None
 
 
 def test_iptables_rules_of_the_cluster_lab_with_and_without_endpoints() -> None:
     spec = ClusterSpec(prefix="ht", nodes=1)
-    assert kube_services(cluster.iptables_rules(spec), "") == {SVC: frozenset({"80/tcp"})}
-    none = replace(spec, endpoints=())
-    assert kube_services(cluster.iptables_rules(none), "") == {SVC: frozenset({"80/tcp"})}
+    want = {SVC: frozenset({"80/tcp"}), **DNS}
+    assert kube_services(cluster.iptables_rules(spec), "") == want
+    none = replace(spec, endpoints=(), dns_endpoints=())
+    assert kube_services(cluster.iptables_rules(none), "") == want
     nft_none = cluster.nftables_rules(replace(none, proxy_mode="nftables"))
-    assert kube_services("", nft_none) == {SVC: frozenset({"80/tcp"})}
+    assert kube_services("", nft_none) == want
 
 
 def test_nft_elements_outside_the_kube_proxy_table_do_not_count() -> None:
@@ -92,6 +94,12 @@ def test_nearest_addresses_and_the_warnings() -> None:
         "kube-proxy's rules in netns node have no port 81/tcp for Service 100.67.30.133 "
         "(its ports: 80/tcp, 443/tcp)"
     )
+    # both protocols traced (--svc without /PROTO): either one of the Service's is enough
+    both = ("tcp", "udp")
+    assert service_warning("10.96.0.10", 53, ("53/udp",), (), "node", both) is None
+    assert service_warning("10.96.0.10", 53, ("53/udp",), (), "node", ("tcp",)) is not None
+    w = service_warning(SVC, 81, ("80/tcp",), (), "node", both)
+    assert w is not None and "no port 81/tcp or 81/udp for Service" in w
     w = service_warning("10.96.0.99", 0, (), ("10.96.0.10",), "node")
     assert w is not None and "no Service with the address 10.96.0.99" in w
     assert "10.96.0.10" in w

@@ -72,14 +72,15 @@ def derive(cols: EventColumns, first: int, ids: TupleIds) -> np.ndarray:
     d["netns"] = cols.netns
     d["flags"] = cols.flags
     d["seq"] = cols.seq
-    d["t"] = ids.pack(cols.saddr, cols.daddr, cols.ports)
+    d["t"] = ids.pack(cols.saddr, cols.daddr, cols.ports, cols.udp)
     ct = cols.has_ct
     d["ct"] = ct
     d["o"] = 0
     d["r"] = 0
     if len(cols.o_saddr):
-        d["o"][ct] = ids.pack(cols.o_saddr, cols.o_daddr, cols.o_ports)
-        d["r"][ct] = ids.pack(cols.r_saddr, cols.r_daddr, cols.r_ports)
+        udp = cols.udp[ct] if cols.udp is not None else None  # an entry is of its flow
+        d["o"][ct] = ids.pack(cols.o_saddr, cols.o_daddr, cols.o_ports, udp)
+        d["r"][ct] = ids.pack(cols.r_saddr, cols.r_daddr, cols.r_ports, udp)
     return d
 
 
@@ -98,12 +99,16 @@ def rows_from(codec: RecordCodec, refs: list[RowsRef]) -> np.ndarray:
 class TupleIds:
     """4-tuples as uint64 (address ids and ports), the form the streaming analysis groups by.
 
-    Each distinct address gets a 16-bit id the first time it is seen (a node sees a few
-    hundred: its pods, the Service, the backends); a tuple is src_id<<48 | dst_id<<32 |
-    sport<<16 | dport, so equal tuples are equal integers and reversing is arithmetic.
+    Each distinct address gets a 15-bit id the first time it is seen (a node sees a few
+    hundred: its pods, the Service, the backends); a tuple is src<<48 | dst<<32 |
+    sport<<16 | dport, where src and dst are the ids with bit 15 set for UDP (so a UDP
+    tuple never equals a TCP one, and reversing keeps the protocol): equal tuples are
+    equal integers and reversing is arithmetic. ADDR_MASK takes an id out of src or dst.
     """
 
-    MAX_ADDRESSES = 1 << 16
+    MAX_ADDRESSES = 1 << 15
+    ADDR_MASK = 0x7FFF
+    UDP = (0x8000 << 48) | (0x8000 << 32)
 
     def __init__(self, service_ip: str) -> None:
         self._ids: dict[int, int] = {}
@@ -140,11 +145,23 @@ class TupleIds:
             got[miss] = np.array(fixed, dtype=np.uint64)[inv] + np.uint64(1)
         return got - np.uint64(1)
 
-    def pack(self, saddr: np.ndarray, daddr: np.ndarray, ports: np.ndarray) -> np.ndarray:
+    def pack(
+        self,
+        saddr: np.ndarray,
+        daddr: np.ndarray,
+        ports: np.ndarray,
+        udp: np.ndarray | None = None,
+    ) -> np.ndarray:
         out = self.ids(saddr) << np.uint64(48)
         out |= self.ids(daddr) << np.uint64(32)
         out |= ports
+        if udp is not None:
+            out |= udp.astype(np.uint64) * np.uint64(self.UDP)
         return out
+
+    @staticmethod
+    def is_udp(t: int) -> bool:
+        return bool(t >> 63)
 
     @staticmethod
     def reverse(t: Any) -> Any:
@@ -158,11 +175,12 @@ class TupleIds:
         return (d << 48) | (s << 32) | (dp << 16) | sp
 
     def name(self, addr_id: int) -> str:
-        return self._names[addr_id]
+        """The address of an id (bit 15, UDP, ignored)."""
+        return self._names[addr_id & 0x7FFF]
 
     def tuple(self, t: int) -> Tuple:
-        names = self._names
-        return Tuple(names[t >> 48], (t >> 16) & 0xFFFF, names[(t >> 32) & 0xFFFF], t & 0xFFFF)
+        names, m = self._names, self.ADDR_MASK
+        return Tuple(names[(t >> 48) & m], (t >> 16) & 0xFFFF, names[(t >> 32) & m], t & 0xFFFF)
 
 
 def _addr(ip: str) -> int | None:

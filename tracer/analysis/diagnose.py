@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from tracer.analysis import drops
 from tracer.analysis.context import Context
 from tracer.analysis.reassemble import Connection, Hop, Packet
-from tracer.events.model import IPS_SEEN_REPLY, NETFILTER_KINDS
+from tracer.events.model import (
+    ICMP_DEST_UNREACH,
+    ICMP_PORT_UNREACH,
+    IPS_SEEN_REPLY,
+    NETFILTER_KINDS,
+    icmp_name,
+)
 
 SYSCTL_BR_NF = "net.bridge.bridge-nf-call-iptables"
 
@@ -53,10 +59,21 @@ class Break:
 
 
 @dataclass(frozen=True)
+class Exchange:
+    """A UDP request and what answered it: indices into the connection's packets."""
+
+    request: int | None  # None: a reply or error with no request seen before it
+    reply: int | None = None
+    icmp: int | None = None  # the ICMP error that came back instead
+    ok: bool = False  # a reply reached the client from the service address
+
+
+@dataclass(frozen=True)
 class Diagnosis:
     verdict: str  # ok | broken | recovered | incomplete
     brk: Break | None
     notes: tuple[str, ...] = ()
+    exchanges: tuple[Exchange, ...] = ()  # UDP only
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,8 @@ def _fmt(ip: str, port: int) -> str:
 
 
 def diagnose(conn: Connection, ctx: Context) -> Diagnosis:
+    if conn.proto == "udp":
+        return _diagnose_udp(conn, ctx)
     roles = _roles(conn)
     brk: Break | None = None
     success = False
@@ -156,6 +175,123 @@ def diagnose(conn: Connection, ctx: Context) -> Diagnosis:
     return Diagnosis(verdict, brk, tuple(notes))
 
 
+def _diagnose_udp(conn: Connection, ctx: Context) -> Diagnosis:
+    """A UDP flow: each request (original datagram) is answered by the next reply that
+    reaches the client, or by an ICMP error that does. It is ok when every request got a
+    reply from the service address; the break is on the first reply or error that went
+    astray, else on the first request nothing answered."""
+    roles = _roles(conn)
+    pending: list[int] = []
+    exchanges: list[Exchange] = []
+    brk: Break | None = None
+    for i, pkt in enumerate(conn.packets):
+        if pkt.role == "UDP" and pkt.direction == "original":
+            pending.append(i)
+            continue
+        if pkt.direction != "reply":
+            continue  # the client's own ICMP error about a reply it did not expect
+        hop = _delivered(pkt, roles.client_ns)
+        if hop is None:
+            continue  # lost on its way: the request stays unanswered
+        req = pending.pop(0) if pending else None
+        translated = ctx.is_service(hop.tuple.src, hop.tuple.sport)
+        if pkt.role == "UDP":
+            exchanges.append(Exchange(req, reply=i, ok=translated))
+        else:
+            exchanges.append(Exchange(req, icmp=i))
+        if brk is None and not translated:
+            brk = _untranslated_reply(conn, i, pkt, hop, roles, ctx)
+        elif brk is None and pkt.role == "ICMP":
+            brk = _icmp_error(conn, i, pkt, hop, roles, ctx)
+    exchanges += [Exchange(req) for req in pending]
+    exchanges.sort(key=lambda x: x.request if x.request is not None else -1)
+    notes: list[str] = []
+    if brk is None and pending:
+        brk = _dropped(conn, roles, ctx)
+        if brk is None:
+            last = conn.packets[pending[-1]]
+            waited = ctx.end_ns - last.hops[-1].ts_ns
+            if waited < ctx.reply_timeout_ns:
+                notes.append("the trace ended before the last request's reply was due")
+            else:
+                brk = _no_reply(conn, pending[0], waited)
+    if not any(p.role == "UDP" and p.direction == "original" for p in conn.packets):
+        notes.append("no request of this flow was seen (it began before the trace)")
+    failed = [x for x in exchanges if not x.ok and x.request is not None]
+    if brk is not None:
+        verdict = "recovered" if exchanges and exchanges[-1].ok else "broken"
+    elif notes or not exchanges:
+        verdict = "incomplete"
+    else:
+        verdict = "ok" if not failed else "broken"
+    lost = _overlapping_loss(conn, ctx)
+    if lost:
+        notes.append(lost)
+        verdict = "incomplete"
+    return Diagnosis(verdict, brk, tuple(notes), tuple(exchanges))
+
+
+def _no_reply(conn: Connection, index: int, waited: float) -> Break:
+    pkt = conn.packets[index]
+    hop = pkt.hops[-1]
+    return Break(
+        "UDP", index, hop.netns_name, hop.dev, hop.point, "unexplained",
+        f"No reply to the UDP request was seen within {waited / 1e9:.1f}s; the request was "
+        f"last seen at {hop.netns_name}/{hop.dev} ({hop.point}) as {hop.tuple}.",
+        (drops.path_text(pkt),),
+        "Look beyond the last point seen: is the backend listening on that UDP port, is "
+        "there a route, does a firewall outside the traced points drop it?",
+    )  # fmt: skip
+
+
+def _icmp_error(
+    conn: Connection, index: int, pkt: Packet, hop: Hop, roles: _Roles, ctx: Context
+) -> Break:
+    """An ICMP error reached the client in answer to its request (translated back)."""
+    assert pkt.icmp is not None
+    what = icmp_name(*pkt.icmp)
+    first = pkt.hops[0]
+    sender = pkt.icmp_from or first.tuple.src
+    proto = conn.proto
+    svc = _fmt(conn.key.dst, conn.key.dport)
+    evidence = [
+        drops.path_text(pkt),
+        (
+            f"ICMP {what} (type {pkt.icmp[0]}, code {pkt.icmp[1]}) sent by {sender} in "
+            f"{first.netns_name}, quoting {hop.tuple.reversed()}"
+        ),
+    ]
+    found = drops.first_drop(conn, roles.client_ns)
+    if found is not None:  # the rule or stack drop that answered with it
+        i, dropped, dhop = found
+        f = drops.classify(conn, i, dropped, dhop, roles.client_ns, ctx)
+        if f.cause not in ("packet-dropped", "unexplained"):
+            return Break(
+                dropped.role, i, dhop.netns_name, dhop.dev, dhop.point, f.cause,
+                f.explanation, (*f.evidence, *evidence), f.fix, hook=f.hook, rule=f.rule,
+                drop_reason=dhop.drop_reason,
+            )  # fmt: skip
+    backend = conn.backend
+    if pkt.icmp == (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH) and backend and sender == backend[0]:
+        return Break(
+            "ICMP", index, first.netns_name, first.dev, first.point, "backend-refused",
+            f"The backend {_fmt(*backend)} answered the {proto.upper()} request with ICMP port "
+            f"unreachable: nothing listens on that port in {first.netns_name}. The path and "
+            "NAT worked; the client sees 'connection refused'.",
+            tuple(evidence),
+            "Make the Service's targetPort (and protocol) match the port the pods listen on "
+            "(kubectl get endpointslices; compare with the container's ports), or fix the "
+            "server so it listens on the pod's address.",
+        )  # fmt: skip
+    return Break(
+        "ICMP", index, first.netns_name, first.dev, first.point, "unexplained",
+        f"The request to {svc} was answered by ICMP {what} from {sender} "
+        f"({first.netns_name}); hairtrace has no cause code for this error here.",
+        tuple(evidence),
+        f"Look at why {sender} cannot deliver the request: its routes, MTU and firewall.",
+    )  # fmt: skip
+
+
 def _no_such_service(conn: Connection, brk: Break, ctx: Context) -> Break | None:
     """A SYN that was never DNATed, to an address or port kube-proxy's rules do not have
     (a port the Service lacks, a mistyped address): the rules, not the path, are why.
@@ -163,7 +299,7 @@ def _no_such_service(conn: Connection, brk: Break, ctx: Context) -> Break | None
     if brk.packet_role != "SYN" or conn.backend is not None:
         return None
     syn = conn.packets[brk.packet_index]
-    want = f"{conn.key.dport}/tcp"
+    want = f"{conn.key.dport}/{conn.proto}"
     for ns in dict.fromkeys(h.netns for h in syn.hops):
         ports = ctx.names.service_ports(ns)
         if ports is None:
@@ -192,9 +328,7 @@ def _service_evidence(
 ) -> tuple[str, ...]:
     svc, port = conn.key.dst, conn.key.dport
     if ports:
-        line = (
-            f"kube-proxy's rules in {name} give {svc} the ports {', '.join(ports)}, not {port}/tcp"
-        )
+        line = f"kube-proxy's rules in {name} give {svc} the ports {', '.join(ports)}, not {port}/{conn.proto}"
         return (line,)
     near = ctx.names.nearest_services(ns)
     line = f"kube-proxy's rules in {name} have no Service with the address {svc}"
@@ -289,7 +423,10 @@ def _untranslated_reply(
         h = roles.nat_hop
         ct = h.ct
         what = h.nat or (f"conntrack binding {ct.orig} / reply {ct.reply}" if ct else "")
-        evidence.append(f"SYN {conn.key} was DNATed in netns {h.netns_name} at {h.point} ({what})")
+        first = "SYN" if conn.proto == "tcp" else "the request"
+        evidence.append(
+            f"{first} {conn.key} was DNATed in netns {h.netns_name} at {h.point} ({what})"
+        )
     nat_ns = roles.nat_ns
     in_nat = [h for h in pkt.hops if h.netns == nat_ns]
     nf_seen = [h for h in in_nat if h.kind in NETFILTER_KINDS]
@@ -320,6 +457,17 @@ def _untranslated_reply(
         evidence.append(
             f"the client answered with RST {reset.hops[0].tuple} (in {reset.hops[0].netns_name})"
         )
+    if conn.proto == "udp":
+        # the client's socket expects the service address: the reply it got is for no
+        # socket, which the stack answers with ICMP port unreachable
+        unreach = next((p for p in conn.packets[index + 1 :] if p.role == "ICMP"
+                        and p.direction == "original" and p.hops[0].netns == delivered.netns),
+                       None)  # fmt: skip
+        if unreach is not None and unreach.icmp is not None:
+            evidence.append(
+                f"the client answered with ICMP {icmp_name(*unreach.icmp)} to "
+                f"{seen_src} (in {unreach.hops[0].netns_name}): no socket of it expects that source"
+            )
     if conn.last_ct is not None and not conn.last_ct.status & IPS_SEEN_REPLY:
         evidence.append(
             f"conntrack entry {conn.last_ct.orig} never saw a reply "
@@ -357,7 +505,7 @@ def _untranslated_reply(
         changing = " (it changed then)" if len(values) > 1 else ""
         evidence.append(f"{SYSCTL_BR_NF} = {shown} in netns {place.netns_name}{changing}")
         cause, explanation, fix = _bridge_cause(
-            value, pkt.role, bridge, place.netns_name, seen_src, svc
+            value, pkt.role, bridge, place.netns_name, seen_src, svc, conn.proto
         )
     dev = bridge or place.dev
     via = tuple(dict.fromkeys(h.dev for h in in_nat))
@@ -390,8 +538,9 @@ def _bridged_by(hops: list[Hop], ctx: Context, ns: int) -> str | None:
 
 
 def _bridge_cause(
-    value: str | None, role: str, bridge: str, ns: str, seen: str, svc: str
+    value: str | None, role: str, bridge: str, ns: str, seen: str, svc: str, proto: str = "tcp"
 ) -> tuple[str, str, str]:
+    then = "resets" if proto == "tcp" else "drops it (the request times out)"
     if value is None:
         return (
             "br-netfilter-not-loaded",
@@ -412,7 +561,7 @@ def _bridge_cause(
                 f"The {role} from {seen} was switched by bridge {bridge} in {ns} straight to "
                 f"the client without passing netfilter ({SYSCTL_BR_NF}=0), so conntrack never "
                 f"reverse-translated its source to the service address {svc}; the client "
-                f"does not recognise it and resets."
+                f"does not recognise it and {then}."
             ),
             (
                 f"Set {SYSCTL_BR_NF}=1 in {ns} (sysctl -w {SYSCTL_BR_NF}=1, persisted in "

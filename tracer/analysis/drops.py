@@ -158,15 +158,16 @@ def classify(
 
     if reason == "NETFILTER_DROP":
         rule = _rule_for(ctx, hop.netns)
-        if backend is None and pkt.role == "SYN" and _no_dnat_rules(ctx, hop.netns):
-            ev.append(f"no DNAT applied to the SYN{after}; the Service has no DNAT rule in "
+        first = "SYN" if pkt.role == "SYN" else "request"
+        if backend is None and pkt.role in ("SYN", "UDP") and _no_dnat_rules(ctx, hop.netns):
+            ev.append(f"no DNAT applied to the {first}{after}; the Service has no DNAT rule in "
                       f"{hop.netns_name}'s NAT rules")  # fmt: skip
             ev += _rule_evidence(ctx, hop.netns)
             return Finding(
                 index, hop, "service-no-endpoints",
                 f"The Service {conn.key.dst}:{conn.key.dport} has no endpoints: kube-proxy wrote "
-                f"no DNAT for it, only a rule that rejects its traffic, which dropped the SYN in "
-                f"{hop.netns_name} (the client sees 'connection refused').",
+                f"no DNAT for it, only a rule that rejects its traffic, which dropped the {first} "
+                f"in {hop.netns_name} (the client sees 'connection refused').",
                 tuple(ev),
                 "Give the Service ready endpoints: check its selector matches running pods and "
                 "that their readiness probes pass (kubectl get endpointslices -l "

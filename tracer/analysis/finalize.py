@@ -1,6 +1,6 @@
 """Finished connections -> (Connection, Diagnosis), many at a time.
 
-A connection whose events prove it healthy is recognised with array operations
+A TCP connection whose events prove it healthy is recognised with array operations
 over all connections of a round, without building its packets and hops: it
 becomes a LazyConnection (packets built from its rows on first access) with
 the verdict diagnose() gives it. Every other connection is decoded, reassembled
@@ -166,14 +166,15 @@ class Finished(NamedTuple):
 
 
 _M16 = np.uint64(0xFFFF)
+_MADDR = np.uint64(TupleIds.ADDR_MASK)
 
 
 def _src(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return t >> np.uint64(48), (t >> np.uint64(16)) & _M16
+    return (t >> np.uint64(48)) & _MADDR, (t >> np.uint64(16)) & _M16
 
 
 def _dst(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return (t >> np.uint64(32)) & _M16, t & _M16
+    return (t >> np.uint64(32)) & _MADDR, t & _M16
 
 
 class Finalizer:
@@ -206,7 +207,7 @@ class Finalizer:
         first, last = ts[starts].tolist(), ts[ends - 1].tolist()
         arrival = d["arrival"][starts].tolist()
         has_backend = backend_at >= 0
-        b_src = np.where(has_backend, r64[backend_at] >> np.uint64(48), 0).tolist()
+        b_src = np.where(has_backend, (r64[backend_at] >> np.uint64(48)) & _MADDR, 0).tolist()
         b_port = np.where(has_backend, (r64[backend_at] >> np.uint64(16)) & _M16, 0).tolist()
         has_backend_l, healthy_l = has_backend.tolist(), healthy.tolist()
         starts_l, ends_l = starts.tolist(), ends.tolist()
@@ -227,7 +228,9 @@ class Finalizer:
                 out.append(Finished(order_key, conn, OK))
                 self.fast += 1
                 continue
-            full = connection_of(c.key, codec.events(rows_from(codec, [ref])), ctx, c.isn)
+            proto = "udp" if TupleIds.is_udp(c.key64) else "tcp"
+            events = codec.events(rows_from(codec, [ref]))
+            full = connection_of(c.key, events, ctx, c.isn, proto)
             out.append(Finished(order_key, full, diagnose(full, replace(ctx, end_ns=c.end_ns))))
             self.full += 1
         return out
@@ -301,6 +304,8 @@ class Finalizer:
         bad = np.bincount(sa_seg[~sa_reply | (in_client & ~from_svc)], minlength=k)
         good = np.bincount(sa_seg[in_client & from_svc], minlength=k)
         healthy = first_original & (bad == 0) & (good > 0)
+        # TCP only: a UDP flow (no handshake) always gets the full diagnosis
+        healthy &= (key64 >> np.uint64(63)) == 0
         # in the client's namespace every packet is client -> service or back: anything
         # else is a reply that escaped reverse NAT (or the client is its own backend)
         client_ns = d["netns"][starts][seg]

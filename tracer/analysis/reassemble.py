@@ -1,7 +1,11 @@
 """Events -> packets -> connections, linked through conntrack tuples.
 
-A packet is one TCP segment followed across points, devices and namespaces
-(same flags, sequence numbers and IP id; its addresses may change under NAT).
+A packet is one TCP segment, UDP datagram or ICMP error followed across points,
+devices and namespaces (same flags, sequence numbers and IP id; a datagram: same
+length and IP id; an error: same type, code and IP id; its addresses may change
+under NAT). An ICMP error is a packet of the connection whose packet it quotes,
+on the side it travels (back towards the quoted packet's source): its hops carry
+that flow's tuple as the error quotes it, reversed.
 A connection is one handshake: the events tracer.analysis.stream gives it (its
 rules of connection identity), original and reply, before and after NAT, linked
 through the tuples of its conntrack entry. Pure: no kernel, no I/O.
@@ -15,6 +19,7 @@ from tracer.analysis.context import Context
 from tracer.events.model import (
     ACK,
     FIN,
+    IPPROTO_UDP,
     PSH,
     RST,
     SYN,
@@ -45,7 +50,7 @@ class Hop:
 
 @dataclass
 class Packet:
-    role: str
+    role: str  # SYN, SYN+ACK, ACK, DATA, FIN, RST (TCP); UDP; ICMP
     direction: str  # original | reply
     tcp_flags: int
     seq: int
@@ -53,6 +58,9 @@ class Packet:
     ip_id: int
     hops: list[Hop] = field(default_factory=list)
     caused_by: int | None = None  # index of the packet that made the client send this RST
+    length: int | None = None  # UDP: the datagram's length (header included)
+    icmp: tuple[int, int] | None = None  # ICMP error: (type, code)
+    icmp_from: str | None = None  # ICMP error: its source address where first seen
 
     @property
     def ts_ns(self) -> int:
@@ -71,6 +79,7 @@ class Connection:
     ct_ids: set[int]
     last_ct: Conntrack | None
     isn: int | None = None  # the client's SYN sequence number; None: no SYN was seen
+    proto: str = "tcp"  # tcp | udp (a UDP connection is one conntrack flow)
 
     @property
     def first_seen_mid_connection(self) -> bool:
@@ -111,6 +120,7 @@ def _hop(ev: Event, info: PointInfo, ns_name: str, prev: Tuple | None, ctx: Cont
     reason = None
     if info.kind == "drop":
         reason = ctx.drop_reasons.get(ev.reason, f"reason-{ev.reason}")
+    tup = ev.flow_tuple
     return Hop(
         ev.ts_ns,
         ev.netns,
@@ -118,9 +128,9 @@ def _hop(ev: Event, info: PointInfo, ns_name: str, prev: Tuple | None, ctx: Cont
         ev.dev,
         info.name,
         info.kind,
-        ev.tuple,
+        tup,
         ev.ct,
-        _nat_change(prev, ev.tuple) if prev else None,
+        _nat_change(prev, tup) if prev else None,
         reason,
         ev.untracked,
     )
@@ -138,7 +148,10 @@ def _packets(events: list[Event], key: Tuple, ctx: Context) -> list[Packet]:
     places: dict[int, set[tuple[int, str, str]]] = {}  # id(packet) -> places it passed
     names: dict[int, str] = {}  # netns -> its name
     for ev in events:
-        ident = (ev.tcp_flags, ev.seq, ev.ack_seq, ev.ip_id)
+        icmp = ev.is_icmp
+        # an error's own addresses change under NAT: its type, code and IP id do not
+        ident = (-1, ev.icmp_type, ev.icmp_code, ev.ip_id) if icmp else (
+            ev.tcp_flags, ev.seq, ev.ack_seq, ev.ip_id)  # fmt: skip
         pkt = open_by_id.get(ident)
         info = point_info(ev.point)
         # Seeing the same segment again at a place it already passed means a
@@ -147,14 +160,15 @@ def _packets(events: list[Event], key: Tuple, ctx: Context) -> list[Packet]:
         if pkt is not None and place in places[id(pkt)]:
             pkt = None
         if pkt is None:
-            pkt = Packet(
-                role_of(ev.tcp_flags),
-                "reply" if ev.tuple in reply_side else "original",
-                ev.tcp_flags,
-                ev.seq,
-                ev.ack_seq,
-                ev.ip_id,
-            )
+            direction = "reply" if ev.flow_tuple in reply_side else "original"
+            if icmp:
+                pkt = Packet("ICMP", direction, 0, 0, 0, ev.ip_id,
+                             icmp=(ev.icmp_type, ev.icmp_code), icmp_from=ev.icmp_src)  # fmt: skip
+            elif ev.proto == IPPROTO_UDP:
+                pkt = Packet("UDP", direction, 0, 0, 0, ev.ip_id, length=ev.seq)
+            else:
+                pkt = Packet(role_of(ev.tcp_flags), direction, ev.tcp_flags, ev.seq,
+                             ev.ack_seq, ev.ip_id)  # fmt: skip
             packets.append(pkt)
             open_by_id[ident] = pkt
             places[id(pkt)] = set()
@@ -181,7 +195,7 @@ def _link_resets(packets: list[Packet]) -> None:
 
 
 def connection_of(
-    key: Tuple, events: list[Event], ctx: Context, isn: int | None = None
+    key: Tuple, events: list[Event], ctx: Context, isn: int | None = None, proto: str = "tcp"
 ) -> Connection:
     """One connection from its events (in time order): tracer.analysis.stream decides which
     events those are (see its rules of connection identity)."""
@@ -194,4 +208,5 @@ def connection_of(
         {c.id for c in cts},
         cts[-1] if cts else None,
         isn,
+        proto,
     )

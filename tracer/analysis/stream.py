@@ -307,7 +307,7 @@ class StreamAnalyser:
         if svc is None:
             return
         o = d["o"][d["ct"]]
-        mine = ((o >> np.uint64(32)) & np.uint64(0xFFFF)) == svc
+        mine = ((o >> np.uint64(32)) & np.uint64(TupleIds.ADDR_MASK)) == svc
         if self.ctx.service_port:
             mine &= (o & np.uint64(0xFFFF)) == self.ctx.service_port
         o, r = o[mine], d["r"][d["ct"]][mine]
@@ -355,9 +355,10 @@ class StreamAnalyser:
         svc, port = self.tuples.service_id, self.ctx.service_port
         if svc is None:
             return None
-        if (t >> 32) & 0xFFFF == svc and (not port or t & 0xFFFF == port):
+        m = TupleIds.ADDR_MASK
+        if (t >> 32) & m == svc and (not port or t & 0xFFFF == port):
             return t, _ORIGINAL
-        if t >> 48 == svc and (not port or (t >> 16) & 0xFFFF == port):
+        if (t >> 48) & m == svc and (not port or (t >> 16) & 0xFFFF == port):
             return self.tuples.reverse(t), _REPLY
         return None
 

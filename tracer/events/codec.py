@@ -45,11 +45,13 @@ LAYOUT: dict[str, tuple[int, int]] = {
     "ct_reply": (92, 12),
     "aux": (104, 4),
     "proto": (108, 1),
-    "_pad": (109, 3),
+    "inner_proto": (109, 1),
+    "icmp_type": (110, 1),
+    "icmp_code": (111, 1),
     "dev": (112, 16),
 }
 
-_EVENT = struct.Struct("<QQQQIIHBBi12sIIHBBII12s12sIB3x16s")
+_EVENT = struct.Struct("<QQQQIIHBBi12sIIHBBII12s12sIBBBB16s")
 _TUPLE = struct.Struct("!4s4sHH")
 assert _EVENT.size == EVENT_SIZE
 
@@ -60,7 +62,8 @@ _TYPES: dict[str, Any] = {
     "ifindex": "<u4", "point": "<u2", "hook": "u1", "tcp_flags": "u1", "nf_prio": "<i4",
     "pkt": _TUPLE_DTYPE, "seq": "<u4", "ack_seq": "<u4", "ip_id": "<u2", "ct_flags": "u1",
     "ctinfo": "u1", "ct_status": "<u4", "reason": "<u4", "ct_orig": _TUPLE_DTYPE,
-    "ct_reply": _TUPLE_DTYPE, "aux": "<u4", "proto": "u1", "dev": "S16",
+    "ct_reply": _TUPLE_DTYPE, "aux": "<u4", "proto": "u1", "inner_proto": "u1",
+    "icmp_type": "u1", "icmp_code": "u1", "dev": "S16",
 }  # fmt: skip
 # struct ht_event as a numpy structured dtype, offsets from LAYOUT (padding left out)
 EVENT_DTYPE = np.dtype(
@@ -104,6 +107,9 @@ def decode(raw: bytes) -> Event:
         ct_reply,
         aux,
         proto,
+        inner_proto,
+        icmp_type,
+        icmp_code,
         dev,
     ) = _EVENT.unpack_from(raw)
     ct = None
@@ -129,6 +135,9 @@ def decode(raw: bytes) -> Event:
         reason=reason,
         location=location,
         aux=aux,
+        inner_proto=inner_proto,
+        icmp_type=icmp_type,
+        icmp_code=icmp_code,
     )
 
 
@@ -167,6 +176,9 @@ def encode(ev: Event) -> bytes:
         encode_tuple(ct.reply) if ct is not None else _NO_TUPLE,
         ev.aux,
         ev.proto,
+        ev.inner_proto,
+        ev.icmp_type,
+        ev.icmp_code,
         ev.dev.encode()[:16],
     )
 
@@ -270,5 +282,8 @@ def _decode_columns(rec: np.ndarray) -> list[Event]:
             rec["reason"].tolist(),
             rec["location"].tolist(),
             rec["aux"].tolist(),
+            rec["inner_proto"].tolist(),
+            rec["icmp_type"].tolist(),
+            rec["icmp_code"].tolist(),
         )
     )

@@ -7,11 +7,37 @@ at, so events from tracepoints, fentry or kprobes reassemble the same way.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from enum import IntEnum
 
 # TCP flag bits
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+# IP protocol numbers
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
+PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
+# ICMP error types and the codes hairtrace names (RFC 792)
+ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED = 3, 11
+ICMP_PORT_UNREACH, ICMP_FRAG_NEEDED = 3, 4
+_ICMP_NAMES = {
+    (3, 0): "net unreachable",
+    (3, 1): "host unreachable",
+    (3, 2): "protocol unreachable",
+    (3, 3): "port unreachable",
+    (3, 4): "fragmentation needed",
+    (3, 9): "net prohibited",
+    (3, 10): "host prohibited",
+    (3, 13): "communication administratively prohibited",
+    (11, 0): "TTL exceeded in transit",
+    (11, 1): "fragment reassembly time exceeded",
+    (12, 0): "parameter problem",
+}
+
+
+def icmp_name(icmp_type: int, code: int) -> str:
+    """An ICMP error in words: "port unreachable" (type 3, code 3), ..."""
+    return _ICMP_NAMES.get((icmp_type, code), f"ICMP type {icmp_type} code {code}")
+
 
 # enum ip_conntrack_status bits (include/uapi/linux/netfilter/nf_conntrack_common.h)
 IPS_EXPECTED, IPS_SEEN_REPLY, IPS_ASSURED, IPS_CONFIRMED = 1, 2, 4, 8
@@ -189,7 +215,36 @@ class Event:
     reason: int = 0
     location: int = 0
     aux: int = 0
+    # an ICMP error (proto IPPROTO_ICMP): tuple is the packet it quotes, inner_proto that
+    # packet's protocol, seq / ack_seq the error's own source / destination addresses
+    inner_proto: int = 0
+    icmp_type: int = 0
+    icmp_code: int = 0
 
     @property
     def info(self) -> PointInfo:
         return point_info(self.point)
+
+    @property
+    def is_icmp(self) -> bool:
+        return self.proto == IPPROTO_ICMP
+
+    @property
+    def flow_proto(self) -> int:
+        """The protocol of the flow this event belongs to (an ICMP error's: the quoted one)."""
+        return self.inner_proto if self.proto == IPPROTO_ICMP else self.proto
+
+    @property
+    def flow_tuple(self) -> Tuple:
+        """The tuple as the flow's packets carry it: an ICMP error travels back towards
+        the source of the packet it quotes, so it is that packet's tuple reversed."""
+        return self.tuple.reversed() if self.proto == IPPROTO_ICMP else self.tuple
+
+    @property
+    def icmp_src(self) -> str:
+        """An ICMP error's own source address: who sent it."""
+        return socket.inet_ntoa(self.seq.to_bytes(4, "big"))
+
+    @property
+    def icmp_dst(self) -> str:
+        return socket.inet_ntoa(self.ack_seq.to_bytes(4, "big"))

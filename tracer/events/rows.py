@@ -14,7 +14,7 @@ import numpy as np
 
 from tracer.errors import HairtraceError
 from tracer.events.codec import EVENT_DTYPE, EVENT_SIZE, HT_CT_PRESENT, LAYOUT, decode_batch
-from tracer.events.model import Event
+from tracer.events.model import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Event
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class EventColumns:
     r_saddr: np.ndarray
     r_daddr: np.ndarray
     r_ports: np.ndarray
+    udp: np.ndarray | None = None  # bool, of the flow; None: every event is TCP
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -73,6 +74,10 @@ class EventFields:
     r_daddr: np.ndarray
     r_sport: np.ndarray
     r_dport: np.ndarray
+    proto: np.ndarray | None = None  # uint8 IPPROTO_* (1: an ICMP error); None: all TCP
+    inner_proto: np.ndarray | None = None
+    icmp_type: np.ndarray | None = None
+    icmp_code: np.ndarray | None = None
 
 
 _OPAQUE = np.dtype(f"V{EVENT_SIZE}")  # a record as one opaque item: fast to gather and copy
@@ -97,7 +102,7 @@ def _fields() -> np.dtype:
     """The fields the columns come from, each port pair as one big-endian u32."""
     names, formats, offsets = [], [], []
     own = (("ts_ns", "<u8"), ("netns", "<u4"), ("tcp_flags", "u1"), ("ct_flags", "u1"),
-           ("seq", "<u4"))  # fmt: skip
+           ("seq", "<u4"), ("proto", "u1"), ("inner_proto", "u1"))  # fmt: skip
     for name, typ in own:
         names.append(name)
         formats.append(typ)
@@ -131,14 +136,23 @@ class _Codec:
         def of_ct(name: str) -> np.ndarray:
             return rec[name][ct].astype(u32)
 
+        saddr, daddr, ports = host("pkt_saddr"), host("pkt_daddr"), host("pkt_ports")
+        proto = rec["proto"]
+        udp = None
+        if (proto != IPPROTO_TCP).any():
+            icmp = proto == IPPROTO_ICMP
+            udp = np.where(icmp, rec["inner_proto"], proto) == IPPROTO_UDP
+            if icmp.any():  # an ICMP error travels back along the packet it quotes
+                saddr, daddr = np.where(icmp, daddr, saddr), np.where(icmp, saddr, daddr)
+                ports = np.where(icmp, (ports >> u32(16)) | (ports << u32(16)), ports)
         return EventColumns(  # fields already in host order stay views (read once, later)
             ts=rec["ts_ns"],
             netns=rec["netns"],
             flags=rec["tcp_flags"],
             seq=rec["seq"],
-            saddr=host("pkt_saddr"),
-            daddr=host("pkt_daddr"),
-            ports=host("pkt_ports"),
+            saddr=saddr,
+            daddr=daddr,
+            ports=ports,
             has_ct=has_ct,
             o_saddr=of_ct("ct_orig_saddr"),
             o_daddr=of_ct("ct_orig_daddr"),
@@ -146,6 +160,7 @@ class _Codec:
             r_saddr=of_ct("ct_reply_saddr"),
             r_daddr=of_ct("ct_reply_daddr"),
             r_ports=of_ct("ct_reply_ports"),
+            udp=udp,
         )
 
     def fields(self, rows: np.ndarray) -> EventFields:
@@ -178,6 +193,10 @@ class _Codec:
             r_daddr=reply["daddr"].astype(u32),
             r_sport=reply["sport"].astype(u16),
             r_dport=reply["dport"].astype(u16),
+            proto=rec["proto"],
+            inner_proto=rec["inner_proto"],
+            icmp_type=rec["icmp_type"],
+            icmp_code=rec["icmp_code"],
         )
 
     def events(self, rows: np.ndarray) -> list[Event]:

@@ -34,7 +34,6 @@ from tracer.kernel.ringbuf import open_reader
 
 SOURCE = Path(__file__).resolve().parent.parent.parent / "bpf" / "hairtrace.bpf.c"
 HT_PT_MAX = 32
-IPPROTO_TCP = 6
 PAGE = 4096
 # raw tracepoints of the kprobe provider (the CO-RE build attaches these as tp_btf)
 TRACEPOINTS = {"ht_dev_rx": "netif_receive_skb", "ht_dev_tx": "net_dev_start_xmit",
@@ -66,6 +65,7 @@ def cflags(
     ringbuf_bytes: int | None,
     drop_reason: bool = True,
     data_budget: int = 0,
+    protos: int = 0x03,
 ) -> list[str]:
     """-D macros for the bcc build: the service (struct ht_config's values, as stored)."""
     (addr,) = struct.unpack("=I", socket.inet_aton(service_ip))
@@ -75,7 +75,7 @@ def cflags(
         f"-I{SOURCE.parent}",
         f"-DHT_CFG_SVC_ADDR={addr:#x}U",
         f"-DHT_CFG_SVC_PORT={port:#x}",
-        f"-DHT_CFG_PROTO={IPPROTO_TCP}",
+        f"-DHT_CFG_PROTOS={protos:#x}",
         f"-DHT_CFG_DATA_BUDGET={data_budget}",
         "-Wno-int-conversion",  # integer probe arguments arrive as void * (as in libbpf)
     ]
@@ -224,7 +224,12 @@ def _attach(obj: BccObject, skipped: dict[str, str]) -> list[str]:
 
 
 def load(
-    service_ip: str, service_port: int, ringbuf_bytes: int | None, data_budget: int, reason: str
+    service_ip: str,
+    service_port: int,
+    ringbuf_bytes: int | None,
+    data_budget: int,
+    reason: str,
+    protos: int = 0x03,
 ) -> Loaded:
     """Compile and load with bcc; attach happens through the returned Loaded."""
     why = privileged()
@@ -237,7 +242,8 @@ def load(
     has_ringbuf = lib.probe_map_type(BPF_MAP_TYPE_RINGBUF)
     perf = forced or not has_ringbuf
     flags = cflags(service_ip, service_port, perf=perf, ringbuf_bytes=ringbuf_bytes,
-                   drop_reason=kfree_skb_has_reason(), data_budget=data_budget)  # fmt: skip
+                   drop_reason=kfree_skb_has_reason(), data_budget=data_budget,
+                   protos=protos)  # fmt: skip
     obj = BccObject(flags, perf)
     output = "perf buffer" if perf else "ring buffer"
     if perf:

@@ -9,7 +9,9 @@ one node) and reach each other's pod subnet over ``flannel.1`` (VXLAN VNI 1, por
 HTTP on port 80 naming itself (server.py). ClusterIP 100.67.30.133:80 has the
 endpoints the variant asks for, written as kube-proxy writes them: nat and filter
 tables through ``iptables-restore`` (statistic rules for several endpoints, the
-filter REJECT for none) or the ``ip kube-proxy`` nft table.
+filter REJECT for none) or the ``ip kube-proxy`` nft table. A second Service,
+kube-system/kube-dns (100.67.30.140, 53/udp and 53/tcp), has pod ``{p}-n1-b`` as its
+endpoint by default, where dnsmasq answers (dns.py).
 
 Only namespaces the lab creates are touched; a JSON state file under
 ``/run/hairtrace/lab/`` lets ``down`` work from another process.
@@ -28,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from tracer.errors import HairtraceError, UsageError
-from tracer.lab import cni, netns, seed
+from tracer.lab import cni, dns, netns, seed
+from tracer.lab.dns import DNS_IP, DNS_NAME, DNS_PORT, DigReply
 
 SERVICE_IP, SERVICE_PORT = "100.67.30.133", 80
 CLUSTER_CIDR = "100.96.0.0/11"
@@ -69,6 +72,8 @@ class ClusterSpec:
     bridge_nf_call_iptables: int = 1
     # the port kube-proxy's rules give the Service; clients call SERVICE_PORT
     service_port: int = SERVICE_PORT
+    # kube-dns's endpoints: None = pod n1-b:53; () = none (kube-proxy's REJECT)
+    dns_endpoints: tuple[Endpoint, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.nodes not in (1, 2):
@@ -110,15 +115,38 @@ class ClusterSpec:
     def service_url(self) -> str:
         return f"http://{SERVICE_IP}:{SERVICE_PORT}/"
 
+    @property
+    def dns_backends(self) -> tuple[Endpoint, ...]:
+        """kube-dns's endpoints, the default (pod n1-b:53) filled in."""
+        if self.dns_endpoints is None:
+            return (Endpoint(self.pods[1].ip, DNS_PORT),)
+        return self.dns_endpoints
+
+    @property
+    def dns_pods(self) -> tuple[Pod, ...]:
+        """The pods that are kube-dns endpoints: they run dnsmasq."""
+        ips = {e.ip for e in self.dns_backends}
+        return tuple(p for p in self.pods if p.ip in ips)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["endpoints"] = [str(e) for e in self.endpoints]
+        if self.dns_endpoints is not None:
+            d["dns_endpoints"] = [str(e) for e in self.dns_endpoints]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClusterSpec:
-        eps = tuple(Endpoint(e.rsplit(":", 1)[0], int(e.rsplit(":", 1)[1])) for e in d["endpoints"])
-        return cls(**{**d, "endpoints": eps})
+        dns_eps = d.get("dns_endpoints")
+        return cls(**{
+            **d,
+            "endpoints": _endpoints(d["endpoints"]),
+            "dns_endpoints": None if dns_eps is None else _endpoints(dns_eps),
+        })  # fmt: skip
+
+
+def _endpoints(texts: list[str]) -> tuple[Endpoint, ...]:
+    return tuple(Endpoint(e.rsplit(":", 1)[0], int(e.rsplit(":", 1)[1])) for e in texts)
 
 
 def default_endpoints(nodes: int) -> tuple[Endpoint, ...]:
@@ -143,16 +171,77 @@ def _vtep_mac(node: int) -> str:
 # kube-proxy rules
 
 
+@dataclass(frozen=True)
+class ServicePort:
+    """One Service port as kube-proxy keys its rules: namespace/name:port, protocol."""
+
+    service: str  # namespace/name
+    port_name: str  # "" for an unnamed port
+    protocol: str  # tcp or udp
+    ip: str
+    port: int
+    endpoints: tuple[Endpoint, ...]
+
+    @property
+    def label(self) -> str:
+        """ServicePortName.String(): what kube-proxy hashes and writes in comments."""
+        return f"{self.service}:{self.port_name}" if self.port_name else self.service
+
+    def iptables_chains(self) -> tuple[str, list[tuple[str, Endpoint]]]:
+        """KUBE-SVC-hash(label protocol) and KUBE-SEP-hash(label protocol endpoint) each."""
+        base = self.label + self.protocol
+        seps = [("KUBE-SEP-" + _chain_hash(base + str(e)), e) for e in self.endpoints]
+        return "KUBE-SVC-" + _chain_hash(base), seps
+
+    def nft_chains(self) -> tuple[str, list[tuple[str, Endpoint]]]:
+        """service-HASH-ns/name/proto/port and endpoint-HASH-...__ip/port each."""
+        base = f"{self.service}/{self.protocol}/{self.port_name}"
+        eps = []
+        for e in self.endpoints:
+            ep_base = f"{base}__{e.ip}/{e.port}"
+            eps.append((f"endpoint-{seed._b32_sha256(ep_base)[:8]}-{ep_base}", e))
+        return f"service-{seed._b32_sha256(base)[:8]}-{base}", eps
+
+
+def service_ports(spec: ClusterSpec) -> tuple[ServicePort, ...]:
+    """prod/export (unnamed 80/tcp) and kube-dns's dns (53/udp) and dns-tcp (53/tcp)."""
+    dns_ports = tuple(ServicePort(DNS_NAME, name, proto, DNS_IP, DNS_PORT, spec.dns_backends)
+                      for name, proto in dns.DNS_PORTS)  # fmt: skip
+    return (ServicePort(SVC_NAME, "", "tcp", SERVICE_IP, spec.service_port, spec.endpoints),
+            *dns_ports)  # fmt: skip
+
+
 def _chain_hash(text: str) -> str:
     return seed._b32_sha256(text)[:16]
 
 
+def _iptables_service(sp: ServicePort, hairpin_masquerade: bool) -> list[str]:
+    """A Service port's KUBE-SVC and KUBE-SEP rules (statistic rules for several endpoints)."""
+    svc_chain, seps = sp.iptables_chains()
+    p, label = sp.protocol, sp.label
+    out = [
+        (
+            f"-A {svc_chain} ! -s {CLUSTER_CIDR} -d {sp.ip}/32 -p {p} -m comment "
+            f'--comment "{label} cluster IP" -m {p} --dport {sp.port} -j KUBE-MARK-MASQ'
+        )
+    ]
+    for i, (chain, ep) in enumerate(seps):
+        left = len(seps) - i
+        stat = f" -m statistic --mode random --probability {1.0 / left:0.10f}" if left > 1 else ""
+        out.append(f'-A {svc_chain} -m comment --comment "{label} -> {ep}"{stat} -j {chain}')
+    for chain, ep in seps:
+        if hairpin_masquerade:
+            out.append(f'-A {chain} -s {ep.ip}/32 -m comment --comment "{label}" -j KUBE-MARK-MASQ')
+        out.append(
+            f'-A {chain} -p {p} -m comment --comment "{label}" -m {p} -j DNAT --to-destination {ep}'
+        )
+    return out
+
+
 def iptables_rules(spec: ClusterSpec) -> str:
     """nat and filter tables in iptables-restore format, in kube-proxy's iptables-mode shape."""
-    svc = SVC_NAME
-    base = svc + "tcp"
-    svc_chain = "KUBE-SVC-" + _chain_hash(base)
-    seps = [("KUBE-SEP-" + _chain_hash(base + str(e)), e) for e in spec.endpoints]
+    ports = [sp for sp in service_ports(spec) if sp.endpoints]
+    empty = [sp for sp in service_ports(spec) if not sp.endpoints]
     nat = [
         "*nat",
         ":PREROUTING ACCEPT [0:0]",
@@ -164,7 +253,8 @@ def iptables_rules(spec: ClusterSpec) -> str:
         ":KUBE-POSTROUTING - [0:0]",
         ":KUBE-MARK-MASQ - [0:0]",
     ]
-    if seps:
+    for sp in ports:
+        svc_chain, seps = sp.iptables_chains()
         nat += [f":{svc_chain} - [0:0]"] + [f":{c} - [0:0]" for c, _ in seps]
     nat += [
         '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
@@ -178,30 +268,17 @@ def iptables_rules(spec: ClusterSpec) -> str:
         ),
         "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
     ]
-    if seps:
-        nat.append(
-            f"-A KUBE-SERVICES -d {SERVICE_IP}/32 -p tcp -m comment --comment "
-            f'"{svc} cluster IP" -m tcp --dport {spec.service_port} -j {svc_chain}'
-        )
+    nat += [
+        f"-A KUBE-SERVICES -d {sp.ip}/32 -p {sp.protocol} -m comment --comment "
+        f'"{sp.label} cluster IP" -m {sp.protocol} --dport {sp.port} -j {sp.iptables_chains()[0]}'
+        for sp in ports
+    ]
     nat.append(
         '-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must '
         'be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS'
     )
-    if seps:
-        nat.append(
-            f"-A {svc_chain} ! -s {CLUSTER_CIDR} -d {SERVICE_IP}/32 -p tcp -m comment "
-            f'--comment "{svc} cluster IP" -m tcp --dport {spec.service_port} -j KUBE-MARK-MASQ'
-        )
-    for i, (chain, ep) in enumerate(seps):
-        left = len(seps) - i
-        stat = f" -m statistic --mode random --probability {1.0 / left:0.10f}" if left > 1 else ""
-        nat.append(f'-A {svc_chain} -m comment --comment "{svc} -> {ep}"{stat} -j {chain}')
-    for chain, ep in seps:
-        if spec.hairpin_masquerade:
-            nat.append(f'-A {chain} -s {ep.ip}/32 -m comment --comment "{svc}" -j KUBE-MARK-MASQ')
-        nat.append(
-            f'-A {chain} -p tcp -m comment --comment "{svc}" -m tcp -j DNAT --to-destination {ep}'
-        )
+    for sp in ports:
+        nat += _iptables_service(sp, spec.hairpin_masquerade)
     nat.append("COMMIT")
     portals = '-m conntrack --ctstate NEW -m comment --comment "kubernetes service portals"'
     filt = [
@@ -225,24 +302,36 @@ def iptables_rules(spec: ClusterSpec) -> str:
             "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
         ),
     ]
-    if not seps:
-        filt.append(
-            f'-A KUBE-SERVICES -d {SERVICE_IP}/32 -p tcp -m comment --comment "{svc} has no '
-            f'endpoints" -m tcp --dport {spec.service_port} -j REJECT --reject-with '
-            "icmp-port-unreachable"
-        )
+    filt += [
+        f'-A KUBE-SERVICES -d {sp.ip}/32 -p {sp.protocol} -m comment --comment "{sp.label} has '
+        f'no endpoints" -m {sp.protocol} --dport {sp.port} -j REJECT --reject-with '
+        "icmp-port-unreachable"
+        for sp in empty
+    ]
     filt.append("COMMIT")
     return "\n".join(nat + filt) + "\n"
 
 
+def _nft_service(sp: ServicePort, hairpin_masquerade: bool) -> list[str]:
+    """A Service port's endpoint chains and its service chain (numgen over the endpoints)."""
+    svc_chain, eps = sp.nft_chains()
+    out = []
+    for chain, e in eps:
+        masq = f"\t\tip saddr {e.ip} jump mark-for-masquerade\n" if hairpin_masquerade else ""
+        out.append(f"\tchain {chain} {{\n{masq}\t\tmeta l4proto {sp.protocol} dnat to {e}\n\t}}")
+    vmap = ", ".join(f"{i} : goto {c}" for i, (c, _) in enumerate(eps))
+    out.append(
+        f"\tchain {svc_chain} {{\n\t\tip daddr {sp.ip} {sp.protocol} dport {sp.port} "
+        f"ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade\n"
+        f"\t\tnumgen random mod {len(eps)} vmap {{ {vmap} }}\n\t}}"
+    )
+    return out
+
+
 def nftables_rules(spec: ClusterSpec) -> str:
     """The ``ip kube-proxy`` table in kube-proxy's nftables-mode shape."""
-    svc_base = "prod/export/tcp/"
-    svc_chain = f"service-{seed._b32_sha256(svc_base)[:8]}-{svc_base}"
-    eps = []
-    for e in spec.endpoints:
-        base = f"{svc_base}__{e.ip}/{e.port}"
-        eps.append((f"endpoint-{seed._b32_sha256(base)[:8]}-{base}", e))
+    ports = [sp for sp in service_ports(spec) if sp.endpoints]
+    empty = [sp for sp in service_ports(spec) if not sp.endpoints]
     out = ["table ip kube-proxy {", '\tcomment "rules for kube-proxy"']
     out += [
         "\tchain mark-for-masquerade {\n\t\tmeta mark set meta mark | 0x4000\n\t}",
@@ -253,21 +342,14 @@ def nftables_rules(spec: ClusterSpec) -> str:
         '\tchain reject-chain {\n\t\tcomment "helper for @no-endpoint-services"\n\t\treject\n\t}',
         "\tchain forward {\n\t\tct state invalid drop\n\t\tmeta mark & 0x4000 == 0x4000 accept\n\t}",
     ]
-    for chain, e in eps:
-        masq = f"\t\tip saddr {e.ip} jump mark-for-masquerade\n" if spec.hairpin_masquerade else ""
-        out.append(f"\tchain {chain} {{\n{masq}\t\tmeta l4proto tcp dnat to {e}\n\t}}")
-    if eps:
-        vmap = ", ".join(f"{i} : goto {c}" for i, (c, _) in enumerate(eps))
-        out.append(
-            f"\tchain {svc_chain} {{\n\t\tip daddr {SERVICE_IP} tcp dport {spec.service_port} "
-            f"ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade\n"
-            f"\t\tnumgen random mod {len(eps)} vmap {{ {vmap} }}\n\t}}"
-        )
-    svc_elems = f"{SERVICE_IP} . tcp . {spec.service_port} : goto {svc_chain}" if eps else ""
-    noep = (
-        ""
-        if eps
-        else f'{SERVICE_IP} . tcp . {spec.service_port} comment "{SVC_NAME}" : goto reject-chain'
+    for sp in ports:
+        out += _nft_service(sp, spec.hairpin_masquerade)
+    svc_elems = ", ".join(
+        f"{sp.ip} . {sp.protocol} . {sp.port} : goto {sp.nft_chains()[0]}" for sp in ports
+    )
+    noep = ", ".join(
+        f'{sp.ip} . {sp.protocol} . {sp.port} comment "{sp.label}" : goto reject-chain'
+        for sp in empty
     )
     for name, elems, comment in (
         ("service-ips", svc_elems, "ClusterIP, ExternalIP and LoadBalancer IP traffic"),
@@ -457,6 +539,32 @@ def _start_server(spec: ClusterSpec, pod: Pod) -> None:
                        stdout=out, stderr=out, check=True, timeout=10)  # fmt: skip
 
 
+def _start_dns(spec: ClusterSpec, pod: Pod) -> None:
+    log = spec.work_dir / f"{pod.ns}.dnsmasq.log"
+    with open(log, "ab") as out:
+        subprocess.run(["setsid", "-f", *netns.exec_argv(pod.ns, dns.dnsmasq_argv(pod.ip, log))],
+                       stdin=subprocess.DEVNULL, stdout=out, stderr=out, check=True,
+                       timeout=10)  # fmt: skip
+
+
+def _wait_dns(spec: ClusterSpec, timeout: float = 30.0) -> None:
+    """Until every DNS endpoint pod answers the client directly (not through the Service)."""
+    deadline = time.monotonic() + timeout
+    for pod in spec.dns_pods:
+        while True:
+            got = dig(spec, server=pod.ip, timeout=1.0)
+            if got.answered:
+                break
+            if time.monotonic() > deadline:
+                log = spec.work_dir / f"{pod.ns}.dnsmasq.log"
+                last = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no log"]
+                raise HairtraceError(
+                    f"dnsmasq in {pod.ns} ({pod.ip}) did not answer the client: "
+                    f"{got.status} {got.error}; its log: {last[0]}"
+                )
+            time.sleep(0.1)
+
+
 def _wait_servers(spec: ClusterSpec, timeout: float = 60.0) -> None:
     """Until every pod answers the client directly (not through the Service)."""
     deadline = time.monotonic() + timeout
@@ -508,6 +616,39 @@ def load(spec: ClusterSpec, n: int = 300, timeout: float = 10.0) -> list[dict[st
         raise HairtraceError(f"the load client printed no result: {exc}") from exc
 
 
+def dig(
+    spec: ClusterSpec,
+    name: str = dns.DEFAULT_QUERY,
+    *,
+    server: str = DNS_IP,
+    tcp: bool = False,
+    timeout: float = 2.0,
+    pod: Pod | None = None,
+    sport: int | None = None,
+) -> DigReply:
+    """``dig @server +time=N +tries=1 [+tcp] NAME`` in the client pod (or ``pod``)."""
+    ns = (pod or spec.client).ns
+    return dns.dig(ns, name, server=server, tcp=tcp, timeout=timeout, sport=sport)
+
+
+def dig_load(
+    spec: ClusterSpec,
+    n: int,
+    pods: tuple[Pod, ...] | None = None,
+    *,
+    name: str = dns.DEFAULT_QUERY,
+    tcp: bool = False,
+    timeout: float = 2.0,
+    parallel: int = 16,
+    sport_base: int | None = None,
+) -> list[DigReply]:
+    """n DNS queries to the kube-dns Service from ``pods`` (default: the client), round-robin,
+    up to ``parallel`` at once; one DigReply each, in query order (dns.dig_many)."""
+    clients = [p.ns for p in (pods or (spec.client,))]
+    return dns.dig_many(clients, n, name, tcp=tcp, timeout=timeout, parallel=parallel,
+                        sport_base=sport_base)  # fmt: skip
+
+
 def _build(state: ClusterState) -> ClusterState:
     spec = state.spec
     spec.work_dir.mkdir(parents=True, exist_ok=True)
@@ -531,7 +672,10 @@ def _build(state: ClusterState) -> ClusterState:
         load_rules(spec, n)
     for pod in spec.pods:
         _start_server(spec, pod)
+    for pod in spec.dns_pods:
+        _start_dns(spec, pod)
     _wait_servers(spec)
+    _wait_dns(spec)
     return state
 
 

@@ -30,6 +30,10 @@ class Fault:
     bridge_nf: int = 1
     needs: str = ""  # a kernel condition checked before building
     service_port: int = cluster.SERVICE_PORT  # the Service's port in the rules (clients: 80)
+    # what the scenario's client does: "curl" (HTTP to the Service), "dig" (a DNS query over
+    # UDP to kube-dns, 100.67.30.140:53, traced with --svc 100.67.30.140:53/udp)
+    client: str = "curl"
+    dns_endpoints: tuple[Endpoint, ...] | None = None  # None = the default (pod n1-b:53)
 
     def spec(self, prefix: str, proxy_mode: str, nodes: int | None = None) -> ClusterSpec:
         n = max(self.nodes, nodes or 1)
@@ -44,6 +48,7 @@ class Fault:
             hairpin_masquerade=self.hairpin_masquerade,
             bridge_nf_call_iptables=self.bridge_nf,
             service_port=self.service_port,
+            dns_endpoints=self.dns_endpoints,
         )
 
 
@@ -193,6 +198,34 @@ FAULTS: dict[str, Fault] = {
             "packet-dropped",
             "a stale 'unreachable' route to the backend on the node: a stack drop",
             apply=_unreachable,
+        ),
+        Fault(
+            "dns",
+            "",
+            "healthy DNS: a query over UDP to kube-dns, answered by dnsmasq in pod B",
+            client="dig",
+        ),
+        Fault(
+            "dns-bridge-nf-off",
+            "bridge-nf-call-iptables-off",
+            "the seed case over UDP: the DNS reply is bridged back past conntrack, dig times out",
+            apply=_sysctl(seed.BRIDGE_NF_CALL_IPTABLES, 0),
+            bridge_nf=0,
+            client="dig",
+        ),
+        Fault(
+            "dns-no-endpoints",
+            "service-no-endpoints",
+            "kube-dns has no endpoints: kube-proxy's REJECT answers ICMP port unreachable",
+            client="dig",
+            dns_endpoints=(),
+        ),
+        Fault(
+            "dns-wrong-target-port",
+            "backend-refused",
+            "kube-dns's endpoint port (5353) has no listener: the pod answers port unreachable",
+            client="dig",
+            dns_endpoints=(Endpoint("100.96.54.247", 5353),),
         ),
         Fault(
             "backend-blackhole",

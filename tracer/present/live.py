@@ -33,7 +33,7 @@ def _console() -> Console:
 def _header(run: RunInfo) -> Text:
     return Text.from_markup(
         f"[bold]hairtrace[/] {run.tool_version}  service "
-        f"{service_label(run.service_ip, run.service_port)}  netns "
+        f"{service_label(run.service_ip, run.service_port)} ({', '.join(run.protocols)})  netns "
         f"{run.netns}  kernel {run.kernel}\nbackend {run.backend_reason or run.backend}\n"
         f"provider {run.provider_reason}; "
         f"attached {len(run.attached)} programs in {run.trace_attach_seconds or 0:.3f}s "
@@ -75,14 +75,14 @@ def _digest_table(digest: Digest, open_now: Sequence[Finished] = ()) -> Table:
         table.caption = f"... and {more} connection(s) not listed ({digest.tally()})"
     for conn, diag in shown:
         backend = f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "-"
-        roles = compact_roles([p.role for p in conn.packets])
+        roles = compact_roles(packet_labels(conn))
         where = ""
         if diag.brk:
             b = diag.brk
             where = f"{b.where}: {b.cause}"
         table.add_row(
             f"{conn.key.src}:{conn.key.sport}",
-            f"{conn.key.dst}:{conn.key.dport}",
+            f"{conn.key.dst}:{conn.key.dport}/{conn.proto}",
             backend,
             roles,
             Text(diag.verdict, style=_STYLE.get(diag.verdict, "")),
@@ -94,9 +94,9 @@ def _digest_table(digest: Digest, open_now: Sequence[Finished] = ()) -> Table:
         assert brk is not None
         table.add_row(
             f"{conn.key.src}:{conn.key.sport}",
-            f"{conn.key.dst}:{conn.key.dport}",
+            f"{conn.key.dst}:{conn.key.dport}/{conn.proto}",
             f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "-",
-            compact_roles([p.role for p in conn.packets]),
+            compact_roles(packet_labels(conn)),
             Text(f"{f.diag.verdict} (open)", style=_STYLE.get(f.diag.verdict, "")),
             f"{brk.where}: {brk.cause}",
         )
@@ -110,6 +110,13 @@ def _digest_table(digest: Digest, open_now: Sequence[Finished] = ()) -> Table:
             f"{len(open_now)} connection(s) still open{more}"
         )
     return table
+
+
+def packet_labels(conn: Connection) -> list[str]:
+    """A connection's packets in a word each: TCP roles; UDP and UDP-REPLY; ICMP."""
+    return [
+        "UDP-REPLY" if p.role == "UDP" and p.direction == "reply" else p.role for p in conn.packets
+    ]
 
 
 def compact_roles(roles: list[str]) -> str:

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracer.analysis.context import RuleDrop, SysctlChange
-from tracer.analysis.diagnose import Break, Diagnosis
+from tracer.analysis.diagnose import Break, Diagnosis, Exchange
 from tracer.analysis.reassemble import Connection, Hop, Packet
+from tracer.events.model import icmp_name
 
 SCHEMA = "hairtrace/report@1"
 
@@ -27,6 +28,7 @@ class RunInfo:
     service_port: int
     netns: str
     events: int = 0
+    protocols: tuple[str, ...] = ("tcp",)  # of the service traced (ICMP errors follow them)
     # None when not known (lost_events_unknown says why: a recording without the footer
     # that holds these counters): unknown is never reported as 0
     lost_events: int | None = 0
@@ -95,7 +97,16 @@ def _packet(p: Packet, origin_ns: int) -> dict[str, Any]:
     }
     if p.caused_by is not None:
         out["caused_by"] = p.caused_by
+    if p.length is not None:
+        out["length"] = p.length
+    if p.icmp is not None:
+        out["icmp"] = {"type": p.icmp[0], "code": p.icmp[1], "name": icmp_name(*p.icmp),
+                       "from": p.icmp_from}  # fmt: skip
     return out
+
+
+def _exchange(x: Exchange) -> dict[str, Any]:
+    return {"request": x.request, "reply": x.reply, "icmp": x.icmp, "ok": x.ok}
 
 
 def break_dict(b: Break | None) -> dict[str, Any] | None:
@@ -133,6 +144,8 @@ def connection_dict(
         "break": break_dict(d.brk),
         "isn": c.isn,
         "first_seen_mid_connection": c.first_seen_mid_connection,
+        "proto": c.proto,
+        "exchanges": [_exchange(x) for x in d.exchanges],
     }
 
 
@@ -151,6 +164,7 @@ def head_fields(run: RunInfo) -> dict[str, Any]:
         "service": {
             **_endpoint(run.service_ip, run.service_port),
             "ports_in_rules": None if run.service_ports is None else list(run.service_ports),
+            "protocols": list(run.protocols),
         },
         "warnings": list(run.warnings),
         "netns": run.netns,

@@ -25,7 +25,16 @@ import numpy as np
 from tracer.analysis.context import Context
 from tracer.analysis.reassemble import role_of
 from tracer.events.codec import EVENT_DTYPE
-from tracer.events.model import CTINFO_NAMES, NF_HOOKS, POINTS, Conntrack, Tuple, point_info
+from tracer.events.model import (
+    CTINFO_NAMES,
+    IPPROTO_ICMP,
+    IPPROTO_UDP,
+    NF_HOOKS,
+    POINTS,
+    Conntrack,
+    Tuple,
+    point_info,
+)
 from tracer.events.rows import CODEC, EventFields
 
 
@@ -52,10 +61,13 @@ COLUMNS: tuple[Column, ...] = (
     Column("sport", "uint16", "uint16", "source port"),
     Column("dst", "category", "dict", "destination address at this point"),
     Column("dport", "uint16", "uint16", "destination port"),
-    Column("proto", "uint8", "uint8", "IP protocol number"),
+    Column("proto", "uint8", "uint8", "IP protocol number (1: an ICMP error; then src, sport, "
+           "dst, dport are those of the packet it quotes)"),
     Column("tcp_flags", "category", "dict", 'TCP flags as text, e.g. "SYN|ACK" ("none")'),
-    Column("seq", "uint32", "uint32", "TCP sequence number"),
-    Column("ack", "uint32", "uint32", "TCP acknowledgment number"),
+    Column("seq", "uint32", "uint32", "TCP sequence number; UDP: datagram length; ICMP "
+           "error: its own source address as an integer"),
+    Column("ack", "uint32", "uint32", "TCP acknowledgment number; ICMP error: its own "
+           "destination address as an integer"),
     Column("ip_id", "uint16", "uint16", "IP identification"),
     Column("hook", "category", "dict", "netfilter hook of the point, null when none"),
     Column("skb", "str", "string", "per-trace id of the skb (hex): one packet along a hop chain"),
@@ -67,11 +79,16 @@ COLUMNS: tuple[Column, ...] = (
     Column("drop_reason", "category", "dict", "kfree_skb reason name (drop points only)"),
     Column("aux", "uint32", "uint32", "point-specific value (NAT manip, conntrack verdict)"),
     Column("conn", "Int64", "int64", "index of the connection in the JSON report, null if none"),
-    Column("role", "category", "dict", "packet role from the flags: SYN, SYN+ACK, ACK, ..."),
+    Column("role", "category", "dict",
+           "packet role from the flags: SYN, SYN+ACK, ACK, ...; UDP; ICMP"),
     Column("direction", "category", "dict", "original or reply (within its connection)"),
     Column("location", "category", "dict",
            'function that freed a dropped skb, "name+0xoff" where the recording named it, '
            "else its per-trace id (hex); null when none"),
+    Column("inner_proto", "uint8", "uint8", "ICMP error: the quoted packet's protocol; else 0"),
+    Column("icmp_type", "uint8", "uint8", "ICMP error: its type (3 destination unreachable, "
+           "11 time exceeded, 12 parameter problem); else 0"),
+    Column("icmp_code", "uint8", "uint8", "ICMP error: its code (3 port unreachable, ...)"),
 )  # fmt: skip
 NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 DIRECTIONS = ("original", "reply")  # the direction column's values, by code 0 and 1
@@ -199,8 +216,15 @@ def _packet_columns(rec: np.ndarray, f: EventFields, names: Naming) -> dict[str,
         "ip_id": _uint(f.ip_id, np.uint16),
         "hook": _category(_Distinct([rec["hook"]]), NF_HOOKS.get),
         "skb": _category(_Distinct([rec["skb"]]), _hex),
-        "role": _category(flags, role_of),
+        "role": _category(_Distinct([rec["proto"], f.flags]), _role),
+        "inner_proto": _uint(rec["inner_proto"], np.uint8),
+        "icmp_type": _uint(rec["icmp_type"], np.uint8),
+        "icmp_code": _uint(rec["icmp_code"], np.uint8),
     }
+
+
+def _role(proto: int, flags: int) -> str:
+    return {IPPROTO_UDP: "UDP", IPPROTO_ICMP: "ICMP"}.get(proto) or role_of(flags)
 
 
 def _conntrack_columns(f: EventFields) -> dict[str, Any]:

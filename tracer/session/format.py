@@ -33,7 +33,10 @@ from enum import IntEnum
 MAGIC = b"\x89HTSESS\n"
 FORMAT_VERSION = 1
 FORMAT_NAME = f"hairtrace/session@{FORMAT_VERSION}"
-FORMAT_MINOR = 1  # 1: per-trace ids instead of kernel addresses (see above)
+# 1: per-trace ids instead of kernel addresses (see above); 2: the header's "protocols"
+# (absent before: TCP only), UDP and ICMP-error records (struct ht_event's last pad
+# bytes became inner_proto, icmp_type, icmp_code: zero in older records)
+FORMAT_MINOR = 2
 PREAMBLE = struct.Struct("<8sI")
 CHUNK = struct.Struct("<IB3xII")
 _HEAD = struct.Struct("<IB3xI")  # CHUNK without its own checksum

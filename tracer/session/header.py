@@ -56,6 +56,7 @@ class SessionHeader:
     compile_seconds: float | None = None
     format_minor: int = FORMAT_MINOR
     nf_priorities: dict[str, int] = field(default_factory=dict)  # absent before: {}
+    protocols: tuple[str, ...] = ("tcp",)  # traced; absent before format 1.2: TCP only
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +85,7 @@ class SessionHeader:
             "backend_reason": self.backend_reason,
             "compile_seconds": self.compile_seconds,
             "nf_priorities": dict(self.nf_priorities),
+            "protocols": list(self.protocols),
             "record_size": self.record_size,
             "topology": self.topology.to_dict(),
         }
@@ -127,7 +129,16 @@ class SessionHeader:
             compile_seconds=g.number("compile_seconds", optional=True),
             nf_priorities=g.int_map("nf_priorities"),
             format_minor=g.get("format_minor", int, optional=True) or 0,
+            protocols=_protocols(g.get("protocols", list, optional=True)),
         )
+
+
+def _protocols(value: list[Any] | None) -> tuple[str, ...]:
+    if value is None:
+        return ("tcp",)
+    if not value or not all(p in ("tcp", "udp") for p in value):
+        raise HairtraceError(f"bad session header: 'protocols' is {value!r}, not tcp/udp")
+    return tuple(value)
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ def header_from_trace(
         backend_reason=run.backend_reason,
         compile_seconds=run.compile_seconds,
         nf_priorities=dict(run.nf_priorities),
+        protocols=run.protocols,
     )
 
 
@@ -163,7 +164,11 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
     Without a footer, the counters it holds (losses, data budget) are None: unknown."""
     # what the live trace said at its start (from the first snapshot)
     ports, warnings = node_view(
-        header.topology, header.netns_inode, header.service_ip, header.service_port
+        header.topology,
+        header.netns_inode,
+        header.service_ip,
+        header.service_port,
+        header.protocols,
     )
     return RunInfo(
         tool_version=__version__,
@@ -175,6 +180,7 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         compile_seconds=header.compile_seconds,
         service_ip=header.service_ip,
         service_port=header.service_port,
+        protocols=header.protocols,
         netns=header.netns,
         events=events,
         lost_events=footer.lost_events if footer else None,

@@ -97,25 +97,32 @@ def port_label(port: int, proto: str = "tcp") -> str:
 
 
 def service_warning(
-    ip: str, port: int, ports: tuple[str, ...] | None, near: tuple[str, ...], netns: str
+    ip: str,
+    port: int,
+    ports: tuple[str, ...] | None,
+    near: tuple[str, ...],
+    netns: str,
+    protocols: tuple[str, ...] = ("tcp",),
 ) -> str | None:
     """What to tell the user at start when kube-proxy's rules in the node netns do not have
-    the Service they asked for (port 0: any port); None when they do, or nothing is known."""
+    the Service they asked for (port 0: any port; of several protocols, any one will do);
+    None when they do, or nothing is known."""
     if ports is None:
         return None
     if not ports:
         hint = f"; closest Service addresses there: {', '.join(near)}" if near else ""
         return f"kube-proxy's rules in netns {netns} have no Service with the address {ip}{hint}"
-    if port and port_label(port) not in ports:
+    if port and not any(port_label(port, p) in ports for p in protocols):
+        want = " or ".join(port_label(port, p) for p in protocols)
         return (
-            f"kube-proxy's rules in netns {netns} have no port {port}/tcp for Service {ip} "
+            f"kube-proxy's rules in netns {netns} have no port {want} for Service {ip} "
             f"(its ports: {', '.join(ports)})"
         )
     return None
 
 
 def node_view(
-    topology: Any, node: int | None, ip: str, port: int
+    topology: Any, node: int | None, ip: str, port: int, protocols: tuple[str, ...] = ("tcp",)
 ) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
     """(service_ports, warnings) for the report, from the node netns of a snapshot; the
     same for a live trace and its replay, which both hold that snapshot."""
@@ -123,5 +130,5 @@ def node_view(
     if ns is None:
         return None, ()
     ports = ns.service_ports
-    warning = service_warning(ip, port, ports, ns.nearest_services, ns.name)
+    warning = service_warning(ip, port, ports, ns.nearest_services, ns.name, protocols)
     return ports, (warning,) if warning else ()
