@@ -58,6 +58,8 @@ WHERE: dict[str, Where] = {
     "dns-no-endpoints": Where("UDP", "ht-n1", "cni0", "kfree_skb", "NETFILTER_DROP",
                               rule_has="has no endpoints",
                               evidence_has="ICMP port unreachable (type 3, code 3)"),
+    "stale-conntrack-entry": Where("UDP", "ht-n1", "cni0", "nf:PREROUTING@dnat",
+                                   evidence_has="100.96.54.247:53 is no endpoint there"),
     "dns-wrong-target-port": Where("ICMP", "ht-n1-b", "eth0", "net_dev_start_xmit",
                                    evidence_has="nothing listens on that port"),
 }  # fmt: skip
@@ -73,9 +75,9 @@ def check_report(name: str, report: dict[str, Any]) -> None:
     conns = report["connections"]
     assert conns, f"{name}: no connection in the report"
     assert report["lost_events"] == 0
-    proto = "udp" if fault.client == "dig" else "tcp"
+    proto = "tcp" if fault.client == "curl" else "udp"
     assert {c["proto"] for c in conns} == {proto}, [c["proto"] for c in conns]
-    if proto == "udp":  # one query (one try): one request, answered or not
+    if fault.client == "dig":  # one query (one try): one request, answered or not
         for c in conns:
             [x] = c["exchanges"]
             assert x["request"] == 0 and x["ok"] == (not fault.cause), x

@@ -137,6 +137,49 @@ def test_1000_dns_queries_from_every_pod_over_udp_and_tcp_are_each_accounted(
     assert {c["backend"]["ip"] for c in conns} == {"100.96.54.247"}
 
 
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+def test_the_fix_of_a_stale_conntrack_entry_works(mode: str, tmp_path: Path) -> None:
+    """stale-conntrack-entry: the conntrack -D the fix names, run as written in the node,
+    lets the kept flow reach the new endpoint (its queries get answers again)."""
+    import shlex
+    import time
+
+    from tracer.lab import cluster
+    from tracer.lab.faults import STALE_FLOW_SPORT
+
+    subprocess.run([HAIRTRACE, "lab", "down"], check=True, capture_output=True, timeout=120)
+    subprocess.run([HAIRTRACE, "lab", "up", "--fault", "stale-conntrack-entry", "--proxy-mode",
+                    mode], check=True, capture_output=True, timeout=180)  # fmt: skip
+    try:
+        out = tmp_path / "r.json"
+        res = subprocess.run(
+            [HAIRTRACE, "--no-live", "--svc", "100.67.30.140:53/udp", "--netns", "ht-n1",
+             "--json", str(out), "--", "sleep", "4"],
+            check=False, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert res.returncode == 3, res.stderr[-3000:]
+        check_report("stale-conntrack-entry", json.loads(out.read_text()))
+        [conn] = json.loads(out.read_text())["connections"]
+        fix = conn["break"]["fix"]
+        command = fix.partition(": ")[2].partition(" (or")[0]
+        assert command.startswith("conntrack -D -p udp"), fix
+        state = cluster.load_state()
+        assert state is not None
+        log = state.spec.work_dir / f"udpflow-{STALE_FLOW_SPORT}.log"
+        before = cluster.udp_flow_counts(log)
+        time.sleep(1.0)
+        assert cluster.udp_flow_counts(log)[1] == before[1], "no answers while the entry lives"
+        done = subprocess.run(["ip", "netns", "exec", "ht-n1", *shlex.split(command)],
+                              check=False, capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        deadline = time.monotonic() + 10
+        while cluster.udp_flow_counts(log)[1] <= before[1] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert cluster.udp_flow_counts(log)[1] > before[1], "answered again after the fix"
+    finally:
+        subprocess.run([HAIRTRACE, "lab", "down"], check=True, capture_output=True, timeout=120)
+
+
 def test_no_br_netfilter_in_the_vm() -> None:
     """br_netfilter is built into the host kernel; the Debian VM has it as a module."""
     needs_binary("qemu-system-x86_64")

@@ -66,6 +66,7 @@ class Exchange:
     reply: int | None = None
     icmp: int | None = None  # the ICMP error that came back instead
     ok: bool = False  # a reply reached the client from the service address
+    pending: bool = False  # unanswered, but the trace ended within the reply timeout
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ def _diagnose_udp(conn: Connection, ctx: Context) -> Diagnosis:
     """A UDP flow: each request (original datagram) is answered by the next reply that
     reaches the client, or by an ICMP error that does. It is ok when every request got a
     reply from the service address; the break is on the first reply or error that went
-    astray, else on the first request nothing answered."""
+    astray, else on the first request nothing answered within the reply timeout. A
+    request still within it when the trace ended is pending, not failed."""
     roles = _roles(conn)
     pending: list[int] = []
     exchanges: list[Exchange] = []
@@ -203,32 +205,89 @@ def _diagnose_udp(conn: Connection, ctx: Context) -> Diagnosis:
             brk = _untranslated_reply(conn, i, pkt, hop, roles, ctx)
         elif brk is None and pkt.role == "ICMP":
             brk = _icmp_error(conn, i, pkt, hop, roles, ctx)
-    exchanges += [Exchange(req) for req in pending]
+    overdue = [i for i in pending
+               if ctx.end_ns - conn.packets[i].hops[-1].ts_ns >= ctx.reply_timeout_ns]  # fmt: skip
+    exchanges += [Exchange(i, pending=i not in overdue) for i in pending]
     exchanges.sort(key=lambda x: x.request if x.request is not None else -1)
     notes: list[str] = []
-    if brk is None and pending:
+    if brk is None and overdue:
         brk = _dropped(conn, roles, ctx)
         if brk is None:
-            last = conn.packets[pending[-1]]
-            waited = ctx.end_ns - last.hops[-1].ts_ns
-            if waited < ctx.reply_timeout_ns:
-                notes.append("the trace ended before the last request's reply was due")
-            else:
-                brk = _no_reply(conn, pending[0], waited)
+            first = conn.packets[overdue[0]]
+            brk = _no_reply(conn, overdue[0], ctx.end_ns - first.hops[-1].ts_ns)
+    failed = [x.request for x in exchanges if not x.ok and not x.pending and x.request is not None]
+    if brk is not None and failed:
+        brk = _stale_entry(conn, brk, failed[0], roles, ctx) or brk
+    if len(overdue) < len(pending):
+        notes.append("the trace ended before the reply to the last request was due")
     if not any(p.role == "UDP" and p.direction == "original" for p in conn.packets):
         notes.append("no request of this flow was seen (it began before the trace)")
-    failed = [x for x in exchanges if not x.ok and x.request is not None]
+    decided = [x for x in exchanges if not x.pending]
     if brk is not None:
-        verdict = "recovered" if exchanges and exchanges[-1].ok else "broken"
-    elif notes or not exchanges:
+        verdict = "recovered" if decided and decided[-1].ok else "broken"
+    elif not decided or not any(x.request is not None for x in decided):
         verdict = "incomplete"
     else:
-        verdict = "ok" if not failed else "broken"
+        verdict = "ok"
     lost = _overlapping_loss(conn, ctx)
     if lost:
         notes.append(lost)
         verdict = "incomplete"
     return Diagnosis(verdict, brk, tuple(notes), tuple(exchanges))
+
+
+def _dnat_targets(rules: tuple[str, ...]) -> set[str]:
+    """ "IP:PORT" of every DNAT in NAT rules (iptables' --to-destination, nft's dnat to)."""
+    out = set()
+    for rule in rules:
+        for word in ("--to-destination ", "dnat to "):
+            at = rule.find(word)
+            if at >= 0:
+                out.add(rule[at + len(word) :].split()[0])
+    return out
+
+
+def _stale_entry(
+    conn: Connection, brk: Break, request: int, roles: _Roles, ctx: Context
+) -> Break | None:
+    """A UDP flow whose conntrack entry DNATs to a backend that kube-proxy's rules no
+    longer have: the entry outlived its endpoint (kube-proxy deletes such entries when an
+    endpoint goes away; a flow kept alive by its client keeps it otherwise)."""
+    if conn.backend is None or roles.nat_ns is None or roles.nat_hop is None:
+        return None
+    rules = ctx.names.service_rules(roles.nat_ns)
+    targets = _dnat_targets(rules or ())
+    backend = _fmt(*conn.backend)
+    if not targets or backend in targets:
+        return None
+    ns = ctx.names.ns_name(roles.nat_ns)
+    h = roles.nat_hop
+    key = conn.key
+    state = h.ct.to_dict()["state"] if h.ct is not None else "unknown"
+    entry = (f"conntrack entry {key} / reply {conn.backend[0]}:{conn.backend[1]} -> "
+             f"{key.src}:{key.sport} in {ns} DNATs the flow to {backend}")  # fmt: skip
+    rules_say = (f"kube-proxy's rules in {ns} DNAT {key.dst}:{key.dport} to "
+                 f"{', '.join(sorted(targets))} only: {backend} is no endpoint there")  # fmt: skip
+    reused = (f"the requests reached the DNAT at {h.point} as {state} packets of that "
+              "entry: NAT reused its binding, the rules were never consulted again")  # fmt: skip
+    evidence = (entry, rules_say, reused, *brk.evidence)
+    # the break is on the first failed request, at the DNAT that applied the stale binding
+    # (where it was lost after that, or what answered it, is in the evidence)
+    return Break(
+        "UDP", request, h.netns_name, h.dev, h.point,
+        "stale-conntrack-entry",
+        f"The flow's conntrack entry in {ns} still sends it to {backend}, which is no longer "
+        f"an endpoint of {key.dst}:{key.dport} in kube-proxy's rules there "
+        f"({', '.join(sorted(targets))}). Each datagram of the flow refreshes the entry, so "
+        f"while the client keeps the flow ({key.src}:{key.sport}) alive it never reaches a "
+        "current endpoint; its requests went unanswered.",
+        evidence,
+        f"Delete the entry in {ns}: conntrack -D -p udp --orig-src {key.src} --sport "
+        f"{key.sport} --orig-dst {key.dst} --dport {key.dport} (or every entry to the old "
+        f"endpoint: conntrack -D -p udp --reply-src {conn.backend[0]}). kube-proxy deletes "
+        "them itself when an endpoint goes away: check that the node has the conntrack "
+        "binary and kube-proxy's log for conntrack errors (kubernetes#59368, #126130).",
+    )  # fmt: skip
 
 
 def _no_reply(conn: Connection, index: int, waited: float) -> Break:

@@ -565,6 +565,48 @@ def _wait_dns(spec: ClusterSpec, timeout: float = 30.0) -> None:
             time.sleep(0.1)
 
 
+def move_dns_endpoints(state: ClusterState, endpoints: tuple[Endpoint, ...]) -> ClusterState:
+    """kube-dns's endpoints change (as kube-proxy rewrites them after a pod was replaced):
+    dnsmasq starts in the new endpoint pods, every node gets the new rules. Conntrack
+    entries are left as they are (what kube-proxy must clean up itself)."""
+    spec = replace(state.spec, dns_endpoints=endpoints)
+    old = {p.ns for p in state.spec.dns_pods}
+    for pod in spec.dns_pods:
+        if pod.ns not in old:
+            _start_dns(spec, pod)
+    _wait_dns(spec)
+    for node in range(1, spec.nodes + 1):
+        load_rules(spec, node)
+    return save(replace(state, spec=spec))
+
+
+def start_udp_flow(spec: ClusterSpec, sport: int, interval: float = 0.3) -> Path:
+    """A long-lived DNS client in the client pod (udpflow.py: one socket, one source
+    port, a query every interval) until the lab goes down; returns its log."""
+    log = spec.work_dir / f"udpflow-{sport}.log"
+    argv = [sys.executable or "python3", "-I", str(_HERE / "udpflow.py"), "--server", DNS_IP,
+            "--port", str(DNS_PORT), "--sport", str(sport), "--interval", f"{interval:g}",
+            "--log", str(log)]  # fmt: skip
+    with open(spec.work_dir / f"udpflow-{sport}.out", "ab") as out:
+        subprocess.run(["setsid", "-f", *netns.exec_argv(spec.client.ns, argv)],
+                       stdin=subprocess.DEVNULL, stdout=out, stderr=out, check=True,
+                       timeout=10)  # fmt: skip
+    return log
+
+
+def udp_flow_counts(log: Path) -> tuple[int, int]:
+    """(sent, answered) of a udpflow client so far; (0, 0) before its first query."""
+    try:
+        lines = log.read_text().splitlines()
+    except FileNotFoundError:
+        return 0, 0
+    for line in reversed(lines):
+        words = line.split()
+        if len(words) == 4 and words[0] == "sent" and words[2] == "answered":
+            return int(words[1]), int(words[3])
+    return 0, 0
+
+
 def _wait_servers(spec: ClusterSpec, timeout: float = 60.0) -> None:
     """Until every pod answers the client directly (not through the Service)."""
     deadline = time.monotonic() + timeout

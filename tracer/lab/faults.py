@@ -8,6 +8,7 @@ explains each one.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +32,8 @@ class Fault:
     needs: str = ""  # a kernel condition checked before building
     service_port: int = cluster.SERVICE_PORT  # the Service's port in the rules (clients: 80)
     # what the scenario's client does: "curl" (HTTP to the Service), "dig" (a DNS query over
-    # UDP to kube-dns, 100.67.30.140:53, traced with --svc 100.67.30.140:53/udp)
+    # UDP to kube-dns, 100.67.30.140:53, traced with --svc 100.67.30.140:53/udp), "flow"
+    # (the fault runs a long-lived DNS client; the scenario traces it for a while)
     client: str = "curl"
     dns_endpoints: tuple[Endpoint, ...] | None = None  # None = the default (pod n1-b:53)
 
@@ -95,6 +97,32 @@ def _unreachable(state: ClusterState) -> str:
     backend = state.spec.endpoints[0].ip
     netns.run_in(_n1(state), ["ip", "route", "add", "unreachable", f"{backend}/32"])
     return f"unreachable route to the backend {backend} in {_n1(state)}"
+
+
+STALE_FLOW_SPORT = 5300  # the long-lived DNS client's source port (stale-conntrack-entry)
+
+
+def _stale_conntrack(state: ClusterState) -> str:
+    """A client keeps one UDP flow to kube-dns (a query every 0.3 s from one port); its
+    endpoint pod n1-b is replaced by n2-c: kube-proxy's rules now DNAT to n2-c, n1-b's
+    address is gone, and nobody deletes the flow's conntrack entry, which still DNATs
+    every query of the flow to n1-b."""
+    spec = state.spec
+    log = cluster.start_udp_flow(spec, STALE_FLOW_SPORT)
+    deadline = time.monotonic() + 20
+    while cluster.udp_flow_counts(log)[1] < 3:
+        if time.monotonic() > deadline:
+            raise HairtraceError(f"the long-lived DNS client got no answers: see {log}")
+        time.sleep(0.1)
+    old = spec.dns_backends[0]
+    new = Endpoint(spec.pods[2].ip, cluster.DNS_PORT)  # n2-c
+    state = cluster.move_dns_endpoints(state, (new,))
+    gone = next(p for p in spec.pods if p.ip == old.ip)
+    netns.run_in(gone.ns, ["ip", "addr", "flush", "dev", "eth0"])
+    netns.run_in(gone.ns, ["ip", "link", "set", "eth0", "down"])
+    cluster.save(state)
+    return (f"kube-dns endpoint {old} replaced by {new} in the rules; {gone.ns}'s address "
+            f"removed; the flow from {spec.client.ip}:{STALE_FLOW_SPORT} keeps its entry")  # fmt: skip
 
 
 def _blackhole(state: ClusterState) -> str:
@@ -226,6 +254,15 @@ FAULTS: dict[str, Fault] = {
             "kube-dns's endpoint port (5353) has no listener: the pod answers port unreachable",
             client="dig",
             dns_endpoints=(Endpoint("100.96.54.247", 5353),),
+        ),
+        Fault(
+            "stale-conntrack-entry",
+            "stale-conntrack-entry",
+            "a kept UDP flow to kube-dns outlives its endpoint: its conntrack entry still "
+            "DNATs to the removed pod",
+            2,
+            apply=_stale_conntrack,
+            client="flow",
         ),
         Fault(
             "backend-blackhole",

@@ -106,7 +106,8 @@ def _packet(p: Packet, origin_ns: int) -> dict[str, Any]:
 
 
 def _exchange(x: Exchange) -> dict[str, Any]:
-    return {"request": x.request, "reply": x.reply, "icmp": x.icmp, "ok": x.ok}
+    return {"request": x.request, "reply": x.reply, "icmp": x.icmp, "ok": x.ok,
+            "pending": x.pending}  # fmt: skip
 
 
 def break_dict(b: Break | None) -> dict[str, Any] | None:
