@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tracer.lab.faults import FAULTS
+from tracer.lab.faults import FAULTS, STALE_FLOW_SPORT
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ WHERE: dict[str, Where] = {
                               evidence_has="ICMP port unreachable (type 3, code 3)"),
     "stale-conntrack-entry": Where("UDP", "ht-n1", "cni0", "nf:PREROUTING@dnat",
                                    evidence_has="100.96.54.247:53 is no endpoint there"),
+    "conntrack-table-full": Where("UDP", "ht-n1", "cni0", "kfree_skb", "NETFILTER_DROP",
+                                  evidence_has="of nf_conntrack_max"),
+    "conntrack-insert-failed": Where("UDP", "ht-n1", "veth", "kfree_skb", "NETFILTER_DROP",
+                                     evidence_has="with an unconfirmed entry"),
     "dns-wrong-target-port": Where("ICMP", "ht-n1-b", "eth0", "net_dev_start_xmit",
                                    evidence_has="nothing listens on that port"),
 }  # fmt: skip
@@ -79,6 +83,8 @@ def check_report(name: str, report: dict[str, Any]) -> None:
     assert {c["proto"] for c in conns} == {proto}, [c["proto"] for c in conns]
     if fault.client == "dig":  # one query (one try): one request, answered or not
         for c in conns:
+            if c["client"]["port"] == STALE_FLOW_SPORT:
+                continue  # a fault's own kept flow
             [x] = c["exchanges"]
             assert x["request"] == 0 and x["ok"] == (not fault.cause), x
     if not fault.cause:
@@ -94,6 +100,10 @@ def check_report(name: str, report: dict[str, Any]) -> None:
         for c in conns:
             to_node2 = c["backend"]["ip"] in NODE2
             assert (c["verdict"] == "broken") == to_node2, (c["backend"], c["verdict"])
+    elif name == "conntrack-insert-failed":  # the kept flow holds the tuple, and works
+        for c in conns:
+            kept = c["client"]["port"] == STALE_FLOW_SPORT
+            assert c["verdict"] == ("ok" if kept else "broken"), (c["client"], c["verdict"])
     else:
         assert len(broken) == len(conns)
     want = WHERE[name]

@@ -23,6 +23,7 @@ import numpy as np
 
 from tracer import __version__
 from tracer.analysis.context import (
+    ConntrackStats,
     Context,
     RuleDrop,
     SysctlChange,
@@ -49,7 +50,13 @@ from tracer.kernel.ringbuf import records as split_records
 from tracer.options import DEFAULT_DATA_BUDGET, PROTOCOLS
 from tracer.present.report import RunInfo
 from tracer.topology import NetnsRef, Topology, resolve_netns, snapshot
-from tracer.topology.counters import collect_counters, drops_between, sysctls_of
+from tracer.topology.counters import (
+    collect_counters,
+    conntrack_between,
+    conntrack_of,
+    drops_between,
+    sysctls_of,
+)
 from tracer.topology.services import node_view
 
 HT_PT_MAX = 32
@@ -415,6 +422,8 @@ class _Judge:
         self.drops: dict[int, str] | None = drop_reason_names() if opts.record else None
         self.counters_before = collect_counters(node.path)  # before CMD starts any traffic
         self.rule_drops: tuple[RuleDrop, ...] = ()
+        self.conntrack_before = conntrack_of(node.path)
+        self.conntrack = conntrack_between(None, self.conntrack_before)
         self._rules_at = 0.0
         self._snap_at = 0.0
         self._unknown: set[int] = set()  # namespaces no snapshot found
@@ -429,7 +438,7 @@ class _Judge:
         scope = _scope(self.opts, self.topo, self.node.inode)
         return _context(self.opts, self.topo, self.losses.windows, end_ns, self.drops or {},
                         scope, self.rule_drops, self.node.inode,
-                        tuple(self.sysctl_changes))  # fmt: skip
+                        tuple(self.sysctl_changes), self.conntrack)  # fmt: skip
 
     def feed(self, batch: np.ndarray) -> None:
         rec = batch.view(kevents.EVENT_DTYPE)[:, 0]
@@ -449,6 +458,7 @@ class _Judge:
     def finish(self, end_ns: int) -> Context:
         """Judge every connection still open; the final Context."""
         self.rule_drops = drops_between(self.counters_before, collect_counters(self.node.path))
+        self.conntrack = self._conntrack_now()
         if self.drops is None:
             self.drops = {}
         ctx = self.context(end_ns)
@@ -493,7 +503,17 @@ class _Judge:
                 self._rules_at = now
                 after = collect_counters(self.node.path)
                 self.rule_drops, changed = drops_between(self.counters_before, after), True
+                self.conntrack = self._conntrack_now()
         return changed
+
+    def _conntrack_now(self) -> ConntrackStats | None:
+        """The node's conntrack table now, its counters since the start (read while drops
+        are seen: a table that was full then may have room again at the end)."""
+        now = conntrack_between(self.conntrack_before, conntrack_of(self.node.path))
+        was = self.conntrack
+        if now is not None and was is not None and was.full and not now.full:
+            now = replace(now, count=was.count, max=was.max)  # it was full: keep that
+        return now
 
 
 def run_trace(
@@ -592,7 +612,8 @@ def run_trace(
                   data_budget=opts.data_budget,
                   over_budget_events=sum(losses.over_budget.values()),
                   over_budget_by_point=losses.over_budget,
-                  rule_drops=rule_drops, sysctl_changes=tuple(judge.sysctl_changes), **scope)  # fmt: skip
+                  rule_drops=rule_drops, sysctl_changes=tuple(judge.sysctl_changes),
+                  conntrack=judge.conntrack, **scope)  # fmt: skip
     if live.writer is not None:
         from tracer.session import footer_from_trace
 
@@ -641,11 +662,12 @@ def _context(
     rule_drops: tuple[RuleDrop, ...] = (),
     rule_drops_netns: int | None = None,
     sysctl_changes: tuple[SysctlChange, ...] = (),
+    conntrack: ConntrackStats | None = None,
 ) -> Context:
     names = TopologyNames(topo, sysctl_changes)
     return Context(
         opts.service_ip, opts.service_port, names, end_ns, tuple(loss), drops, scope=scope,
-        rule_drops=rule_drops, rule_drops_netns=rule_drops_netns,
+        rule_drops=rule_drops, rule_drops_netns=rule_drops_netns, conntrack=conntrack,
     )  # fmt: skip
 
 

@@ -63,7 +63,8 @@ def test_fault_catalogue_shape() -> None:
     assert faults.get("vxlan-fdb-missing").spec("ht", "iptables").nodes == 2
     assert faults.get("none").spec("ht", "iptables", nodes=2).nodes == 2
     assert all(
-        f.cause or f.name in ("none", "two-node", "self-call") for f in faults.FAULTS.values()
+        f.cause or f.name in ("none", "two-node", "self-call", "dns")
+        for f in faults.FAULTS.values()
     )
     with pytest.raises(UsageError, match="unknown fault 'nope'"):
         faults.get("nope")

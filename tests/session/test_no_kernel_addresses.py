@@ -135,7 +135,9 @@ def test_old_session_replays_and_exports_without_kernel_addresses(name: str) -> 
             else pd.read_csv(io.StringIO(text), dtype=str)
         )
         ids = [int(v, 16) for col in ("skb", "ct_id") for v in df[col].dropna()]
-        assert len(ids) > len(df) and max(ids) < 2**32, fmt
+        # every event has an skb id; most have a conntrack entry too (not those of a
+        # packet conntrack dropped for want of an entry: conntrack-table-full)
+        assert len(ids) >= len(df) + df["ct_id"].notna().sum() and max(ids) < 2**32, fmt
 
 
 def test_old_session_streamed_report_has_no_kernel_address(tmp_path: Path) -> None:

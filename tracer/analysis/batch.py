@@ -44,10 +44,10 @@ class RecordCodec(Protocol):
 # What the streaming analysis keeps per event besides its raw record, computed once:
 # time, position in the recording, the packet's tuple and (where has_ct) the conntrack
 # entry's original and reply tuples as TupleIds integers, netns, TCP sequence number,
-# TCP flags, has_ct.
+# TCP flags, has_ct, and whether that entry was confirmed (cf).
 DERIVED = np.dtype(
     [("ts", "<u8"), ("arrival", "<i8"), ("t", "<u8"), ("o", "<u8"), ("r", "<u8"),
-     ("netns", "<u4"), ("seq", "<u4"), ("flags", "u1"), ("ct", "?")]
+     ("netns", "<u4"), ("seq", "<u4"), ("flags", "u1"), ("ct", "?"), ("cf", "?")]
 )  # fmt: skip
 _DERIVED_OPAQUE = np.dtype(f"V{DERIVED.itemsize}")
 
@@ -77,7 +77,10 @@ def derive(cols: EventColumns, first: int, ids: TupleIds) -> np.ndarray:
     d["ct"] = ct
     d["o"] = 0
     d["r"] = 0
+    d["cf"] = False
     if len(cols.o_saddr):
+        if cols.confirmed is not None:
+            d["cf"][ct] = cols.confirmed
         udp = cols.udp[ct] if cols.udp is not None else None  # an entry is of its flow
         d["o"][ct] = ids.pack(cols.o_saddr, cols.o_daddr, cols.o_ports, udp)
         d["r"][ct] = ids.pack(cols.r_saddr, cols.r_daddr, cols.r_ports, udp)

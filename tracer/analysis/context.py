@@ -76,6 +76,39 @@ class RuleDrop:
 
 
 @dataclass(frozen=True)
+class ConntrackStats:
+    """The node's conntrack table as last read while tracing (net.netfilter.nf_conntrack_
+    count and _max), and how much its counters (/proc/net/stat/nf_conntrack, summed over
+    CPUs) rose since the trace started: entries that could not be confirmed (a clash of
+    NAT tuples), packets dropped for want of an entry."""
+
+    count: int
+    max: int
+    insert_failed: int = 0
+    drop: int = 0
+    early_drop: int = 0
+
+    @property
+    def full(self) -> bool:
+        return self.max > 0 and self.count >= self.max
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "max": self.max, "insert_failed": self.insert_failed,
+                "drop": self.drop, "early_drop": self.early_drop}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ConntrackStats:
+        """The inverse of to_dict; TypeError or ValueError on anything malformed."""
+        if not isinstance(d, dict):
+            raise TypeError("conntrack stats is not an object")
+        keys = ("count", "max", "insert_failed", "drop", "early_drop")
+        vals = [d.get(k) for k in keys]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in vals):
+            raise ValueError("conntrack stats: count, max, insert_failed, drop, early_drop")
+        return cls(*vals)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class Context:
     """Everything besides events that reassembly and diagnosis read."""
 
@@ -93,6 +126,7 @@ class Context:
     # DROP/REJECT rules of the node netns whose counters rose while tracing
     rule_drops: tuple[RuleDrop, ...] = ()
     rule_drops_netns: int | None = None  # inode of the netns the counters were read in
+    conntrack: ConntrackStats | None = None  # the node netns's table; None: not read
 
     def is_service(self, ip: str, port: int) -> bool:
         return ip == self.service_ip and (self.service_port == 0 or port == self.service_port)

@@ -356,20 +356,24 @@ def _rename_map(ra: dict[str, str], rb: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _conn_key(conn: dict[str, Any]) -> tuple[str, str, str | None]:
+def _conn_key(conn: dict[str, Any]) -> tuple[str, str, str | None, str]:
+    """(client ip, service, backend, proto): a UDP flow never pairs with a TCP connection
+    (reports from before UDP was traced have no "proto": TCP)."""
     svc = conn["service"]
     be = conn.get("backend")
     return (
         conn["client"]["ip"],
         f"{svc['ip']}:{svc['port']}",
         f"{be['ip']}:{be['port']}" if be else None,
+        conn.get("proto", "tcp"),
     )
 
 
 def _align_connections(
     ca: list[dict[str, Any]], cb: list[dict[str, Any]]
 ) -> list[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
-    """Pairs by (client ip, service, backend), n-th with n-th; then by (client, service)."""
+    """Pairs by (client ip, service, backend, proto), n-th with n-th; then by (client,
+    service, proto)."""
     pairs: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = []
     left_b = list(cb)
     unmatched_a: list[dict[str, Any]] = []
@@ -381,7 +385,9 @@ def _align_connections(
         left_b.remove(match)
         pairs.append((conn, match))
     for conn in unmatched_a:
-        match = next((c for c in left_b if _conn_key(c)[:2] == _conn_key(conn)[:2]), None)
+        want = _conn_key(conn)
+        match = next((c for c in left_b if (k := _conn_key(c))[:2] == want[:2]
+                      and k[3] == want[3]), None)  # fmt: skip
         if match is not None:
             left_b.remove(match)
         pairs.append((conn, match))
@@ -796,7 +802,7 @@ def diff_reports(
     for ca, cb in _align_connections(a["connections"], b["connections"]):
         base = ca or cb
         assert base is not None
-        client, service, backend = _conn_key(base)
+        client, service, backend, _proto = _conn_key(base)
         cause_a, where_a = _break_where(ca)
         cause_b, where_b = _break_where(cb)
         conns.append(

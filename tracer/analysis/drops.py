@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from tracer.analysis.context import Context, RuleDrop
 from tracer.analysis.reassemble import Connection, Hop, Packet
-from tracer.events.model import NETFILTER_KINDS
+from tracer.events.model import IPS_CONFIRMED, NETFILTER_KINDS
 
 # Drops that are the normal end of a segment nobody wanted (a reset's target, an
 # unexpected SYN+ACK in the client): consequences, never the place a path broke.
@@ -157,6 +157,9 @@ def classify(
             )  # fmt: skip
 
     if reason == "NETFILTER_DROP":
+        found = _conntrack_drop(conn, index, pkt, hop, ev, ctx)
+        if found is not None:
+            return found
         rule = _rule_for(ctx, hop.netns)
         first = "SYN" if pkt.role == "SYN" else "request"
         if backend is None and pkt.role in ("SYN", "UDP") and _no_dnat_rules(ctx, hop.netns):
@@ -222,6 +225,64 @@ def classify(
         "The drop reason names what the kernel objected to; look there (for NETFILTER_DROP "
         "the rules of that namespace, for TC_* the tc filters, for IP_* the routes).",
     )  # fmt: skip
+
+
+def _conntrack_drop(
+    conn: Connection, index: int, pkt: Packet, hop: Hop, ev: list[str], ctx: Context
+) -> Finding | None:
+    """A NETFILTER_DROP that conntrack itself made, told by the node's conntrack counters
+    (read in the traced netns): a full table (no entry could be allocated: the packet
+    has no entry and no netfilter hook after conntrack's saw it), or an entry that could
+    not be confirmed (it passed SNAT with an unconfirmed entry, and insert_failed rose)."""
+    stats = ctx.conntrack
+    if stats is None or ctx.rule_drops_netns != hop.netns:
+        return None
+    before = pkt.hops[: pkt.hops.index(hop)]
+    here = [h for h in before if h.netns == hop.netns]
+    ns, role = hop.netns_name, pkt.role
+    counts = (f"conntrack in {ns}: {stats.count} entries of nf_conntrack_max {stats.max}; "
+              f"during the trace insert_failed rose by {stats.insert_failed}, drop by "
+              f"{stats.drop}, early_drop by {stats.early_drop} (conntrack -S)")  # fmt: skip
+    if hop.ct is None and not any(h.kind == "netfilter" for h in here) and stats.drop:
+        if not stats.full:
+            return None
+        return Finding(
+            index, hop, "conntrack-table-full",
+            f"The conntrack table in {ns} is full ({stats.count} of {stats.max} entries): "
+            f"conntrack could not allocate an entry for the {role} {hop.tuple} and dropped "
+            "it at its own hook, before NAT and every rule (the kernel logs 'nf_conntrack: "
+            "table full, dropping packet'). Every new connection through the node fails "
+            "until entries expire.",
+            (*ev, ("the packet carried no conntrack entry and reached no netfilter hook after "
+             f"conntrack's in {ns}"), counts),
+            "Raise net.netfilter.nf_conntrack_max (a global setting: in the host's netns; "
+            "kube-proxy sets it from --conntrack-max-per-core) and nf_conntrack_buckets, or "
+            "find what fills the table: conntrack -C, conntrack -L sorted by source; "
+            "unanswered UDP entries live net.netfilter.nf_conntrack_udp_timeout (30 s).",
+        )  # fmt: skip
+    ct = hop.ct
+    snat = next((h for h in reversed(here) if h.point == "nf:POSTROUTING@snat"
+                 or h.kind == "conntrack"), None)  # fmt: skip
+    if ct is not None and not ct.status & IPS_CONFIRMED and snat is not None:
+        if not stats.insert_failed:
+            return None
+        return Finding(
+            index, hop, "conntrack-insert-failed",
+            f"conntrack could not confirm the entry of the {role} {ct.orig} in {ns}: its "
+            f"reply tuple {ct.reply} is already another entry's (two flows NATed to the same "
+            "tuple: SNAT to a single address and port, or two packets racing to create the "
+            "same entry), so __nf_conntrack_confirm dropped the packet after SNAT "
+            f"(insert_failed rose by {stats.insert_failed}).",
+            (*ev, (f"the {role} left SNAT ({snat.point}) with an unconfirmed entry "
+             f"({', '.join(ct.status_names) or 'no status'}): original {ct.orig}, reply "
+             f"{ct.reply}"), counts),
+            "Give SNAT room: a port range and --random-fully (kube-proxy's MASQUERADE), no "
+            "fixed --to-source port; find the rule that maps several clients to one tuple "
+            "(iptables-save -t nat / nft list ruleset). For the DNS race of glibc's parallel "
+            "A/AAAA queries (kubernetes#56903): options single-request-reopen, or "
+            "NodeLocal DNSCache.",
+        )  # fmt: skip
+    return None
 
 
 def _no_dnat_rules(ctx: Context, ns: int) -> bool:

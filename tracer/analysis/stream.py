@@ -162,6 +162,7 @@ class StreamAnalyser:
         # event); stale ones are purged every idle_ns of trace time.
         self._keys: dict[int, tuple[int, int]] = {}
         self._released: dict[int, int] = {}
+        self._confirmed: set[int] = set()  # keys whose conntrack entry was seen confirmed
         self._next_purge = 0
         self._pending: dict[int, _Pending] = {}
         self._deadlines: list[tuple[int, int, _Open]] = []
@@ -306,34 +307,47 @@ class StreamAnalyser:
         svc = self.tuples.service_id
         if svc is None:
             return
-        o = d["o"][d["ct"]]
+        ct = d["ct"]
+        o = d["o"][ct]
         mine = ((o >> np.uint64(32)) & np.uint64(TupleIds.ADDR_MASK)) == svc
         if self.ctx.service_port:
             mine &= (o & np.uint64(0xFFFF)) == self.ctx.service_port
-        o, r = o[mine], d["r"][d["ct"]][mine]
+        o, r, cf = o[mine], d["r"][ct][mine], d["cf"][ct][mine]
         if not len(o):
             return
+        # each (entry tuples, confirmed) once, at its earliest event: an entry is seen
+        # unconfirmed (its first packet) and then confirmed
+        c8 = cf.astype(np.uint64)
         head = np.ones(len(o), dtype=bool)  # entries repeat in runs: one of each run
-        head[1:] = (o[1:] != o[:-1]) | (r[1:] != r[:-1])
-        o, r = o[head], r[head]
-        by_pair = np.lexsort((r, o))  # stable: each pair's first entry is its earliest
-        os, rs = o[by_pair], r[by_pair]
+        head[1:] = (o[1:] != o[:-1]) | (r[1:] != r[:-1]) | (cf[1:] != cf[:-1])
+        o, r, c8 = o[head], r[head], c8[head]
+        by_pair = np.lexsort((c8, r, o))  # stable: each pair's first entry is its earliest
+        os, rs, cs = o[by_pair], r[by_pair], c8[by_pair]
         new = np.ones(len(os), dtype=bool)
-        new[1:] = (os[1:] != os[:-1]) | (rs[1:] != rs[:-1])
+        new[1:] = (os[1:] != os[:-1]) | (rs[1:] != rs[:-1]) | (cs[1:] != cs[:-1])
         firsts = np.sort(by_pair[new])
-        o, r = o[firsts], r[firsts]
+        o, r, c8 = o[firsts], r[firsts], c8[firsts]
         rev = self.tuples.reverse
         keys, live, released, now = self._keys, self._open, self._released, self.watermark
-        pending = self._pending
-        for ok, rok, rk, rrk in zip(o.tolist(), rev(o).tolist(), r.tolist(), rev(r).tolist()):
+        pending, confirmed = self._pending, self._confirmed
+        for ok, rok, rk, rrk, conf in zip(
+            o.tolist(), rev(o).tolist(), r.tolist(), rev(r).tolist(), c8.tolist(), strict=True
+        ):
             if ok not in live and released.get(ok, -1) < now + self.idle_ns:
                 # its claims hold until then, or it opens (a port reused after its last
                 # connection was released gets its claims back)
                 released[ok] = now + self.idle_ns
+            if conf:
+                confirmed.add(ok)
             fwd, back = (ok, _ORIGINAL), (ok, _REPLY)
             for t, hit in ((ok, fwd), (rok, back), (rk, back), (rrk, fwd)):
                 old = keys.get(t)  # a claim that still holds wins (see _key_of) ...
                 holds = old is not None and (old[0] in live or released.get(old[0], -1) >= now)
+                # ... unless it is an entry that was never confirmed and this one is: two
+                # entries with one reply tuple (a NAT clash) where the first to be seen
+                # lost (its packet was dropped at confirm), the other owns the tuple ...
+                if holds and conf and old is not None and old[0] != ok and old[0] not in confirmed:
+                    holds = False
                 # ... but events that waited for this key's tuple join it all the same
                 if holds and (old is None or old[0] != ok or t not in pending):
                     continue
@@ -342,6 +356,33 @@ class StreamAnalyser:
                     waiting = pending.pop(t, None)
                     if waiting is not None:
                         self._adopt(ok, hit[1], waiting)
+
+    def _owned_elsewhere(
+        self, d: np.ndarray, ev_key: np.ndarray, ev_known: np.ndarray
+    ) -> np.ndarray | None:
+        """Events that carry a service conntrack entry whose original tuple (its
+        connection's key) is not the connection their tuple is claimed by, or is claimed
+        by none, and whose tuple is one of that entry's: they belong to their entry's
+        connection (two entries with one reply tuple, a NAT clash, share the tuple but
+        not the packets). None when none."""
+        svc = self.tuples.service_id
+        if svc is None:
+            return None
+        ct = d["ct"]
+        if not ct.any():
+            return None
+        o = d["o"]
+        own = ct & (((o >> np.uint64(32)) & np.uint64(TupleIds.ADDR_MASK)) == svc)
+        if self.ctx.service_port:
+            own &= (o & np.uint64(0xFFFF)) == self.ctx.service_port
+        own &= ~ev_known | (ev_key != o)
+        if not own.any():
+            return None
+        # only events whose tuple is one of their entry's four (as claims are made): a
+        # packet between DNAT and SNAT has a tuple of neither direction
+        t, r, rev = d["t"], d["r"], TupleIds.reverse
+        own &= (t == o) | (t == rev(o)) | (t == r) | (t == rev(r))
+        return np.flatnonzero(own) if own.any() else None
 
     def _key_of(self, t: int) -> tuple[int, int] | None:
         """(connection key, direction) of tuple t: the claim of a service conntrack entry
@@ -380,29 +421,55 @@ class StreamAnalyser:
                 known[j] = False
             else:
                 ukey[j], uside[j] = hit
-        if not known.all():
-            lost = ~np.repeat(known[inv], run_len)
-            self._hold(rows, sel[lost], d[lost])
-            keep = known[inv]
-            run_at, run_len, inv = run_at[keep], run_len[keep], inv[keep]
-            if not len(run_at):
+        moved = self._owned_elsewhere(
+            d, np.repeat(ukey[inv], run_len), np.repeat(known[inv], run_len)
+        )
+        if moved is not None:  # rare (a NAT clash): key each event on its own
+            ev_key = np.repeat(ukey[inv], run_len)
+            ev_side = np.repeat(uside[inv], run_len)
+            ev_known = np.repeat(known[inv], run_len)
+            o, tt, rr = d["o"][moved], d["t"][moved], d["r"][moved]
+            ev_key[moved] = o
+            ev_side[moved] = np.where((tt == o) | (tt == TupleIds.reverse(rr)), _ORIGINAL, _REPLY)
+            ev_known[moved] = True
+            if not ev_known.all():
+                self._hold(rows, sel[~ev_known], d[~ev_known])
+            idx = np.flatnonzero(ev_known)
+            if not len(idx):
                 return
-        # runs grouped by connection (stable: time order kept), then back to events
-        by_key = np.argsort(ukey[inv], kind="stable")
-        run_at, run_len, inv = run_at[by_key], run_len[by_key], inv[by_key]
-        run_key = ukey[inv]
-        offset = np.cumsum(run_len) - run_len
-        ev = np.repeat(run_at - offset, run_len) + np.arange(int(run_len.sum()))
-        src = sel[ev]
-        d = take_derived(d, ev)
-        new_key = np.ones(len(run_key), dtype=bool)
-        new_key[1:] = run_key[1:] != run_key[:-1]
-        starts = offset[new_key]
-        ends = np.append(starts[1:], len(ev))
-        side = np.repeat(uside[inv], run_len)
-        at_client = _at_client(d["t"], np.repeat(run_key, run_len))
+            ev = idx[np.argsort(ev_key[idx], kind="stable")]
+            src, ev_key, side = sel[ev], ev_key[ev], ev_side[ev]
+            d = take_derived(d, ev)
+            head_key = np.ones(len(ev), dtype=bool)
+            head_key[1:] = ev_key[1:] != ev_key[:-1]
+            starts = np.flatnonzero(head_key)
+            ends = np.append(starts[1:], len(ev))
+            at_client = _at_client(d["t"], ev_key)
+            keys = ev_key[starts].tolist()
+        else:
+            if not known.all():
+                lost = ~np.repeat(known[inv], run_len)
+                self._hold(rows, sel[lost], d[lost])
+                keep = known[inv]
+                run_at, run_len, inv = run_at[keep], run_len[keep], inv[keep]
+                if not len(run_at):
+                    return
+            # runs grouped by connection (stable: time order kept), then back to events
+            by_key = np.argsort(ukey[inv], kind="stable")
+            run_at, run_len, inv = run_at[by_key], run_len[by_key], inv[by_key]
+            run_key = ukey[inv]
+            offset = np.cumsum(run_len) - run_len
+            ev = np.repeat(run_at - offset, run_len) + np.arange(int(run_len.sum()))
+            src = sel[ev]
+            d = take_derived(d, ev)
+            new_key = np.ones(len(run_key), dtype=bool)
+            new_key[1:] = run_key[1:] != run_key[:-1]
+            starts = offset[new_key]
+            ends = np.append(starts[1:], len(ev))
+            side = np.repeat(uside[inv], run_len)
+            at_client = _at_client(d["t"], np.repeat(run_key, run_len))
+            keys = run_key[new_key].tolist()
         stats = _group_stats(d["flags"], d["ts"], side, at_client, starts, ends)
-        keys = run_key[new_key].tolist()
         # client SYNs: where a new handshake (a new ISN) may start a new connection
         syn_at = np.flatnonzero(((d["flags"] & (SYN | ACK | RST)) == SYN) & (side == _ORIGINAL))
         first_syn = np.searchsorted(syn_at, starts).tolist()
@@ -587,6 +654,7 @@ class StreamAnalyser:
             self._next_purge = now + self.idle_ns
             live, released = self._open, {k: at for k, at in self._released.items() if at >= now}
             self._released = released
+            self._confirmed = {k for k in self._confirmed if k in live or k in released}
             self._keys = {
                 t: hit
                 for t, hit in self._keys.items()

@@ -33,6 +33,7 @@ class Variant:
     name: str
     environ: dict[str, str] | None  # None: this checkout, this environment
     extra: tuple[str, ...] = ()
+    svc: str = netlab.SERVICE_IP  # --svc (a protocol suffix needs a checkout that knows it)
 
 
 def variants(other: Path) -> list[Variant]:
@@ -47,11 +48,12 @@ def variants(other: Path) -> list[Variant]:
         Variant(f"before ({other})", environ),
         Variant("after (this checkout)", None),
         Variant("after, --data-packets 0", None, ("--data-packets", "0")),
+        Variant("after, --svc VIP/tcp (TCP only)", None, svc=f"{netlab.SERVICE_IP}/tcp"),
     ]
 
 
 def _observer(env: Env, v: Variant, stop_timeout: float) -> Callable[[], HairtraceObserver]:
-    return lambda: HairtraceObserver(env, stop_timeout, v.extra, v.environ)
+    return lambda: HairtraceObserver(env, stop_timeout, v.extra, v.environ, v.svc)
 
 
 def run_ab(other: Path, rounds: int, progress: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -67,11 +69,18 @@ def run_ab(other: Path, rounds: int, progress: Callable[[str], None]) -> list[di
         kinds: list[tuple[str, Callable[[], Sample], float]] = [
             ("UDP flood outside the filter", lambda: env.traffic.udp(env.seconds), 60),
             ("TCP via the ClusterIP, traced", lambda: env.traffic.tcp(env.seconds), 300),
+            (
+                "UDP flood via the ClusterIP, traced",
+                lambda: env.traffic.udp_service(env.seconds),
+                300,
+            ),
         ]
         for v in variants(other):
             for kind, traffic, stop_timeout in kinds:
                 if v.extra and kind.startswith("UDP"):
-                    continue  # the budget changes nothing outside the filter
+                    continue  # the budget is TCP's: it changes nothing for UDP
+                if v.svc.endswith("/tcp") and "traced" in kind and kind.startswith("UDP"):
+                    continue  # not traced at all then
                 progress(f"{v.name}: {kind}")
                 c = compare(traffic, _observer(env, v, stop_timeout), rounds)
                 row = c.row(Row(f"ab.{kind}", "before/after", kind, "pps"))  # medians of rounds

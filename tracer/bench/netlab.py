@@ -104,6 +104,10 @@ class Lab:
         netns.run_in(NODE, ["iptables", "-t", "nat", "-A", "PREROUTING", "-d", f"{SERVICE_IP}/32",
                             "-p", "tcp", "--dport", str(SERVICE_PORT),
                             "-j", "DNAT", "--to-destination", dnat])  # fmt: skip
+        # the UDP sink's port through the ClusterIP too (the traced UDP row)
+        netns.run_in(NODE, ["iptables", "-t", "nat", "-A", "PREROUTING", "-d", f"{SERVICE_IP}/32",
+                            "-p", "udp", "--dport", str(UDP_PORT), "-j", "DNAT",
+                            "--to-destination", f"{POD_B_IP}:{UDP_PORT}"])  # fmt: skip
 
     def _plug(self, ns: str, ip: str, host_if: str) -> None:
         netns.add(ns)

@@ -1,12 +1,14 @@
 """Packet-rate overhead of hairtrace on the lab's paths.
 
-Outside the filter: the UDP flood across the bridge, which hairtrace's
+Outside the filter: the UDP flood across the bridge (hb-a -> hb-b, not the Service), which hairtrace's
 programs see (every device tracepoint and netfilter hook of hb-node fires)
 but filter out in the kernel. Traced: one TCP connection of small writes to
 the ClusterIP, as hairtrace runs by default (its handshake and first data
 packets become events at every hop; later data packets cost a map lookup per
 hop: --data-packets) and with --data-packets 0 (every packet becomes events at
-every hop). All against the same traffic with no tracer.
+every hop). Traced UDP: the same flood sent to the ClusterIP, one flow whose every
+datagram becomes events at every hop (UDP has no data budget). All against the same
+traffic with no tracer.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def template() -> list[Row]:
         Row("pktrate.tcp_every_packet", SECTION,
             "TCP via the ClusterIP, hairtrace --data-packets 0 (every packet)", "pps",
             baseline_name=NO_TRACER, target=TCP),
+        Row("pktrate.udp_traced", SECTION,
+            "UDP flood via the ClusterIP, traced (every datagram: no budget for UDP)", "pps",
+            baseline_name=NO_TRACER),
     ]  # fmt: skip
 
 
@@ -49,12 +54,14 @@ class HairtraceObserver:
         stop_timeout: float,
         extra: tuple[str, ...] = (),
         environ: dict[str, str] | None = None,
+        svc: str = netlab.SERVICE_IP,
     ) -> None:
         self.env, self.stop_timeout, self.extra, self.environ = env, stop_timeout, extra, environ
+        self.svc = svc
         self.tracer: Tracer | None = None
 
     def start(self) -> None:
-        self.tracer = Tracer(self.env.procs, self.env.workdir, netlab.SERVICE_IP, netlab.NODE,
+        self.tracer = Tracer(self.env.procs, self.env.workdir, self.svc, netlab.NODE,
                              limit=600, extra=self.extra, env=self.environ)  # fmt: skip
         self.tracer.wait_attached()
 
@@ -76,15 +83,22 @@ class HairtraceObserver:
 
 
 def measure(env: Env) -> list[Row]:
-    udp_row, tcp_row, every_row = template()
+    udp_row, tcp_row, every_row, udp_traced_row = template()
     secs = env.seconds
     udp = compare(lambda: env.traffic.udp(secs), lambda: HairtraceObserver(env, 60), env.rounds)
     tcp = compare(lambda: env.traffic.tcp(secs), lambda: HairtraceObserver(env, 180), env.rounds)
     every = compare(lambda: env.traffic.tcp(secs),
                     lambda: HairtraceObserver(env, 300, ("--data-packets", "0")), env.rounds)  # fmt: skip
+    udp_svc = compare(lambda: env.traffic.udp_service(secs), lambda: HairtraceObserver(env, 300),
+                      env.rounds)  # fmt: skip
     tcp_path = f"hb-a -> {netlab.SERVICE_IP}:{netlab.SERVICE_PORT}, DNAT to hb-b"
     return [
         udp.row(udp_row, traffic="flood.c send: 18-byte UDP, sendmmsg, hb-a -> hb-b via cni0"),
         tcp.row(tcp_row, traffic=f"flood.c tcp-send: 64-byte writes, TCP_NODELAY, {tcp_path}"),
         every.row(every_row, traffic=f"as above, every packet traced: {tcp_path}"),
+        udp_svc.row(
+            udp_traced_row,
+            traffic=f"flood.c send: 18-byte UDP, sendmmsg, hb-a -> "
+            f"{netlab.SERVICE_IP}:{netlab.UDP_PORT}, DNAT to hb-b",
+        ),
     ]

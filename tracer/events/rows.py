@@ -14,7 +14,7 @@ import numpy as np
 
 from tracer.errors import HairtraceError
 from tracer.events.codec import EVENT_DTYPE, EVENT_SIZE, HT_CT_PRESENT, LAYOUT, decode_batch
-from tracer.events.model import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Event
+from tracer.events.model import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPS_CONFIRMED, Event
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class EventColumns:
     r_daddr: np.ndarray
     r_ports: np.ndarray
     udp: np.ndarray | None = None  # bool, of the flow; None: every event is TCP
+    confirmed: np.ndarray | None = None  # bool per has_ct event: the entry is CONFIRMED
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -102,7 +103,8 @@ def _fields() -> np.dtype:
     """The fields the columns come from, each port pair as one big-endian u32."""
     names, formats, offsets = [], [], []
     own = (("ts_ns", "<u8"), ("netns", "<u4"), ("tcp_flags", "u1"), ("ct_flags", "u1"),
-           ("seq", "<u4"), ("proto", "u1"), ("inner_proto", "u1"))  # fmt: skip
+           ("seq", "<u4"), ("proto", "u1"), ("inner_proto", "u1"),
+           ("ct_status", "<u4"))  # fmt: skip
     for name, typ in own:
         names.append(name)
         formats.append(typ)
@@ -161,6 +163,7 @@ class _Codec:
             r_daddr=of_ct("ct_reply_daddr"),
             r_ports=of_ct("ct_reply_ports"),
             udp=udp,
+            confirmed=(rec["ct_status"][ct] & IPS_CONFIRMED) != 0,
         )
 
     def fields(self, rows: np.ndarray) -> EventFields:

@@ -742,6 +742,21 @@ def up(spec: ClusterSpec) -> ClusterState:
         raise
 
 
+CONNTRACK_MAX = Path("/proc/sys/net/netfilter/nf_conntrack_max")
+# the host's nf_conntrack_max while the conntrack-table-full fault holds it low
+SAVED_CONNTRACK_MAX = STATE_ROOT / "nf_conntrack_max.saved"
+
+
+def restore_conntrack_max() -> str | None:
+    """Put back the nf_conntrack_max the table-full fault lowered; what was done."""
+    if not SAVED_CONNTRACK_MAX.exists():
+        return None
+    old = SAVED_CONNTRACK_MAX.read_text().strip()
+    CONNTRACK_MAX.write_text(old + "\n")
+    SAVED_CONNTRACK_MAX.unlink()
+    return f"nf_conntrack_max restored to {old}"
+
+
 def down(prefix: str = "ht") -> list[str]:
     """Remove everything the cluster lab ``prefix`` created; [] if nothing existed."""
     seed._require_root()
@@ -774,6 +789,13 @@ def down(prefix: str = "ht") -> list[str]:
     for ns in names:
         if netns.delete(ns):
             done.append(f"deleted netns {ns}")
+    try:
+        restored = restore_conntrack_max()
+    except OSError as exc:
+        problems.append(f"nf_conntrack_max not restored: {exc}")
+    else:
+        if restored:
+            done.append(restored)
     shutil.rmtree(spec.work_dir, ignore_errors=True)
     for path in (spec.state_file, seed.temp_of(spec.state_file)):
         if path.exists():

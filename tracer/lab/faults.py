@@ -8,6 +8,7 @@ explains each one.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -123,6 +124,71 @@ def _stale_conntrack(state: ClusterState) -> str:
     cluster.save(state)
     return (f"kube-dns endpoint {old} replaced by {new} in the rules; {gone.ns}'s address "
             f"removed; the flow from {spec.client.ip}:{STALE_FLOW_SPORT} keeps its entry")  # fmt: skip
+
+
+CONNTRACK_MAX, SAVED_CONNTRACK_MAX = cluster.CONNTRACK_MAX, cluster.SAVED_CONNTRACK_MAX
+WATCHDOG_S = 600  # the watchdog restores nf_conntrack_max then, should nothing call down
+
+
+def _conntrack_count(ns: str | None) -> int:
+    if ns is None:
+        return int(Path("/proc/sys/net/netfilter/nf_conntrack_count").read_text())
+    return int(netns.sysctl_read(ns, "net.netfilter.nf_conntrack_count"))
+
+
+def _table_full(state: ClusterState) -> str:
+    """nf_conntrack_max (global: only the host's netns can set it) is lowered to just above
+    the fullest namespace on the machine, and the node's table is filled with ASSURED
+    entries (conntrack -I, which early drop never evicts): a new flow through the node
+    gets no entry. The old value is saved for cluster.down(); a watchdog restores it too."""
+    node = _n1(state)
+    old = CONNTRACK_MAX.read_text().strip()
+    fullest = max([_conntrack_count(None)] + [_conntrack_count(ns) for ns in netns.list_netns()])
+    low = max(128, fullest + 64)
+    SAVED_CONNTRACK_MAX.parent.mkdir(parents=True, exist_ok=True)
+    if not SAVED_CONNTRACK_MAX.exists():
+        SAVED_CONNTRACK_MAX.write_text(old + "\n")
+    watchdog = (f"sleep {WATCHDOG_S}; [ \"$(cat {CONNTRACK_MAX})\" = {low} ] && "
+                f"echo {old} > {CONNTRACK_MAX}; rm -f {SAVED_CONNTRACK_MAX}")  # fmt: skip
+    subprocess.run(["setsid", "-f", "sh", "-c", watchdog], check=True, timeout=10,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)  # fmt: skip
+    CONNTRACK_MAX.write_text(f"{low}\n")
+    filler = 0
+    while _conntrack_count(node) < low:
+        filler += 1
+        argv = ["conntrack", "-I", "-p", "udp", "-s", "198.18.0.1", "-d", "198.18.0.2",
+                "--sport", str(10000 + filler), "--dport", "9", "-t", "300", "-u", "ASSURED"]  # fmt: skip
+        netns.run_in(node, argv, check=False)
+        if filler > low + 64:
+            raise HairtraceError(f"could not fill the conntrack table of {node}")
+    return (
+        f"nf_conntrack_max {old} -> {low} (global; restored at lab down); the table of "
+        f"{node} filled with {filler} ASSURED entries"
+    )
+
+
+INSERT_FAILED_SNAT = "100.96.54.1:40000"
+
+
+def _insert_failed(state: ClusterState) -> str:
+    """Every DNS query to pod B is SNATed to one address and port: a kept flow (the
+    long-lived client) holds that tuple, so the entry of any other flow to pod B clashes
+    with it and cannot be confirmed."""
+    node = _n1(state)
+    rule = ["-t", "nat", "-I", "POSTROUTING", "-d", "100.96.54.247/32", "-p", "udp",
+            "--dport", "53", "-j", "SNAT", "--to-source", INSERT_FAILED_SNAT]  # fmt: skip
+    netns.run_in(node, ["iptables", "-w", "5", *rule])
+    log = cluster.start_udp_flow(state.spec, STALE_FLOW_SPORT)
+    deadline = time.monotonic() + 20
+    while cluster.udp_flow_counts(log)[1] < 2:
+        if time.monotonic() > deadline:
+            raise HairtraceError(f"the long-lived DNS client got no answers: see {log}")
+        time.sleep(0.1)
+    return (
+        f"DNS to pod B SNATed to {INSERT_FAILED_SNAT} only, in {node}; a kept flow from "
+        f"port {STALE_FLOW_SPORT} holds that tuple"
+    )
 
 
 def _blackhole(state: ClusterState) -> str:
@@ -263,6 +329,22 @@ FAULTS: dict[str, Fault] = {
             2,
             apply=_stale_conntrack,
             client="flow",
+        ),
+        Fault(
+            "conntrack-table-full",
+            "conntrack-table-full",
+            "the node's conntrack table is full (nf_conntrack_max, global: restored at lab "
+            "down): a new DNS query gets no entry",
+            apply=_table_full,
+            client="dig",
+        ),
+        Fault(
+            "conntrack-insert-failed",
+            "conntrack-insert-failed",
+            "DNS to pod B is SNATed to one address:port a kept flow holds: the next flow's "
+            "entry clashes and cannot be confirmed",
+            apply=_insert_failed,
+            client="dig",
         ),
         Fault(
             "backend-blackhole",

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracer.analysis.context import RuleDrop, SysctlChange
+from tracer.analysis.context import ConntrackStats, RuleDrop, SysctlChange
 from tracer.analysis.diagnose import Break, Diagnosis, Exchange
 from tracer.analysis.reassemble import Connection, Hop, Packet
 from tracer.events.model import icmp_name
@@ -51,6 +51,7 @@ class RunInfo:
     events_out_of_scope: int = 0  # events of namespaces outside the node (other labs)
     # DROP/REJECT rules of netns that dropped packets; None: unknown (no session footer)
     rule_drops: tuple[RuleDrop, ...] | None = ()
+    conntrack: ConntrackStats | None = None  # the node's conntrack table; None: unknown
     backend: str = "core"  # core (libbpf CO-RE) | bcc
     backend_reason: str = ""
     compile_seconds: float | None = None  # bcc: compiling the BPF source at start-up
@@ -195,6 +196,7 @@ def tail_fields(run: RunInfo) -> dict[str, Any]:
         "rule_drops": None
         if run.rule_drops is None
         else [{"netns": run.netns, **d.to_dict()} for d in run.rule_drops],
+        "conntrack": run.conntrack.to_dict() if run.conntrack is not None else None,
         "sysctl_changes": [
             {
                 "netns": run.netns,

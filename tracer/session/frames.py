@@ -39,6 +39,7 @@ CONNECTION_DTYPES: dict[str, str] = {
     "notes": "str",  # "; "-joined, null when none
     "isn": "Int64",  # the client's SYN sequence number, null when no SYN was seen
     "first_seen_mid_connection": "bool",
+    "proto": "category",  # tcp | udp
 }
 
 
@@ -86,6 +87,7 @@ def load_connections(path: str | Path) -> pd.DataFrame:
                 "notes": "; ".join(diag.notes) or None,
                 "isn": conn.isn,
                 "first_seen_mid_connection": conn.first_seen_mid_connection,
+                "proto": conn.proto,
             }
         )
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracer.analysis.context import RuleDrop, SysctlChange
+from tracer.analysis.context import ConntrackStats, RuleDrop, SysctlChange
 from tracer.errors import HairtraceError
 from tracer.events.codec import EVENT_SIZE
 from tracer.session.format import FORMAT_MINOR, FORMAT_NAME
@@ -165,6 +165,8 @@ class SessionFooter:
     locations: dict[int, str] = field(default_factory=dict)
     # sysctls seen to change while tracing (optional in the file: older recordings have none)
     sysctl_changes: tuple[SysctlChange, ...] = ()
+    # the node's conntrack table (optional in the file: older recordings have none)
+    conntrack: ConntrackStats | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -182,6 +184,7 @@ class SessionFooter:
             "over_budget_by_point": dict(self.over_budget_by_point),
             "locations": {str(k): v for k, v in sorted(self.locations.items())},
             "sysctl_changes": [c.to_dict() for c in self.sysctl_changes],
+            "conntrack": self.conntrack.to_dict() if self.conntrack is not None else None,
         }
 
     @classmethod
@@ -214,6 +217,11 @@ class SessionFooter:
             )
         except (TypeError, ValueError) as e:
             raise HairtraceError(f"bad session footer: 'sysctl_changes': {e}") from None
+        raw_ct = g.get("conntrack", dict, optional=True)
+        try:
+            conntrack = ConntrackStats.from_dict(raw_ct) if raw_ct is not None else None
+        except (TypeError, ValueError) as e:
+            raise HairtraceError(f"bad session footer: 'conntrack': {e}") from None
         return cls(
             end_ns=g.get("end_ns", int),
             events=g.get("events", int),
@@ -228,6 +236,7 @@ class SessionFooter:
             over_budget_events=g.get("over_budget_events", int, optional=True) or 0,
             over_budget_by_point=dict(over_by_point),
             locations={int(k): v for k, v in locations.items()},
+            conntrack=conntrack,
             sysctl_changes=changes,
         )
 

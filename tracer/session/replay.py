@@ -129,6 +129,7 @@ def footer_from_trace(
         over_budget_by_point=dict(run.over_budget_by_point or {}),
         locations=dict(locations or {}),
         sysctl_changes=tuple(sysctl_changes),
+        conntrack=run.conntrack,
     )
 
 
@@ -149,6 +150,7 @@ def context_of(header: SessionHeader, footer: SessionFooter | None, end_ns: int)
         scope=scope_of(header, footer),
         rule_drops=footer.rule_drops if footer is not None else (),
         rule_drops_netns=footer.rule_drops_netns if footer is not None else None,
+        conntrack=footer.conntrack if footer is not None else None,
     )
 
 
@@ -199,6 +201,7 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         command=header.command,
         command_status=footer.command_status if footer else None,
         rule_drops=footer.rule_drops if footer else None,  # read at the end: unknown
+        conntrack=footer.conntrack if footer else None,
         sysctl_changes=footer.sysctl_changes if footer else (),
         service_ports=ports,
         warnings=warnings,

@@ -13,8 +13,9 @@ import subprocess
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from tracer.analysis.context import RuleDrop
+from tracer.analysis.context import ConntrackStats, RuleDrop
 from tracer.errors import HairtraceError
 from tracer.topology.collect import CMD_TIMEOUT_S, _setns, read_sysctls, run_dump
 from tracer.topology.natrules import (
@@ -314,3 +315,63 @@ def collect_counters(netns_path: str) -> tuple[str, str]:
         return "", ""
     thread.join(2 * CMD_TIMEOUT_S + 5)
     return result[0] if result else ("", "")
+
+
+def read_conntrack(proc: str = "/proc") -> tuple[int, int, dict[str, int]] | None:
+    """(nf_conntrack_count, nf_conntrack_max, the stat counters summed over CPUs) as seen
+    by the calling thread; None where conntrack is absent."""
+    try:
+        count = int(Path(f"{proc}/sys/net/netfilter/nf_conntrack_count").read_text())
+        limit = int(Path(f"{proc}/sys/net/netfilter/nf_conntrack_max").read_text())
+        # /proc/net is the process's netns; thread-self/net the calling thread's (setns)
+        lines = Path(f"{proc}/thread-self/net/stat/nf_conntrack").read_text().split("\n")
+    except (OSError, ValueError):
+        return None
+    names = lines[0].split()
+    totals = dict.fromkeys(names, 0)
+    for line in lines[1:]:
+        for name, value in zip(names, line.split(), strict=False):
+            totals[name] += int(value, 16)
+    return count, limit, totals
+
+
+def conntrack_of(netns_path: str) -> tuple[int, int, dict[str, int]] | None:
+    """read_conntrack() inside the namespace at netns_path (a throwaway thread)."""
+    try:
+        fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    result: list[tuple[int, int, dict[str, int]] | None] = []
+
+    def work() -> None:
+        try:
+            _setns(fd)
+            result.append(read_conntrack())
+        except HairtraceError:
+            return
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=work, name="conntrack", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:
+        os.close(fd)
+        return None
+    thread.join(5)
+    return result[0] if result else None
+
+
+def conntrack_between(
+    before: tuple[int, int, dict[str, int]] | None, after: tuple[int, int, dict[str, int]] | None
+) -> ConntrackStats | None:
+    """The table now (after) and how much its counters rose since before."""
+    if after is None:
+        return None
+    count, limit, now = after
+    was = before[2] if before is not None else {}
+
+    def rose(name: str) -> int:
+        return max(0, now.get(name, 0) - was.get(name, 0))
+
+    return ConntrackStats(count, limit, rose("insert_failed"), rose("drop"), rose("early_drop"))
