@@ -154,3 +154,33 @@ def test_a_live_view_peeks_at_open_connections_and_the_clock_closes_them() -> No
     ]
     assert engine.open_connections == 0 and engine.peek() == []
     assert engine.finish() == []
+
+
+def test_a_nat_clash_keeps_each_flow_its_own_packets() -> None:
+    """conntrack-insert-failed: a kept flow and a new one SNATed to the same tuple, their
+    entries with one reply tuple. Seen from the new flow's first event on (the trace
+    starts just before it: the loser's entry is seen first and claims the tuple), each
+    flow keeps its own packets: the loser's post-SNAT request and its drop stay with it,
+    the winner's translated packets stay with the winner."""
+    from tracer.events.codec import decode, encode
+
+    res = replay(FAULTS / "conntrack-insert-failed.hts")
+    events = [decode(r) for r in res.records]
+    kept = [e for e in events if e.ct is not None and e.ct.orig.sport == 5300]
+    lost = [e for e in events if e.ct is not None and e.ct.orig.sport != 5300]
+    assert kept and lost
+    start = min(e.ts_ns for e in lost)
+    later = [encode(e) for e in events if e.ts_ns >= start]
+    for size in (1, 7, 1000):
+        conns = {c.key.sport: (c, d) for c, d in analyse_stream(_batches(later, size),
+                                                                 res.context, CODEC)}  # fmt: skip
+        [loser] = [sport for sport in conns if sport != 5300]
+        conn, diag = conns[loser]
+        assert (diag.verdict, diag.brk and diag.brk.cause) == ("broken", "conntrack-insert-failed")
+        hops = [h for p in conn.packets for h in p.hops]
+        assert any(h.kind == "drop" for h in hops)
+        assert all(h.ct is None or h.ct.orig.sport == loser for h in hops), "none of the kept flow"
+        kept_conn, kept_diag = conns[5300]
+        assert kept_diag.verdict == "ok"
+        kept_hops = [h for p in kept_conn.packets for h in p.hops]
+        assert all(h.ct is None or h.ct.orig.sport == 5300 for h in kept_hops)

@@ -44,10 +44,12 @@ class RecordCodec(Protocol):
 # What the streaming analysis keeps per event besides its raw record, computed once:
 # time, position in the recording, the packet's tuple and (where has_ct) the conntrack
 # entry's original and reply tuples as TupleIds integers, netns, TCP sequence number,
-# TCP flags, has_ct, and whether that entry was confirmed (cf).
+# TCP flags, has_ct, whether that entry was confirmed (cf), whether it is a drop or an
+# ICMP error (special: its connection is never judged from its columns alone).
 DERIVED = np.dtype(
     [("ts", "<u8"), ("arrival", "<i8"), ("t", "<u8"), ("o", "<u8"), ("r", "<u8"),
-     ("netns", "<u4"), ("seq", "<u4"), ("flags", "u1"), ("ct", "?"), ("cf", "?")]
+     ("netns", "<u4"), ("seq", "<u4"), ("flags", "u1"), ("ct", "?"), ("cf", "?"),
+     ("special", "?")]
 )  # fmt: skip
 _DERIVED_OPAQUE = np.dtype(f"V{DERIVED.itemsize}")
 
@@ -78,6 +80,7 @@ def derive(cols: EventColumns, first: int, ids: TupleIds) -> np.ndarray:
     d["o"] = 0
     d["r"] = 0
     d["cf"] = False
+    d["special"] = cols.special if cols.special is not None else False
     if len(cols.o_saddr):
         if cols.confirmed is not None:
             d["cf"][ct] = cols.confirmed

@@ -28,6 +28,8 @@ class Names(Protocol):
 
     def hairpin(self, inode: int, dev: str) -> bool | None: ...
 
+    def mtus(self, inode: int) -> dict[str, int]: ...
+
     def service_rules(self, inode: int) -> tuple[str, ...] | None: ...
 
     def has_address(self, inode: int, ip: str) -> bool | None: ...
@@ -213,6 +215,13 @@ class TopologyNames:
     def hairpin(self, inode: int, dev: str) -> bool | None:
         iface = self._iface(inode, dev)
         return iface.hairpin if iface is not None else None
+
+    def mtus(self, inode: int) -> dict[str, int]:
+        """Device name -> MTU of that namespace's devices (those the snapshot has one for)."""
+        ns = self.topology.namespace(inode)
+        if ns is None:
+            return {}
+        return {i.name: i.mtu for i in ns.interfaces if getattr(i, "mtu", None)}
 
     def has_address(self, inode: int, ip: str) -> bool | None:
         """Whether an interface of that namespace holds ip; None when it is not in the snapshot."""

@@ -14,6 +14,7 @@ from tracer.analysis.context import Context
 from tracer.analysis.reassemble import Connection, Hop, Packet
 from tracer.events.model import (
     ICMP_DEST_UNREACH,
+    ICMP_FRAG_NEEDED,
     ICMP_PORT_UNREACH,
     IPS_SEEN_REPLY,
     NETFILTER_KINDS,
@@ -169,6 +170,10 @@ def diagnose(conn: Connection, ctx: Context) -> Diagnosis:
         notes.extend(why)
     if brk is not None and verdict == "broken":
         brk = _no_such_service(conn, brk, ctx) or brk
+    if brk is None and verdict == "ok":
+        found = _mtu_blackhole(conn, roles, ctx)
+        if found is not None:
+            brk, verdict = found
     lost = _overlapping_loss(conn, ctx)
     if lost:
         notes.append(lost)
@@ -349,6 +354,78 @@ def _icmp_error(
         tuple(evidence),
         f"Look at why {sender} cannot deliver the request: its routes, MTU and firewall.",
     )  # fmt: skip
+
+
+TOO_BIG = frozenset({"PKT_TOO_BIG", "FRAG_TOO_FAR"})
+
+
+def _mtu_blackhole(conn: Connection, roles: _Roles, ctx: Context) -> tuple[Break, str] | None:
+    """After the handshake, segments dropped for being larger than the path's MTU, and no
+    ICMP fragmentation-needed about them reached their sender: the sender keeps sending
+    them (path MTU discovery never learns), the transfer stalls. Recovered when the
+    connection still closed from the sender's side after the last such drop."""
+    drops_at = [(i, p, h) for i, p in enumerate(conn.packets) for h in p.hops
+                if h.kind == "drop" and h.drop_reason in TOO_BIG]  # fmt: skip
+    if not drops_at:
+        return None
+    i, pkt, hop = drops_at[0]
+    sender = pkt.hops[0]
+    other = "reply" if pkt.direction == "original" else "original"
+    icmps = [p for p in conn.packets if p.role == "ICMP" and p.direction == other
+             and p.icmp == (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED)]  # fmt: skip
+    delivered = [p for p in icmps
+                 if p.hops[-1].netns == sender.netns and p.hops[-1].kind != "drop"]  # fmt: skip
+    if delivered:
+        return None  # path MTU discovery was told; what follows is its business
+    mtus = ctx.names.mtus(hop.netns)
+    evidence = [
+        drops.path_text(pkt),
+        (
+            f"{len(drops_at)} {pkt.direction} segment(s) of the connection freed at "
+            f"{hop.netns_name}/{hop.dev} ({hop.drop_reason}): larger than the MTU of the route "
+            "they were to leave by"
+        ),
+    ]
+    if mtus:
+        evidence.append(f"device MTUs in {hop.netns_name}: "
+                        + ", ".join(f"{d} {m}" for d, m in sorted(mtus.items())))  # fmt: skip
+    sender_mtu = ctx.names.mtus(sender.netns).get(sender.dev)
+    if sender_mtu:
+        evidence.append(f"the sender's {sender.netns_name}/{sender.dev} has MTU {sender_mtu}")
+    if icmps:
+        lost = icmps[0]
+        end = lost.hops[-1]
+        evidence.append(
+            f"{len(icmps)} ICMP fragmentation-needed sent by {lost.icmp_from} never reached "
+            f"the sender: the first was last seen at {end.netns_name}/{end.dev or '-'} "
+            f"({end.point}{', ' + end.drop_reason if end.drop_reason else ''})"
+        )
+        for rd in ctx.rule_drops if ctx.rule_drops_netns == end.netns else ():
+            evidence.append(f"rule whose counter rose: {rd.rule} (chain {rd.chain})")
+    else:
+        evidence.append("no ICMP fragmentation-needed about them was seen: none was sent, "
+                        "or it left no trace on the traced points")  # fmt: skip
+    closed = any(p.role in ("FIN", "RST") and p.direction == pkt.direction
+                 for p in conn.packets[i + 1 :])  # fmt: skip
+    verdict = "recovered" if closed else "broken"
+    if pkt.direction == "reply":
+        who = f"the backend {_fmt(*conn.backend)}" if conn.backend else "the server"
+    else:
+        who = f"the client {_fmt(conn.key.src, conn.key.sport)}"
+    brk = Break(
+        pkt.role, i, hop.netns_name, hop.dev, hop.point, "mtu-blackhole",
+        f"Segments from {who} larger than the path's MTU were dropped at "
+        f"{hop.netns_name}/{hop.dev}, and no ICMP fragmentation-needed reached the sender, "
+        "so it keeps sending them at the same size: the handshake worked, the transfer "
+        "stalls (an MTU black hole).",
+        tuple(evidence),
+        "Give the pods the overlay's MTU (VXLAN: 50 bytes less than the underlay; the CNI's "
+        "mtu, flannel's FLANNEL_MTU, calico's veth_mtu) and let ICMP fragmentation-needed "
+        "(type 3 code 4) through every firewall on the path; TCP MSS clamping "
+        "(--clamp-mss-to-pmtu) works around it.",
+        drop_reason=hop.drop_reason,
+    )  # fmt: skip
+    return brk, verdict
 
 
 def _no_such_service(conn: Connection, brk: Break, ctx: Context) -> Break | None:

@@ -18,7 +18,8 @@ tuple of any conntrack entry its events carried):
   4. every event in the client's namespace has the key or its reverse as its
      tuple (nothing reached the client untranslated; a client that is its own
      backend is left to the full diagnosis),
-  5. no event-loss window overlaps the connection.
+  5. no event-loss window overlaps the connection,
+  6. none of its events is a drop or an ICMP error.
 Then diagnose() finds a SYN+ACK delivered from the service and nothing
 untranslated: verdict ok, no break, no notes.
 """
@@ -306,6 +307,9 @@ class Finalizer:
         healthy = first_original & (bad == 0) & (good > 0)
         # TCP only: a UDP flow (no handshake) always gets the full diagnosis
         healthy &= (key64 >> np.uint64(63)) == 0
+        # a packet of it dropped on the way (after the handshake too: an MTU black hole),
+        # or an ICMP error about one of its packets
+        healthy &= np.bincount(seg[d["special"]], minlength=k) == 0
         # in the client's namespace every packet is client -> service or back: anything
         # else is a reply that escaped reverse NAT (or the client is its own backend)
         client_ns = d["netns"][starts][seg]

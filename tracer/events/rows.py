@@ -14,7 +14,14 @@ import numpy as np
 
 from tracer.errors import HairtraceError
 from tracer.events.codec import EVENT_DTYPE, EVENT_SIZE, HT_CT_PRESENT, LAYOUT, decode_batch
-from tracer.events.model import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPS_CONFIRMED, Event
+from tracer.events.model import (
+    IPPROTO_ICMP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPS_CONFIRMED,
+    Event,
+    Point,
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class EventColumns:
     r_ports: np.ndarray
     udp: np.ndarray | None = None  # bool, of the flow; None: every event is TCP
     confirmed: np.ndarray | None = None  # bool per has_ct event: the entry is CONFIRMED
+    # bool: a drop (kfree_skb) or an ICMP error: its connection needs the full diagnosis
+    special: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -104,7 +113,7 @@ def _fields() -> np.dtype:
     names, formats, offsets = [], [], []
     own = (("ts_ns", "<u8"), ("netns", "<u4"), ("tcp_flags", "u1"), ("ct_flags", "u1"),
            ("seq", "<u4"), ("proto", "u1"), ("inner_proto", "u1"),
-           ("ct_status", "<u4"))  # fmt: skip
+           ("ct_status", "<u4"), ("point", "<u2"))  # fmt: skip
     for name, typ in own:
         names.append(name)
         formats.append(typ)
@@ -164,6 +173,7 @@ class _Codec:
             r_ports=of_ct("ct_reply_ports"),
             udp=udp,
             confirmed=(rec["ct_status"][ct] & IPS_CONFIRMED) != 0,
+            special=(rec["point"] == Point.DROP) | (proto == IPPROTO_ICMP),
         )
 
     def fields(self, rows: np.ndarray) -> EventFields:

@@ -34,7 +34,8 @@ class Fault:
     service_port: int = cluster.SERVICE_PORT  # the Service's port in the rules (clients: 80)
     # what the scenario's client does: "curl" (HTTP to the Service), "dig" (a DNS query over
     # UDP to kube-dns, 100.67.30.140:53, traced with --svc 100.67.30.140:53/udp), "flow"
-    # (the fault runs a long-lived DNS client; the scenario traces it for a while)
+    # (the fault runs a long-lived DNS client; the scenario traces it for a while),
+    # "curl-big" (HTTP GET of /big: 256 KiB)
     client: str = "curl"
     dns_endpoints: tuple[Endpoint, ...] | None = None  # None = the default (pod n1-b:53)
 
@@ -188,6 +189,26 @@ def _insert_failed(state: ClusterState) -> str:
     return (
         f"DNS to pod B SNATed to {INSERT_FAILED_SNAT} only, in {node}; a kept flow from "
         f"port {STALE_FLOW_SPORT} holds that tuple"
+    )
+
+
+def _mtu_blackhole(state: ClusterState) -> str:
+    """Pods with MTU 1500 (a CNI config that ignores the overlay) over flannel.1's 1450:
+    full-sized segments from node 2's pod cannot leave node 2, and the ICMP
+    fragmentation-needed node 2 sends back to its pod is dropped there (a firewall that
+    blocks ICMP), so the sender never learns the path MTU."""
+    spec = state.spec
+    for pod in spec.pods:
+        node = spec.node_ns(pod.node)
+        netns.run_in(pod.ns, ["ip", "link", "set", "eth0", "mtu", "1500"])
+        netns.run_in(node, ["ip", "link", "set", state.host_veths[pod.ns], "mtu", "1500"])
+    for n in range(1, spec.nodes + 1):
+        netns.run_in(spec.node_ns(n), ["ip", "link", "set", "cni0", "mtu", "1500"])
+    rule = ["-I", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "DROP"]
+    netns.run_in(spec.node_ns(2), ["iptables", "-w", "5", *rule])
+    return (
+        "pods and cni0 at MTU 1500 over flannel.1 (1450); ICMP fragmentation-needed "
+        f"dropped in {spec.node_ns(2)}'s OUTPUT"
     )
 
 
@@ -345,6 +366,16 @@ FAULTS: dict[str, Fault] = {
             "entry clashes and cannot be confirmed",
             apply=_insert_failed,
             client="dig",
+        ),
+        Fault(
+            "mtu-blackhole",
+            "mtu-blackhole",
+            "pod MTU 1500 over VXLAN 1450, ICMP frag-needed blocked: large responses from "
+            "node 2's pod never arrive",
+            2,
+            apply=_mtu_blackhole,
+            endpoints=(Endpoint("100.96.55.10", 80),),
+            client="curl-big",
         ),
         Fault(
             "backend-blackhole",

@@ -211,6 +211,7 @@ def _interfaces(
                 addresses=tuple(by_if.get(idx, ())),
                 mac=mac if isinstance(mac, str) and _MAC.match(mac) else None,
                 up=bool(m["flags"] & _IFF_UP),
+                mtu=mtu if isinstance(mtu := m.get_attr("IFLA_MTU"), int) else None,
             )
         )
     return tuple(sorted(out, key=lambda i: i.ifindex))

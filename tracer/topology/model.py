@@ -77,6 +77,7 @@ class Interface:
     addresses: tuple[str, ...] = ()
     mac: str | None = None
     up: bool = False
+    mtu: int | None = None  # None: not in the snapshot (taken before hairtrace read it)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "addresses", tuple(self.addresses))
@@ -94,6 +95,7 @@ class Interface:
             "addresses": list(self.addresses),
             "mac": self.mac,
             "up": self.up,
+            "mtu": self.mtu,
         }
 
     def holds(self, ip: str) -> bool:
@@ -114,6 +116,7 @@ class Interface:
             addresses=tuple(_get_list(d, "addresses", str)),
             mac=_get(d, "mac", str, optional=True),
             up=_get(d, "up", bool),
+            mtu=_get(d, "mtu", int, optional=True) if "mtu" in d else None,  # absent before
         )
 
 
