@@ -385,8 +385,9 @@ struct ht_where {
 
 /* Past its data budget? Every point of a packet's path counts the same
  * packets in the same order, so the first data_budget packets of a flow keep
- * all their hops and later ones lose all of them. A bulk transfer then costs
- * one map lookup per packet and point instead of an event. */
+ * all their hops and later ones lose all of them. A bulk transfer (or a UDP
+ * stream: every datagram counts) then costs one map lookup per packet and
+ * point instead of an event. */
 static __always_inline bool over_budget(const struct ht_event *ev, const struct ht_where *w,
 					const struct net_device *dev, bool btf)
 {
@@ -397,7 +398,8 @@ static __always_inline bool over_budget(const struct ht_event *ev, const struct 
 	};
 	__u32 one = 1, *seen;
 
-	if (!ht_cfg.data_budget || ev->proto != IPPROTO_TCP || w->point == HT_PT_DROP ||
+	/* TCP segments and UDP datagrams; ICMP errors, like drops and resets, always go */
+	if (!ht_cfg.data_budget || ev->proto == IPPROTO_ICMP || w->point == HT_PT_DROP ||
 	    w->point == HT_PT_TCP_RESET || w->point == HT_PT_TCP_V4_SEND_RESET)
 		return false;
 	if (dev)

@@ -103,9 +103,10 @@ struct ht_config {
 	__u32 svc_addr; /* network byte order */
 	__u16 svc_port; /* network byte order, 0 = any port */
 	__u8 protos;    /* HT_PROTO_TCP | HT_PROTO_UDP: which the service is traced for */
-	/* TCP packets without SYN, FIN or RST emitted per tuple, point and device
-	 * (the handshake's ACK and the first data); 0 = every packet. Drops and
-	 * resets are always emitted; a SYN or SYN+ACK starts the count again. */
+	/* TCP packets without SYN, FIN or RST, and UDP datagrams, emitted per
+	 * tuple, point and device (the handshake's ACK and the first data; a UDP
+	 * flow's first requests and replies); 0 = every packet. Drops, resets and
+	 * ICMP errors are always emitted; a SYN or SYN+ACK starts the count again. */
 	__u8 data_budget;
 };
 

@@ -53,7 +53,8 @@ def test_fault_reproduced_and_diagnosed_on_this_kernel(name: str) -> None:
     ("name", "curls", "mode"),
     [("none", 1, "iptables")] * 3 + [("two-node", 4, "iptables")] * 2
     + [("none", 2, "nftables"), ("two-node", 4, "nftables")]
-    + [("self-call", 1, "iptables")] * 3 + [("self-call", 2, "nftables")],
+    + [("self-call", 1, "iptables")] * 3 + [("self-call", 2, "nftables")]
+    + [("dns", 3, "iptables"), ("dns", 3, "nftables")],
 )  # fmt: skip
 def test_healthy_variants_are_ok_every_time(name: str, curls: int, mode: str) -> None:
     report = _scenario(name, curls, mode)

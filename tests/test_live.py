@@ -156,13 +156,15 @@ def test_udp_seed_case_on_the_plain_lab(seed_lab: str, tmp_path: Path) -> None:
         assert res.returncode == 0, res.stderr
         assert r["command_status"] == 0 and "100.67.30.133" in res.stdout, "dig answered"
         assert (conn["verdict"], conn["break"]) == ("ok", None)
-        assert conn["exchanges"] == [{"request": 0, "reply": 1, "icmp": None, "ok": True}]
+        assert conn["exchanges"] == [{"request": 0, "reply": 1, "icmp": None, "ok": True,
+                                      "pending": False}]  # fmt: skip
         assert reply["hops"][-1]["src"] == f"{DNS}:53", "reverse-translated at the client"
         return
     assert res.returncode == 3, res.stderr
     assert r["command_status"] == 9 and "timed out" in res.stdout, "dig got no answer"
     assert conn["verdict"] == "broken"
-    assert conn["exchanges"] == [{"request": 0, "reply": 1, "icmp": None, "ok": False}]
+    assert conn["exchanges"] == [{"request": 0, "reply": 1, "icmp": None, "ok": False,
+                                  "pending": False}]  # fmt: skip
     brk = conn["break"]
     assert (brk["packet_role"], brk["packet_index"], brk["netns"], brk["dev"]) == (
         "UDP", 1, "node", "cni0")  # fmt: skip

@@ -124,9 +124,10 @@ class _Main(click.Group):
     default=DEFAULT_DATA_BUDGET,
     show_default=True,
     metavar="N",
-    help="TCP packets without SYN, FIN or RST traced per connection direction, probe point "
-    "and device: the handshake's last ACK and the first data. Later ones cost a map lookup, "
-    "not an event (the report counts them). 0 traces every packet.",
+    help="TCP packets without SYN, FIN or RST, and UDP datagrams, traced per connection "
+    "direction, probe point and device: the handshake's last ACK and the first data; a UDP "
+    "flow's first requests and replies. Later ones cost a map lookup, not an event (the "
+    "report counts them). 0 traces every packet.",
 )
 @click.option("--record", metavar="FILE", help="Record the session to FILE (see `replay`).")
 @click.option("--force", is_flag=True, help="With --record: overwrite an existing FILE.")

@@ -6,9 +6,10 @@ import ipaddress
 
 from tracer.errors import UsageError
 
-# TCP packets without SYN, FIN or RST emitted per tuple, probe point and device
-# (struct ht_config.data_budget): the handshake's ACK and the first data of each
-# direction, with room for a few retransmissions. 0 emits every packet.
+# TCP packets without SYN, FIN or RST, and UDP datagrams, emitted per tuple, probe point
+# and device (struct ht_config.data_budget): the handshake's ACK and the first data of each
+# direction, with room for a few retransmissions; a UDP flow's first 8 requests and
+# replies. 0 emits every packet.
 DEFAULT_DATA_BUDGET = 8
 
 

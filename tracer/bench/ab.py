@@ -77,8 +77,8 @@ def run_ab(other: Path, rounds: int, progress: Callable[[str], None]) -> list[di
         ]
         for v in variants(other):
             for kind, traffic, stop_timeout in kinds:
-                if v.extra and kind.startswith("UDP"):
-                    continue  # the budget is TCP's: it changes nothing for UDP
+                if v.extra and kind.startswith("UDP flood outside"):
+                    continue  # the budget changes nothing outside the filter
                 if v.svc.endswith("/tcp") and "traced" in kind and kind.startswith("UDP"):
                     continue  # not traced at all then
                 progress(f"{v.name}: {kind}")

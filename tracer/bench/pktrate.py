@@ -6,9 +6,9 @@ but filter out in the kernel. Traced: one TCP connection of small writes to
 the ClusterIP, as hairtrace runs by default (its handshake and first data
 packets become events at every hop; later data packets cost a map lookup per
 hop: --data-packets) and with --data-packets 0 (every packet becomes events at
-every hop). Traced UDP: the same flood sent to the ClusterIP, one flow whose every
-datagram becomes events at every hop (UDP has no data budget). All against the same
-traffic with no tracer.
+every hop). Traced UDP: the same flood sent to the ClusterIP, one flow: its first
+datagrams become events at every hop, later ones cost the budget's map lookup per hop
+(--data-packets counts datagrams too). All against the same traffic with no tracer.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def template() -> list[Row]:
             "TCP via the ClusterIP, hairtrace --data-packets 0 (every packet)", "pps",
             baseline_name=NO_TRACER, target=TCP),
         Row("pktrate.udp_traced", SECTION,
-            "UDP flood via the ClusterIP, traced (every datagram: no budget for UDP)", "pps",
+            "UDP flood via the ClusterIP, traced (its first datagrams; the rest counted)", "pps",
             baseline_name=NO_TRACER),
     ]  # fmt: skip
 

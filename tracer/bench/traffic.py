@@ -2,7 +2,7 @@
 
 udp(): a sendmmsg flood of 18-byte datagrams hb-a -> hb-b across the bridge
 (outside hairtrace's filter); udp_service(): the same flood to the ClusterIP, DNATed to
-hb-b (one UDP flow of the Service: every datagram traced); tcp(): one connection of 64-byte writes with
+hb-b (one UDP flow of the Service: its first datagrams traced, the rest counted); tcp(): one connection of 64-byte writes with
 TCP_NODELAY from hb-a to the ClusterIP, DNATed to hb-b (traced by hairtrace),
 read in 64 KiB blocks (iperf3's server reads in the client's -l size, so with
 -l 64 the reader, not the path, set the rate and stalled on a zero window).
@@ -79,7 +79,7 @@ class Traffic:
         return self._send("send", netlab.POD_B_IP, netlab.UDP_PORT, seconds, both=False)
 
     def udp_service(self, seconds: float) -> Sample:
-        """The same flood to the ClusterIP (DNATed to hb-b): one UDP flow, traced."""
+        """The same flood to the ClusterIP (DNATed to hb-b): one UDP flow of the Service."""
         if not self._udp_sink:
             self._udp_sink = self._start_sink("sink", netlab.UDP_PORT)
         return self._send("send", netlab.SERVICE_IP, netlab.UDP_PORT, seconds, both=False)
