@@ -398,8 +398,11 @@ static __always_inline bool over_budget(const struct ht_event *ev, const struct 
 	};
 	__u32 one = 1, *seen;
 
-	/* TCP segments and UDP datagrams; ICMP errors, like drops and resets, always go */
-	if (!ht_cfg.data_budget || ev->proto == IPPROTO_ICMP || w->point == HT_PT_DROP ||
+	/* TCP segments and UDP datagrams. ICMP errors, resets and drops of TCP segments
+	 * always go; drops of UDP datagrams count too (a flood into a full socket buffer
+	 * would cost an event per datagram), so a UDP flow's first drops per point go. */
+	if (!ht_cfg.data_budget || ev->proto == IPPROTO_ICMP ||
+	    (w->point == HT_PT_DROP && ev->proto == IPPROTO_TCP) ||
 	    w->point == HT_PT_TCP_RESET || w->point == HT_PT_TCP_V4_SEND_RESET)
 		return false;
 	if (dev)

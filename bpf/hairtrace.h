@@ -105,8 +105,9 @@ struct ht_config {
 	__u8 protos;    /* HT_PROTO_TCP | HT_PROTO_UDP: which the service is traced for */
 	/* TCP packets without SYN, FIN or RST, and UDP datagrams, emitted per
 	 * tuple, point and device (the handshake's ACK and the first data; a UDP
-	 * flow's first requests and replies); 0 = every packet. Drops, resets and
-	 * ICMP errors are always emitted; a SYN or SYN+ACK starts the count again. */
+	 * flow's first requests and replies); 0 = every packet. Resets, ICMP errors
+	 * and drops of TCP segments are always emitted (drops of datagrams count);
+	 * a SYN or SYN+ACK starts the count again. */
 	__u8 data_budget;
 };
 

@@ -66,6 +66,8 @@ WHERE: dict[str, Where] = {
     "conntrack-insert-failed": Where("UDP", "ht-n1", "veth", "kfree_skb", "NETFILTER_DROP",
                                      evidence_has="with an unconfirmed entry"),
     # a full-sized segment of the response: with PSH or without (a role by the flags)
+    "conntrack-insert-failed-tcp": Where("SYN", "ht-n1", "veth", "kfree_skb", "NETFILTER_DROP",
+                                         evidence_has="with an unconfirmed entry"),
     "mtu-blackhole": Where("DATA", "ht-n2", "cni0", "kfree_skb", "PKT_TOO_BIG",
                            evidence_has="ICMP fragmentation-needed sent by 100.96.55.1",
                            or_role="ACK"),
@@ -105,10 +107,11 @@ def check_report(name: str, report: dict[str, Any]) -> None:
         for c in conns:
             to_node2 = c["backend"]["ip"] in NODE2
             assert (c["verdict"] == "broken") == to_node2, (c["backend"], c["verdict"])
-    elif name == "conntrack-insert-failed":  # the kept flow holds the tuple, and works
+    elif name.startswith("conntrack-insert-failed"):  # the kept flow holds the tuple
         for c in conns:
             kept = c["client"]["port"] == STALE_FLOW_SPORT
-            assert c["verdict"] == ("ok" if kept else "broken"), (c["client"], c["verdict"])
+            # it works: a kept UDP flow ok, a TCP transfer begun before the trace incomplete
+            assert (c["verdict"] != "broken") == kept, (c["client"], c["verdict"])
     else:
         assert len(broken) == len(conns)
     want = WHERE[name]

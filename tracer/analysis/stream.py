@@ -358,31 +358,40 @@ class StreamAnalyser:
                         self._adopt(ok, hit[1], waiting)
 
     def _owned_elsewhere(
-        self, d: np.ndarray, ev_key: np.ndarray, ev_known: np.ndarray
+        self,
+        d: np.ndarray,
+        run_at: np.ndarray,
+        inv: np.ndarray,
+        ukey: np.ndarray,
+        known: np.ndarray,
     ) -> np.ndarray | None:
         """Events that carry a service conntrack entry whose original tuple (its
         connection's key) is not the connection their tuple is claimed by, or is claimed
         by none, and whose tuple is one of that entry's: they belong to their entry's
         connection (two entries with one reply tuple, a NAT clash, share the tuple but
-        not the packets). None when none."""
+        not the packets). None when none. (Events come in runs of one tuple: run_at,
+        inv, ukey, known are _assign's.)"""
         svc = self.tuples.service_id
         if svc is None:
             return None
-        ct = d["ct"]
-        if not ct.any():
+        cand = np.flatnonzero(d["ct"])
+        if not len(cand):
             return None
-        o = d["o"]
-        own = ct & (((o >> np.uint64(32)) & np.uint64(TupleIds.ADDR_MASK)) == svc)
+        o = d["o"][cand]
+        mine = ((o >> np.uint64(32)) & np.uint64(TupleIds.ADDR_MASK)) == svc
         if self.ctx.service_port:
-            own &= (o & np.uint64(0xFFFF)) == self.ctx.service_port
-        own &= ~ev_known | (ev_key != o)
-        if not own.any():
+            mine &= (o & np.uint64(0xFFFF)) == self.ctx.service_port
+        cand, o = cand[mine], o[mine]
+        run = inv[np.searchsorted(run_at, cand, side="right") - 1]
+        off = ~known[run] | (ukey[run] != o)
+        if not off.any():
             return None
+        cand, o = cand[off], o[off]
         # only events whose tuple is one of their entry's four (as claims are made): a
         # packet between DNAT and SNAT has a tuple of neither direction
-        t, r, rev = d["t"], d["r"], TupleIds.reverse
-        own &= (t == o) | (t == rev(o)) | (t == r) | (t == rev(r))
-        return np.flatnonzero(own) if own.any() else None
+        t, r, rev = d["t"][cand], d["r"][cand], TupleIds.reverse
+        cand = cand[(t == o) | (t == rev(o)) | (t == r) | (t == rev(r))]
+        return cand if len(cand) else None
 
     def _key_of(self, t: int) -> tuple[int, int] | None:
         """(connection key, direction) of tuple t: the claim of a service conntrack entry
@@ -421,9 +430,7 @@ class StreamAnalyser:
                 known[j] = False
             else:
                 ukey[j], uside[j] = hit
-        moved = self._owned_elsewhere(
-            d, np.repeat(ukey[inv], run_len), np.repeat(known[inv], run_len)
-        )
+        moved = self._owned_elsewhere(d, run_at, inv, ukey, known)
         if moved is not None:  # rare (a NAT clash): key each event on its own
             ev_key = np.repeat(ukey[inv], run_len)
             ev_side = np.repeat(uside[inv], run_len)

@@ -212,6 +212,27 @@ def _mtu_blackhole(state: ClusterState) -> str:
     )
 
 
+def _insert_failed_tcp(state: ClusterState) -> str:
+    """The same clash over TCP: connections to pod B port 80 SNATed to one address and
+    port, which a long transfer (a rate-limited download from port 5300) holds."""
+    spec, node = state.spec, _n1(state)
+    rule = ["-t", "nat", "-I", "POSTROUTING", "-d", "100.96.54.247/32", "-p", "tcp",
+            "--dport", "80", "-j", "SNAT", "--to-source", INSERT_FAILED_SNAT]  # fmt: skip
+    netns.run_in(node, ["iptables", "-w", "5", *rule])
+    log = spec.work_dir / "kept-download.log"
+    argv = ["curl", "-sS", "-o", "/dev/null", "--local-port", str(STALE_FLOW_SPORT),
+            "--limit-rate", "2k", "-m", "600", f"http://{cluster.SERVICE_IP}/big"]  # fmt: skip
+    with open(log, "ab") as out:
+        subprocess.run(["setsid", "-f", *netns.exec_argv(spec.client.ns, argv)],
+                       stdin=subprocess.DEVNULL, stdout=out, stderr=out, check=True,
+                       timeout=10)  # fmt: skip
+    time.sleep(1.0)  # its handshake is done and its entry confirmed
+    return (
+        f"TCP to pod B:80 SNATed to {INSERT_FAILED_SNAT} only, in {node}; a slow "
+        f"download from port {STALE_FLOW_SPORT} holds that tuple"
+    )
+
+
 def _blackhole(state: ClusterState) -> str:
     ns = state.spec.pods[1].ns
     netns.run_in(ns, ["ip", "route", "add", "blackhole", f"{state.spec.client.ip}/32"])
@@ -366,6 +387,14 @@ FAULTS: dict[str, Fault] = {
             "entry clashes and cannot be confirmed",
             apply=_insert_failed,
             client="dig",
+        ),
+        Fault(
+            "conntrack-insert-failed-tcp",
+            "conntrack-insert-failed",
+            "the same clash over TCP: connections to pod B are SNATed to the address:port a "
+            "long download holds",
+            apply=_insert_failed_tcp,
+            endpoints=(Endpoint("100.96.54.247", 80),),
         ),
         Fault(
             "mtu-blackhole",
