@@ -133,6 +133,8 @@ def test_bench_ab_needs_a_built_checkout(tmp_path: Path) -> None:
         variants(tmp_path)
     (tmp_path / "bpf" / "build").mkdir(parents=True)
     (tmp_path / "bpf" / "build" / "hairtrace.bpf.o").write_bytes(b"")
-    before, after, every = variants(tmp_path)
+    before, after, every, tcp_only = variants(tmp_path)
     assert before.environ is not None and before.environ["PYTHONPATH"] == str(tmp_path)
     assert after.environ is None and every.extra == ("--data-packets", "0")
+    # the cost of tracing UDP: the same checkout tracing TCP only
+    assert tcp_only.environ is None and tcp_only.svc.endswith("/tcp") and not tcp_only.extra
