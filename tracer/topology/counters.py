@@ -11,9 +11,10 @@ import os
 import re
 import subprocess
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from tracer.analysis.context import ConntrackStats, RuleDrop
 from tracer.errors import HairtraceError
@@ -28,6 +29,8 @@ from tracer.topology.natrules import (
     _unquote,
     nft_tables_owned_by_iptables,
 )
+
+T = TypeVar("T")
 
 __all__ = [
     "RuleDrop",
@@ -258,25 +261,25 @@ def _dump(argv: list[str]) -> str:
     return "".join(f"# {ln.lstrip('# ')}\n" for ln in notes) + p.stdout
 
 
-def sysctls_of(netns_path: str) -> dict[str, str | None] | None:
-    """SYSCTL_KEYS of the namespace at netns_path (read by a throwaway thread that
-    setns()es; a few small reads); None when it cannot be read."""
+def _read_in(netns_path: str, read: Callable[[], T], name: str) -> T | None:
+    """read() run by a throwaway thread that setns()es into the namespace at netns_path (a
+    few small reads); None when it cannot be entered or read."""
     try:
         fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    result: list[dict[str, str | None]] = []
+    result: list[T] = []
 
     def work() -> None:
         try:
             _setns(fd)
-            result.append(read_sysctls())
+            result.append(read())
         except HairtraceError:
             return
         finally:
             os.close(fd)
 
-    thread = threading.Thread(target=work, name="sysctls", daemon=True)
+    thread = threading.Thread(target=work, name=name, daemon=True)
     try:
         thread.start()
     except RuntimeError:
@@ -284,6 +287,11 @@ def sysctls_of(netns_path: str) -> dict[str, str | None] | None:
         return None
     thread.join(5)
     return result[0] if result else None
+
+
+def sysctls_of(netns_path: str) -> dict[str, str | None] | None:
+    """SYSCTL_KEYS of the namespace at netns_path; None when it cannot be read."""
+    return _read_in(netns_path, read_sysctls, "sysctls")
 
 
 def collect_counters(netns_path: str) -> tuple[str, str]:
@@ -336,30 +344,8 @@ def read_conntrack(proc: str = "/proc") -> tuple[int, int, dict[str, int]] | Non
 
 
 def conntrack_of(netns_path: str) -> tuple[int, int, dict[str, int]] | None:
-    """read_conntrack() inside the namespace at netns_path (a throwaway thread)."""
-    try:
-        fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    result: list[tuple[int, int, dict[str, int]] | None] = []
-
-    def work() -> None:
-        try:
-            _setns(fd)
-            result.append(read_conntrack())
-        except HairtraceError:
-            return
-        finally:
-            os.close(fd)
-
-    thread = threading.Thread(target=work, name="conntrack", daemon=True)
-    try:
-        thread.start()
-    except RuntimeError:
-        os.close(fd)
-        return None
-    thread.join(5)
-    return result[0] if result else None
+    """read_conntrack() inside the namespace at netns_path."""
+    return _read_in(netns_path, read_conntrack, "conntrack")
 
 
 def conntrack_between(
