@@ -19,6 +19,11 @@ struct ht_flow_key {
 	__u8 _pad[3];
 };
 
+/* One byte per slot of the learned tuples' pre-filter (HT_SEEN_BITS). */
+struct ht_seen {
+	__u8 slot[1 << HT_SEEN_BITS];
+};
+
 /* Non-control TCP packets seen per tuple, point and device (ht_cfg.data_budget). */
 struct ht_budget_key {
 	struct ht_flow_key flow;
@@ -52,6 +57,14 @@ struct {
 	__type(value, __u32);
 } budgets SEC(".maps");
 
+/* The pre-filter of flows: one array element, its lookup inlined by the verifier. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ht_seen);
+} seen SEC(".maps");
+
 const volatile struct ht_config ht_cfg = {};
 
 /* Keep the contract's types in the object's BTF for the layout test. */
@@ -74,6 +87,7 @@ BPF_ARRAY(ht_emitted, __u64, HT_PT_MAX);
 BPF_ARRAY(ht_lost, __u64, HT_PT_MAX);
 BPF_TABLE("lru_hash", struct ht_budget_key, __u32, budgets, HT_MAX_BUDGETS);
 BPF_ARRAY(ht_over_budget, __u64, HT_PT_MAX);
+BPF_ARRAY(seen, struct ht_seen, 1);
 
 /* bcc rewrites map method calls only outside macros: compat.h's HT_LOOKUP,
  * HT_UPDATE, HT_INSERT, HT_DELETE, HT_COUNT and HT_OUTPUT call these. */
@@ -100,6 +114,11 @@ static __always_inline void budgets_insert(struct ht_budget_key *key, __u32 *val
 static __always_inline void budgets_delete(struct ht_budget_key *key)
 {
 	budgets.delete(key);
+}
+
+static __always_inline void *seen_lookup(__u32 *key)
+{
+	return seen.lookup(key);
 }
 
 static __always_inline void ht_over_budget_count(__u32 i)
@@ -238,6 +257,25 @@ static __always_inline bool is_service(__u32 addr, __u16 port)
 	return addr == ht_cfg.svc_addr && (!ht_cfg.svc_port || port == ht_cfg.svc_port);
 }
 
+/* The pre-filter's slot of a tuple: the same for both directions (learn_tuple
+ * learns both), Fibonacci hashing of addresses, ports and protocol. */
+static __always_inline __u32 seen_slot(const struct ht_tuple *t, __u8 proto)
+{
+	__u32 h = (t->saddr ^ t->daddr) ^ ((__u32)(t->sport ^ t->dport) << 8) ^ proto;
+
+	return (h * 0x9E3779B1u) >> (32 - HT_SEEN_BITS);
+}
+
+/* Could the tuple have been learned? No for almost every packet that is not
+ * ours: one multiply and one load instead of the flows map's hash lookup. */
+static __always_inline bool maybe_learned(const struct ht_tuple *t, __u8 proto)
+{
+	__u32 zero = 0;
+	struct ht_seen *s = HT_LOOKUP(seen, &zero);
+
+	return s && s->slot[seen_slot(t, proto)];
+}
+
 static __always_inline bool match_flow(const struct ht_tuple *t, __u8 proto)
 {
 	struct ht_flow_key key = {
@@ -247,7 +285,7 @@ static __always_inline bool match_flow(const struct ht_tuple *t, __u8 proto)
 
 	if (is_service(t->daddr, t->dport) || is_service(t->saddr, t->sport))
 		return true;
-	return HT_LOOKUP(flows, &key) != NULL;
+	return maybe_learned(t, proto) && HT_LOOKUP(flows, &key) != NULL;
 }
 
 /* One copy of the whole tuple, then fields of the copy (CO-RE relocates
@@ -264,8 +302,11 @@ static __always_inline __u8 read_ct_tuple(const struct nf_conntrack_tuple *t, st
 	return tup.dst.protonum;
 }
 
+/* The packet's conntrack entry into ev. service_only: only an entry of the service
+ * (a packet no learned tuple matched): its original tuple is read first and decides,
+ * so for a packet that is not ours one copy is all this costs. */
 static __always_inline struct nf_conn *read_ct(const struct sk_buff *skb, struct ht_event *ev,
-					       bool btf)
+					       bool btf, bool service_only)
 {
 	unsigned long nfct;
 	struct nf_conn *ct;
@@ -280,10 +321,12 @@ static __always_inline struct nf_conn *read_ct(const struct sk_buff *skb, struct
 			ev->ct_flags |= HT_CT_UNTRACKED;
 		return NULL;
 	}
+	read_ct_tuple(&ct->tuplehash[0].tuple, &ev->ct_orig);
+	if (service_only && !is_service(ev->ct_orig.daddr, ev->ct_orig.dport))
+		return NULL;
 	ev->ct_flags |= HT_CT_PRESENT;
 	ev->ct_id = (__u64)ct;
 	ev->ct_status = HT_READ(ct, status);
-	read_ct_tuple(&ct->tuplehash[0].tuple, &ev->ct_orig);
 	read_ct_tuple(&ct->tuplehash[1].tuple, &ev->ct_reply);
 	return ct;
 }
@@ -298,7 +341,12 @@ static __always_inline void learn_tuple(const struct ht_tuple *t, __u8 proto, __
 		.saddr = t->daddr, .daddr = t->saddr,
 		.sport = t->dport, .dport = t->sport, .proto = proto,
 	};
+	__u32 zero = 0;
+	struct ht_seen *s = HT_LOOKUP(seen, &zero);
 
+	/* the slot before the map: a packet that finds the tuple finds its slot */
+	if (s)
+		s->slot[seen_slot(t, proto)] = 1;
 	HT_UPDATE(flows, &fwd, &ct_id);
 	HT_UPDATE(flows, &rev, &ct_id);
 }
@@ -437,9 +485,8 @@ static __always_inline int trace_event(const struct sk_buff *skb, const struct h
 	if (!match_flow(&ev->pkt, flow_proto(ev))) {
 		/* After DNAT the packet no longer carries the VIP and its new
 		 * tuple may not be learned yet: its conntrack entry tells. */
-		if (!w->ct_fallback)
+		if (!w->ct_fallback || !read_ct(skb, ev, w->btf, true))
 			return 0;
-		read_ct(skb, ev, w->btf);
 		if (!learn_ct(ev) || over_budget(ev, w, w->dev, w->btf))
 			return 0;
 	} else {
@@ -448,7 +495,7 @@ static __always_inline int trace_event(const struct sk_buff *skb, const struct h
 		 * handshake, which is never over budget). */
 		if (over_budget(ev, w, w->dev, w->btf))
 			return 0;
-		read_ct(skb, ev, w->btf);
+		read_ct(skb, ev, w->btf, false);
 		learn_ct(ev);
 	}
 	ev->ts_ns = bpf_ktime_get_ns();

@@ -13,6 +13,9 @@
 #define HT_DEV_LEN 16
 #define HT_MAX_FLOWS 16384 /* learned tuples (4 keys per conntrack entry) */
 #define HT_MAX_BUDGETS 65536 /* data-packet budgets: per tuple, point and device */
+/* Slots of the pre-filter in front of the learned tuples: a byte per slot, set
+ * when a tuple is learned, never cleared (a stale slot costs one map lookup). */
+#define HT_SEEN_BITS 20
 #define HT_RINGBUF_BYTES (4 * 1024 * 1024)
 #define HT_WAKEUP_BYTES (64 * 1024) /* wake the reader only past this much data */
 
