@@ -193,3 +193,50 @@ def test_no_br_netfilter_in_the_vm() -> None:
     report = json.loads(res.stdout)
     assert report["provider"] == "fentry"
     check_report("no-br-netfilter", report)
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+def test_a_service_by_name_is_resolved_from_kube_proxys_rules(mode: str) -> None:
+    """Issue 14.1: `--svc prod/export` (and kube-dns by its port name) resolved from the
+    node's kube-proxy rules, in each proxy mode; the seed diagnosis is unchanged."""
+    from tracer.lab.cluster import default_endpoints
+
+    os.environ["SVC"] = "prod/export"
+    try:
+        report = _scenario("bridge-nf-off", 1, mode)
+        check_report("bridge-nf-off", report)
+        eps = [{"ip": e.ip, "port": e.port, "proto": "tcp"} for e in default_endpoints(1)]
+        assert report["service"] == {
+            "ip": SVC, "port": 80, "protocols": ["tcp"], "ports_in_rules": ["80/tcp"],
+            "name": "prod/export", "port_name": None, "endpoints_in_rules": eps,
+        }  # fmt: skip
+        os.environ["SVC"] = "kube-system/kube-dns:dns"
+        report = _scenario("dns", 2, mode)
+        check_report("dns", report)
+        svc = report["service"]
+        assert (svc["ip"], svc["port"], svc["protocols"]) == ("100.67.30.140", 53, ["udp"])
+        assert (svc["name"], svc["port_name"]) == ("kube-system/kube-dns", "dns")
+        assert [c["proto"] for c in report["connections"]] == ["udp", "udp"]
+    finally:
+        del os.environ["SVC"]
+
+
+def test_an_unknown_service_name_is_a_usage_error_naming_close_matches() -> None:
+    subprocess.run([HAIRTRACE, "lab", "down"], check=True, capture_output=True, timeout=120)
+    subprocess.run([HAIRTRACE, "lab", "up", "--fault", "none"], check=True, capture_output=True,
+                   timeout=180)  # fmt: skip
+    try:
+        res = [subprocess.run([HAIRTRACE, "--no-live", "--svc", svc, "--netns", "ht-n1", "--",
+                               "true"], check=False, capture_output=True, text=True, timeout=60)
+               for svc in ("prod/exprot", "prod/export:https")]  # fmt: skip
+    finally:
+        subprocess.run([HAIRTRACE, "lab", "down"], check=True, capture_output=True, timeout=120)
+    assert [r.returncode for r in res] == [2, 2], [r.stderr for r in res]
+    assert res[0].stderr == (
+        "hairtrace: error: no Service prod/exprot in kube-proxy's rules in netns ht-n1; "
+        "close matches: prod/export\n"
+    )
+    assert res[1].stderr == (
+        "hairtrace: error: Service prod/export has no port https in kube-proxy's rules in "
+        "netns ht-n1 (its ports: 80/tcp)\n"
+    )

@@ -87,14 +87,23 @@ def _our_programs() -> set[str]:
 
 
 @pytest.mark.parametrize("seed_lab", ["0"], indirect=True)
-def test_seed_broken(seed_lab: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("svc", [SVC, "prod/export"])
+def test_seed_broken(seed_lab: str, svc: str, tmp_path: Path) -> None:
+    """The seed case, with the Service by address and by name (issue 14.1: the name is
+    resolved from the rules scripts/seed-lab.sh wrote, in kube-proxy's iptables shape)."""
     report = tmp_path / "r.json"
-    res = hairtrace("--svc", SVC, "--netns", "node", "--json", str(report), "--", *CURL)
+    res = hairtrace("--svc", svc, "--netns", "node", "--json", str(report), "--", *CURL)
     assert res.returncode == 3, res.stderr
     r = json.loads(report.read_text())
     assert r["schema"] == "hairtrace/report@1" and r["provider"] == "tracepoint"
     assert r["lost_events"] == 0 and r["events"] > 0
     assert r["command_status"] == 28, "curl itself timed out"
+    assert r["service"]["name"] == "prod/export" and r["service"]["port_name"] is None
+    assert (r["service"]["ip"], r["service"]["port"]) == (SVC, 0 if svc == SVC else 80)
+    assert r["service"]["endpoints_in_rules"] == [
+        {"ip": "100.96.54.247", "port": 80, "proto": "tcp"}
+    ]
+    assert "service prod/export 100.67.30.133:" in res.stderr, "the header names it"
     [conn] = r["connections"]
     assert conn["client"]["ip"] == "100.96.54.240"
     assert conn["service"] == {"ip": SVC, "port": 80}
@@ -227,7 +236,8 @@ def test_a_port_or_address_the_rules_lack_is_named(seed_lab: str, tmp_path: Path
     r = json.loads(report.read_text())
     assert r["warnings"] == [want]
     assert r["service"] == {"ip": SVC, "port": 81, "protocols": ["tcp"],
-                            "ports_in_rules": ["80/tcp"]}  # fmt: skip
+                            "ports_in_rules": ["80/tcp"], "name": None, "port_name": None,
+                            "endpoints_in_rules": []}  # fmt: skip
     [conn] = r["connections"]
     brk = conn["break"]
     assert (conn["verdict"], brk["cause"], brk["packet_role"]) == (

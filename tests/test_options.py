@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from tracer.errors import UsageError
-from tracer.options import parse_service, parse_service_spec
+from tracer.options import ServiceTarget, parse_service, parse_service_spec, parse_service_target
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,41 @@ def test_bad_protocol(spec: str) -> None:
         parse_service_spec(spec)
     with pytest.raises(UsageError):
         parse_service(spec)  # the form without a protocol (scripts/capture-fixture)
+
+
+@pytest.mark.parametrize(
+    "spec,want",
+    [
+        ("100.67.30.133", ServiceTarget("100.67.30.133", 0, ("tcp", "udp"))),
+        ("10.96.0.10:53/udp", ServiceTarget("10.96.0.10", 53, ("udp",))),
+        ("prod/export", ServiceTarget(None, 0, ("tcp", "udp"), "prod/export")),
+        ("prod/export:80", ServiceTarget(None, 80, ("tcp", "udp"), "prod/export")),
+        ("prod/export/tcp", ServiceTarget(None, 0, ("tcp",), "prod/export")),
+        ("kube-system/kube-dns:dns", ServiceTarget(None, 0, ("tcp", "udp"), "kube-system/kube-dns", "dns")),
+        ("kube-system/kube-dns:dns-tcp/TCP", ServiceTarget(None, 0, ("tcp",), "kube-system/kube-dns", "dns-tcp")),
+        ("1prod/tcp", ServiceTarget(None, 0, ("tcp", "udp"), "1prod/tcp")),  # a Service named tcp
+    ],
+)  # fmt: skip
+def test_a_service_by_address_or_by_name(spec: str, want: ServiceTarget) -> None:
+    assert parse_service_target(spec) == want
+
+
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ("export", "a name needs its namespace"),
+        ("Prod/export", "expected an IPv4 address or NAMESPACE/NAME"),
+        ("prod/export_1", "expected an IPv4 address or NAMESPACE/NAME"),
+        ("prod/export:0", "1-65535"),
+        ("prod/export:70000", "1-65535"),
+        ("prod/export:-http", "1-65535 or a port name"),
+        ("prod/export:a-very-long-port-name", "1-65535 or a port name"),
+        ("prod/export/icmp", "bad service protocol 'icmp'"),
+        ("10.0.0.1/icmp", "bad service protocol 'icmp'"),
+        ("300.1.1.1", "expected an IPv4 address"),
+        ("fd00::10", "only IPv4"),
+    ],
+)
+def test_a_bad_service_by_name_is_a_usage_error(spec: str, msg: str) -> None:
+    with pytest.raises(UsageError, match=msg):
+        parse_service_target(spec)

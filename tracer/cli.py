@@ -73,8 +73,9 @@ class _Main(click.Group):
 @click.option(
     "--svc",
     "svc",
-    metavar="IP[:PORT][/tcp|/udp]",
-    help="Service (ClusterIP) to trace; without /PROTO both TCP and UDP.",
+    metavar="IP|NS/NAME[:PORT][/tcp|/udp]",
+    help="Service to trace: its ClusterIP, or NAMESPACE/NAME (with :PORT or :PORTNAME) "
+    "resolved from kube-proxy's rules in the node netns; without /PROTO both TCP and UDP.",
 )
 @click.option(
     "--netns",
@@ -158,6 +159,7 @@ def main(
     \b
     hairtrace --svc 100.67.30.133 [--netns NODE] [--json r.json] [-- CMD ...]
     hairtrace --svc 10.96.0.10:53/udp ...
+    hairtrace --svc prod/export[:PORT|:PORTNAME][/tcp|/udp] ...  (kube-proxy's rules name it)
 
     With `-- CMD`, CMD runs once every probe is attached and the trace ends
     shortly after it exits. Exit status: 0 all traced connections ok (or none
@@ -169,12 +171,12 @@ def main(
     if svc is None:
         click.echo(ctx.get_help(), err=True)
         sys.exit(EXIT_USAGE)
-    from tracer.options import parse_service_spec
+    from tracer.options import parse_service_target
     from tracer.present.live import trace_with_view
     from tracer.trace import TraceOptions
 
     try:
-        ip, port, protocols = parse_service_spec(svc)
+        target = parse_service_target(svc)
         if duration is not None and duration <= 0:
             raise UsageError("--duration must be positive")
         # before anything loads or attaches: a bad path found at the end loses the trace
@@ -183,8 +185,8 @@ def main(
         if record:
             check_writable(record, "--record")
         opts = TraceOptions(
-            ip,
-            port,
+            target.ip or "",
+            target.port,
             netns,
             duration,
             tuple(command),
@@ -198,7 +200,9 @@ def main(
             btf=btf,
             data_budget=data_packets,
             command_stdout_to_stderr=json_dest == "-",
-            protocols=protocols,
+            protocols=target.protocols,
+            service_name=target.name,
+            service_port_name=target.port_name,
         )
         live = not no_live and sys.stderr.isatty()
         _result, view = trace_with_view(opts, live, report=json_dest)

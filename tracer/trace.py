@@ -55,9 +55,10 @@ from tracer.topology.counters import (
     conntrack_between,
     conntrack_of,
     drops_between,
+    service_entries_of,
     sysctls_of,
 )
-from tracer.topology.services import node_view
+from tracer.topology.services import node_view, resolve_name
 
 HT_PT_MAX = 32
 HT_PROTO_BITS = {"tcp": 0x01, "udp": 0x02}  # struct ht_config.protos (bpf/hairtrace.h)
@@ -91,6 +92,22 @@ class TraceOptions:
     btf: str | None = None  # external BTF file for CO-RE on a kernel without BTF
     command_stdout_to_stderr: bool = False  # keeps stdout for the report alone (--json -)
     protocols: tuple[str, ...] = PROTOCOLS  # of the service: tcp, udp (ICMP errors follow them)
+    # a Service by name ("ns/name"), resolved from the node's kube-proxy rules at start;
+    # service_ip is then "" until resolve_service fills it (and service_port, protocols)
+    service_name: str | None = None
+    service_port_name: str | None = None
+
+
+def resolve_service(opts: TraceOptions, netns: NetnsRef) -> TraceOptions:
+    """opts with a Service given by name resolved to its address, port and protocols by
+    kube-proxy's rules in the node netns; opts as it is when given by address."""
+    if opts.service_name is None:
+        return opts
+    ip, port, protocols = resolve_name(
+        service_entries_of(netns.path), opts.service_name, opts.service_port,
+        opts.service_port_name, opts.protocols, netns.name,
+    )  # fmt: skip
+    return replace(opts, service_ip=ip, service_port=port, protocols=protocols)
 
 
 @dataclass
@@ -535,6 +552,7 @@ def run_trace(
     """
     t0 = time.monotonic()
     netns = resolve_netns(opts.netns)
+    opts = resolve_service(opts, netns)
     _check_options(opts)
     loaded = _load(opts)
     obj = loaded.obj
@@ -561,9 +579,7 @@ def run_trace(
         topo = snapshot(opts.service_ip, opts.service_port or None)
         judge = _Judge(opts, netns, topo, losses, clock, out)
         live.judge = judge.feed
-        ports, warnings = node_view(
-            topo, netns.inode, opts.service_ip, opts.service_port, opts.protocols
-        )
+        view = node_view(topo, netns.inode, opts.service_ip, opts.service_port, opts.protocols)
         run = RunInfo(
             __version__, os.uname().release, loaded.provider, loaded.provider_reason,
             opts.service_ip, opts.service_port, netns.name, attached=tuple(attached),
@@ -571,8 +587,9 @@ def run_trace(
             backend_reason=loaded.backend_reason, compile_seconds=loaded.compile_seconds,
             attach_seconds=round(attach_s, 3), trace_attach_seconds=round(since_start, 3),
             started_at=started_at, start_ns=start_ns,
-            command=opts.command, service_ports=ports, warnings=warnings,
-            nf_priorities=nf_priorities, protocols=opts.protocols,
+            command=opts.command, service_ports=view.ports, warnings=view.warnings,
+            nf_priorities=nf_priorities, protocols=opts.protocols, service_name=view.name,
+            service_port_name=view.port_name, service_endpoints=view.endpoints,
         )  # fmt: skip
         if announce is not None:
             announce(run)

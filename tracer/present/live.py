@@ -33,7 +33,7 @@ def _console() -> Console:
 def _header(run: RunInfo) -> Text:
     return Text.from_markup(
         f"[bold]hairtrace[/] {run.tool_version}  service "
-        f"{service_label(run.service_ip, run.service_port)} ({', '.join(run.protocols)})  netns "
+        f"{escape(_named(run))} ({', '.join(run.protocols)})  netns "
         f"{run.netns}  kernel {run.kernel}\nbackend {run.backend_reason or run.backend}\n"
         f"provider {run.provider_reason}; "
         f"attached {len(run.attached)} programs in {run.trace_attach_seconds or 0:.3f}s "
@@ -41,6 +41,15 @@ def _header(run: RunInfo) -> Text:
         + "".join(f"\n  skipped {k}: {v}" for k, v in run.skipped.items())
         + "".join(f"\n[bold yellow]warning:[/] {escape(w)}" for w in run.warnings)
     )
+
+
+def _named(run: RunInfo) -> str:
+    """ "prod/export 100.67.30.133:80" when the rules name the Service, else the address."""
+    addr = service_label(run.service_ip, run.service_port)
+    if run.service_name is None:
+        return addr
+    port = f":{run.service_port_name}" if run.service_port_name else ""
+    return f"{run.service_name}{port} {addr}"
 
 
 def _announce(console: Console) -> Callable[[RunInfo], None]:

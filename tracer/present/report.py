@@ -57,6 +57,11 @@ class RunInfo:
     compile_seconds: float | None = None  # bcc: compiling the BPF source at start-up
     # the traced address's ports in the node's kube-proxy rules ("80/tcp"); None: unknown
     service_ports: tuple[str, ...] | None = None
+    # the Service's name ("ns/name") and port name in those rules; None: not known
+    service_name: str | None = None
+    service_port_name: str | None = None
+    # (ip, port, proto) the Service's rules DNAT to; None: unknown (no kube-proxy rules)
+    service_endpoints: tuple[tuple[str, int, str], ...] | None = None
     warnings: tuple[str, ...] = ()  # said at start and in the summary (e.g. no such Service)
     nf_priorities: dict[str, int] = field(default_factory=dict)  # netfilter program -> prio
     # the traced netns's sysctls seen to change while tracing (analysis.context.SysctlChange)
@@ -167,6 +172,14 @@ def head_fields(run: RunInfo) -> dict[str, Any]:
             **_endpoint(run.service_ip, run.service_port),
             "ports_in_rules": None if run.service_ports is None else list(run.service_ports),
             "protocols": list(run.protocols),
+            "name": run.service_name,
+            "port_name": run.service_port_name,
+            "endpoints_in_rules": None
+            if run.service_endpoints is None
+            else [
+                {"ip": ip, "port": port, "proto": proto}
+                for ip, port, proto in run.service_endpoints
+            ],
         },
         "warnings": list(run.warnings),
         "netns": run.netns,

@@ -165,7 +165,7 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
     """The RunInfo of a replay: the recording's, analysed by this hairtrace version.
     Without a footer, the counters it holds (losses, data budget) are None: unknown."""
     # what the live trace said at its start (from the first snapshot)
-    ports, warnings = node_view(
+    view = node_view(
         header.topology,
         header.netns_inode,
         header.service_ip,
@@ -203,8 +203,11 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         rule_drops=footer.rule_drops if footer else None,  # read at the end: unknown
         conntrack=footer.conntrack if footer else None,
         sysctl_changes=footer.sysctl_changes if footer else (),
-        service_ports=ports,
-        warnings=warnings,
+        service_ports=view.ports,
+        service_name=view.name,
+        service_port_name=view.port_name,
+        service_endpoints=view.endpoints,
+        warnings=view.warnings,
     )
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tracer.errors import HairtraceError, UsageError
-from tracer.topology.model import SYSCTL_KEYS, Interface, Namespace, Topology
+from tracer.topology.model import SYSCTL_KEYS, Interface, Namespace, ServiceEntry, Topology
 from tracer.topology.natrules import (
     IPTABLES_TABLES,
     filter_iptables_save,
@@ -30,7 +30,7 @@ from tracer.topology.natrules import (
     nft_tables_owned_by_iptables,
 )
 from tracer.topology.netns import NetnsRef, fd_netns_inode, list_netns
-from tracer.topology.services import kube_services, nearest
+from tracer.topology.services import nearest, ports_by_address, service_entries
 
 _CLONE_NEWNET = 0x40000000
 _IFF_UP = 0x1
@@ -117,6 +117,7 @@ class NatRules:
     backend: str | None  # iptables | nftables | iptables+nftables | None
     service_ports: tuple[str, ...] | None  # the address's ports there; None: no kube-proxy
     nearest_services: tuple[str, ...]  # when the address is no Service: the closest ones
+    entries: tuple[ServiceEntry, ...] | None = None  # the address's, named; None: unknown
 
 
 def nat_rules(svc_ip: str, svc_port: int | None, version: int) -> NatRules:
@@ -134,17 +135,33 @@ def nat_rules(svc_ip: str, svc_port: int | None, version: int) -> NatRules:
     backend = "+".join(
         name for name, rules in (("iptables", ipt_rules), ("nftables", nft_rules)) if rules
     )
-    ipt_text = ipt[0] if ipt else ""
+    entries = _entries(ipt[0] if ipt else "", nft[0] if nft else "", save)
+    ports: tuple[str, ...] | None = None
+    near: tuple[str, ...] = ()
+    mine: tuple[ServiceEntry, ...] | None = None
+    if entries is not None:
+        services = ports_by_address(entries)
+        ports = tuple(sorted(services.get(svc_ip, ()), key=_port_order))
+        near = () if ports else nearest(services, svc_ip)
+        mine = tuple(e for e in entries if e.ip == svc_ip)
+    return NatRules(ipt_rules + nft_rules, backend or None, ports, near, mine)
+
+
+def kube_service_entries(version: int = 4) -> tuple[ServiceEntry, ...] | None:
+    """Every Service port of kube-proxy's rules in the calling thread's namespace; None
+    when there are no kube-proxy rules (or none could be read)."""
+    save = "iptables-save" if version == 4 else "ip6tables-save"
+    ipt = _run([save, "-t", "nat"])
+    nft = _run(["nft", "list", "ruleset"])
+    return _entries(ipt[0] if ipt else "", nft[0] if nft else "", save)
+
+
+def _entries(ipt_nat: str, nft_text: str, save: str) -> tuple[ServiceEntry, ...] | None:
+    ipt_text = ipt_nat
     if ":KUBE-SERVICES " in ipt_text:  # a Service without endpoints is a filter-table REJECT
         filt = _run([save, "-t", "filter"])
         ipt_text += "\n" + (filt[0] if filt else "")
-    services = kube_services(ipt_text, nft[0] if nft else "")
-    ports: tuple[str, ...] | None = None
-    near: tuple[str, ...] = ()
-    if services is not None:
-        ports = tuple(sorted(services.get(svc_ip, ()), key=_port_order))
-        near = () if ports else nearest(services, svc_ip)
-    return NatRules(ipt_rules + nft_rules, backend or None, ports, near)
+    return service_entries(ipt_text, nft_text)
 
 
 def for_own_addresses(nat: NatRules, interfaces: Iterable[Interface], ip: str) -> NatRules:
@@ -152,7 +169,7 @@ def for_own_addresses(nat: NatRules, interfaces: Iterable[Interface], ip: str) -
     that is NodePort traffic, whose rules (KUBE-NODEPORTS) name no address, so the
     ClusterIP portals cannot say it is missing."""
     if any(i.holds(ip) for i in interfaces):
-        return replace(nat, service_ports=None, nearest_services=())
+        return replace(nat, service_ports=None, nearest_services=(), entries=None)
     return nat
 
 
@@ -281,6 +298,7 @@ def _collect(ref: NetnsRef, fd: int, svc: _Service, others: Mapping[int, int]) -
         nat_backend=nat.backend,
         service_ports=nat.service_ports,
         nearest_services=nat.nearest_services,
+        service_entries=nat.entries,
     )
 
 

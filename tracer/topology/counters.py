@@ -18,7 +18,14 @@ from typing import TypeVar
 
 from tracer.analysis.context import ConntrackStats, RuleDrop
 from tracer.errors import HairtraceError
-from tracer.topology.collect import CMD_TIMEOUT_S, _setns, read_sysctls, run_dump
+from tracer.topology.collect import (
+    CMD_TIMEOUT_S,
+    _setns,
+    kube_service_entries,
+    read_sysctls,
+    run_dump,
+)
+from tracer.topology.model import ServiceEntry
 from tracer.topology.natrules import (
     _NFT_BLOCK,
     _NFT_REF,
@@ -292,6 +299,12 @@ def _read_in(netns_path: str, read: Callable[[], T], name: str) -> T | None:
 def sysctls_of(netns_path: str) -> dict[str, str | None] | None:
     """SYSCTL_KEYS of the namespace at netns_path; None when it cannot be read."""
     return _read_in(netns_path, read_sysctls, "sysctls")
+
+
+def service_entries_of(netns_path: str) -> tuple[ServiceEntry, ...] | None:
+    """Every Service port kube-proxy's rules in the namespace at netns_path define; None
+    when it has no kube-proxy rules or cannot be read."""
+    return _read_in(netns_path, kube_service_entries, "services")
 
 
 def collect_counters(netns_path: str) -> tuple[str, str]:

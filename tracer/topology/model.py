@@ -121,6 +121,57 @@ class Interface:
 
 
 @dataclass(frozen=True)
+class ServiceEntry:
+    """One Service port as kube-proxy's rules in a namespace write it.
+
+    name is "namespace/name" (None when the rules carry no name: hand-written rules),
+    port_name the Service port's name ("" for an unnamed port), kind how the address
+    reaches it ("cluster IP", "external IP", "loadbalancer IP"). endpoints are the
+    "IP:PORT" its rules DNAT to, () when kube-proxy rejects it (no endpoints).
+    """
+
+    ip: str
+    port: int
+    proto: str  # tcp | udp | sctp
+    name: str | None = None
+    port_name: str = ""
+    kind: str = "cluster IP"
+    endpoints: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "endpoints", tuple(self.endpoints))
+
+    @property
+    def label(self) -> str:
+        """How kube-proxy names the port: "ns/name" or "ns/name:port_name"."""
+        base = self.name or self.ip
+        return f"{base}:{self.port_name}" if self.port_name else base
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ip": self.ip,
+            "port": self.port,
+            "proto": self.proto,
+            "name": self.name,
+            "port_name": self.port_name,
+            "kind": self.kind,
+            "endpoints": list(self.endpoints),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ServiceEntry:
+        return cls(
+            ip=_get(d, "ip", str),
+            port=_get(d, "port", int),
+            proto=_get(d, "proto", str),
+            name=_get(d, "name", str, optional=True),
+            port_name=_get(d, "port_name", str),
+            kind=_get(d, "kind", str),
+            endpoints=tuple(_get_list(d, "endpoints", str)),
+        )
+
+
+@dataclass(frozen=True)
 class Namespace:
     """One network namespace: its devices, path-deciding sysctls and the Service's NAT rules.
 
@@ -132,6 +183,8 @@ class Namespace:
     service_ports are the ports kube-proxy's rules there give the traced address ("80/tcp"),
     () when they give it none (no such Service), None when there are no kube-proxy rules
     (nothing known); nearest_services, when it is no Service, the closest Service addresses.
+    service_entries are those rules' entries for the traced address (names, port names,
+    endpoints), None when nothing is known (as service_ports).
     """
 
     inode: int
@@ -142,9 +195,12 @@ class Namespace:
     nat_backend: str | None = None
     service_ports: tuple[str, ...] | None = None
     nearest_services: tuple[str, ...] = ()
+    service_entries: tuple[ServiceEntry, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "interfaces", tuple(self.interfaces))
+        if self.service_entries is not None:
+            object.__setattr__(self, "service_entries", tuple(self.service_entries))
         object.__setattr__(self, "sysctls", FrozenMap(self.sysctls))
         object.__setattr__(self, "nat_rules", tuple(self.nat_rules))
 
@@ -173,6 +229,9 @@ class Namespace:
             "nat_backend": self.nat_backend,
             "service_ports": None if self.service_ports is None else list(self.service_ports),
             "nearest_services": list(self.nearest_services),
+            "service_entries": None
+            if self.service_entries is None
+            else [e.to_dict() for e in self.service_entries],
         }
 
     @classmethod
@@ -192,6 +251,9 @@ class Namespace:
             # absent in sessions written before these were recorded: nothing known
             service_ports=_optional_strs(d, "service_ports"),
             nearest_services=_optional_strs(d, "nearest_services") or (),
+            service_entries=None
+            if d.get("service_entries") is None
+            else tuple(ServiceEntry.from_dict(x) for x in _get_list(d, "service_entries", dict)),
         )
 
 
