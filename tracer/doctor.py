@@ -11,6 +11,7 @@ from tracer.kernel.backends import bcc_missing, choose_backend, has_headers, hea
 from tracer.kernel.btf import KIND_FUNC, kernel_btf_path
 from tracer.kernel.features import probe
 from tracer.kernel.libbpf import Libbpf
+from tracer.kernel.objfile import find_object, find_source
 from tracer.kernel.providers import FUNCTIONS, choose
 from tracer.topology import Topology, snapshot
 
@@ -58,6 +59,19 @@ def _namespaces(topo: Topology) -> list[dict[str, Any]]:
     return out
 
 
+def _bpf_files() -> dict[str, str | None]:
+    """The CO-RE object a trace would load and the source bcc would compile, where each was
+    found (HAIRTRACE_BPF_OBJ, checkout, package) or why there is none."""
+    out: dict[str, str | None] = {}
+    for key, find in (("object", find_object), ("source", find_source)):
+        try:
+            path, where = find()
+            out |= {key: str(path), f"{key}_from": where, f"{key}_error": None}
+        except HairtraceError as exc:
+            out |= {key: None, f"{key}_from": None, f"{key}_error": str(exc)}
+    return out
+
+
 def diagnose_host() -> dict[str, Any]:
     """Everything `doctor` shows, as plain data (JSON-ready)."""
     lib = Libbpf()
@@ -92,6 +106,7 @@ def diagnose_host() -> dict[str, Any]:
             "kernel_headers": str(headers_dir()) if has_headers() else None,
             "bcc_installed": bcc_missing() is None,
         },
+        "bpf": _bpf_files(),
         "namespaces": _namespaces(snapshot("0.0.0.0", None)),
     }
 
@@ -121,6 +136,15 @@ def render_text(d: dict[str, Any]) -> str:
         f"  kernel headers: {b['kernel_headers'] or 'none'}; bcc: "
         + ("installed" if b["bcc_installed"] else "not installed (scripts/setup --with-bcc)")
     )
+    f = d["bpf"]
+    lines.append(
+        f"BPF object: {f['object']} ({f['object_from']})" if f["object"]
+        else f"BPF object: none: {f['object_error']}"
+    )  # fmt: skip
+    lines.append(
+        f"  bcc source: {f['source']} ({f['source_from']})" if f["source"]
+        else f"  bcc source: none: {f['source_error']}"
+    )  # fmt: skip
     lines.append("network namespaces:")
     for ns in d["namespaces"]:
         brnf = ns["bridge_nf_call_iptables"] if ns["br_netfilter"] else "absent (no br_netfilter)"

@@ -43,6 +43,7 @@ from tracer.kernel.backends import EventReader, Loaded, LoadedObject, choose_bac
 from tracer.kernel.features import probe
 from tracer.kernel.ksyms import load_text
 from tracer.kernel.libbpf import BpfObject, Libbpf
+from tracer.kernel.objfile import object_path  # $HAIRTRACE_BPF_OBJ, checkout, wheel
 from tracer.kernel.providers import Provider, choose, moved_points
 from tracer.kernel.pseudonyms import Pseudonyms
 from tracer.kernel.ringbuf import open_reader
@@ -62,14 +63,6 @@ from tracer.topology.services import node_view, resolve_name
 
 HT_PT_MAX = 32
 HT_PROTO_BITS = {"tcp": 0x01, "udp": 0x02}  # struct ht_config.protos (bpf/hairtrace.h)
-DEFAULT_OBJECT = Path(__file__).resolve().parent.parent / "bpf" / "build" / "hairtrace.bpf.o"
-
-
-def object_path() -> Path:
-    path = Path(os.environ.get("HAIRTRACE_BPF_OBJ", DEFAULT_OBJECT))
-    if not path.is_file():
-        raise HairtraceError(f"BPF object {path} not found: run scripts/setup (make -C bpf)")
-    return path
 
 
 @dataclass(frozen=True)

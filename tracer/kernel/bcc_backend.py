@@ -29,10 +29,10 @@ from tracer.events.codec import EVENT_SIZE
 from tracer.kernel.backends import BCC_PYTHON, EventReader, Loaded, bcc_missing
 from tracer.kernel.features import kfree_skb_has_reason, privileged
 from tracer.kernel.libbpf import BPF_MAP_TYPE_RINGBUF, Libbpf
+from tracer.kernel.objfile import source_path  # the checkout's bpf/, else the wheel's copy
 from tracer.kernel.providers import FunctionProvider
 from tracer.kernel.ringbuf import open_reader
 
-SOURCE = Path(__file__).resolve().parent.parent.parent / "bpf" / "hairtrace.bpf.c"
 HT_PT_MAX = 32
 PAGE = 4096
 # raw tracepoints of the kprobe provider (the CO-RE build attaches these as tp_btf)
@@ -66,13 +66,16 @@ def cflags(
     drop_reason: bool = True,
     data_budget: int = 0,
     protos: int = 0x03,
+    source: Path | None = None,
 ) -> list[str]:
-    """-D macros for the bcc build: the service (struct ht_config's values, as stored)."""
+    """-D macros for the bcc build: the service (struct ht_config's values, as stored);
+    -I the directory of `source` (default: objfile.source_path()) for its headers."""
+    source = source or source_path()
     (addr,) = struct.unpack("=I", socket.inet_aton(service_ip))
     (port,) = struct.unpack("=H", service_port.to_bytes(2, "big"))
     flags = [
         "-DHT_BCC",
-        f"-I{SOURCE.parent}",
+        f"-I{source.parent}",
         f"-DHT_CFG_SVC_ADDR={addr:#x}U",
         f"-DHT_CFG_SVC_PORT={port:#x}",
         f"-DHT_CFG_PROTOS={protos:#x}",
@@ -91,15 +94,15 @@ def cflags(
 class BccObject:
     """A bcc module of hairtrace.bpf.c: attach, counters, reader, detach."""
 
-    def __init__(self, flags: list[str], perf: bool) -> None:
+    def __init__(self, source: Path, flags: list[str], perf: bool) -> None:
         bcc = import_bcc()
         self.perf = perf
         self.links: list[tuple[str, str]] = []  # (kind, target)
         t0 = time.monotonic()
         try:
-            self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=flags)
+            self.bpf = bcc.BPF(src_file=str(source).encode(), cflags=flags)
         except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception; clang wrote to stderr
-            raise HairtraceError(f"bcc could not compile {SOURCE}: {exc}") from None
+            raise HairtraceError(f"bcc could not compile {source}: {exc}") from None
         self.compile_seconds = time.monotonic() - t0
         self._perf_lost = 0
 
@@ -241,10 +244,11 @@ def load(
     forced = os.environ.get(PERF_ENV, "") == "1"
     has_ringbuf = lib.probe_map_type(BPF_MAP_TYPE_RINGBUF)
     perf = forced or not has_ringbuf
+    source = source_path()
     flags = cflags(service_ip, service_port, perf=perf, ringbuf_bytes=ringbuf_bytes,
                    drop_reason=kfree_skb_has_reason(), data_budget=data_budget,
-                   protos=protos)  # fmt: skip
-    obj = BccObject(flags, perf)
+                   protos=protos, source=source)  # fmt: skip
+    obj = BccObject(source, flags, perf)
     output = "perf buffer" if perf else "ring buffer"
     if perf:
         output += f" ({PERF_ENV}=1)" if forced else " (no BPF ring buffer: Linux before 5.8)"
