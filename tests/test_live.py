@@ -107,7 +107,9 @@ def test_seed_broken(seed_lab: str, svc: str, tmp_path: Path) -> None:
     [conn] = r["connections"]
     assert conn["client"]["ip"] == "100.96.54.240"
     assert conn["service"] == {"ip": SVC, "port": 80}
-    assert conn["backend"] == {"ip": "100.96.54.247", "port": 80}
+    assert conn["backend"] == {"ip": "100.96.54.247", "port": 80, "pod": None}, (
+        "no pod: a lab netns"
+    )
     assert conn["verdict"] == "broken"
     roles = [p["role"] for p in conn["packets"]]
     assert roles[:3] == ["SYN", "SYN+ACK", "RST"]
@@ -156,7 +158,7 @@ def test_udp_seed_case_on_the_plain_lab(seed_lab: str, tmp_path: Path) -> None:
     [conn] = r["connections"]
     assert conn["proto"] == "udp" and conn["isn"] is None
     assert conn["service"] == {"ip": DNS, "port": 53}
-    assert conn["backend"] == {"ip": "100.96.54.247", "port": 53}
+    assert conn["backend"] == {"ip": "100.96.54.247", "port": 53, "pod": None}
     request, reply = conn["packets"][:2]
     assert (request["role"], request["direction"]) == ("UDP", "original")
     assert (reply["role"], reply["direction"]) == ("UDP", "reply")

@@ -85,7 +85,7 @@ def _assert_seed_diagnosis(report: Path) -> None:
     assert r["lost_events"] == 0 and r["events"] > 0
     [conn] = [c for c in r["connections"] if c["verdict"] == "broken"]
     assert conn["client"]["ip"] == "100.96.54.240"
-    assert conn["backend"] == {"ip": "100.96.54.247", "port": 80}
+    assert conn["backend"] == {"ip": "100.96.54.247", "port": 80, "pod": None}
     assert conn["break"]["cause"] == "bridge-nf-call-iptables-off"
     assert conn["break"]["netns"] == "node" and conn["break"]["dev"] == "cni0"
 

@@ -42,9 +42,19 @@ def lab() -> None:
     help="Build the cluster lab with this fault on top of the healthy one (none = healthy).",
 )
 @click.option("--two-node", is_flag=True, help="Cluster lab with two nodes joined by VXLAN.")
+@click.option(
+    "--runtime",
+    type=click.Choice(["containerd"]),
+    help="The seed case with pods made by a real container runtime (its CRI), in netns ht-rt.",
+)
 @click.option("--list-faults", is_flag=True, help="List the faults and their cause codes.")
 def lab_up(
-    knob: int, proxy_mode: str, fault: str | None, two_node: bool, list_faults: bool
+    knob: int,
+    proxy_mode: str,
+    fault: str | None,
+    two_node: bool,
+    runtime: str | None,
+    list_faults: bool,
 ) -> None:
     """Build a lab. Without --fault or --two-node: the seed lab, where pod A curls ClusterIP
     100.67.30.133 served by pod B on bridge cni0."""
@@ -55,6 +65,9 @@ def lab_up(
         return
     if fault is not None or two_node:
         _cluster_up(fault or "none", proxy_mode, 2 if two_node else None)
+        return
+    if runtime is not None:
+        _runtime_up(knob)
         return
 
     try:
@@ -70,6 +83,24 @@ def lab_up(
     click.echo(
         f"try: sudo hairtrace --svc {lab_.service_ip} --netns {lab_.node_ns} -- "
         f"ip netns exec {lab_.pod_a_ns} curl -m 3 http://{lab_.service_ip}/"
+    )
+
+
+def _runtime_up(knob: int) -> None:
+    from tracer.lab import runtime
+
+    try:
+        lab_ = runtime.up(knob)
+    except HairtraceError as exc:
+        fail(exc)
+    pods = ", ".join(f"{p.pod} ({p.ip}, netns {p.netns})" for p in lab_.pods)
+    click.echo(
+        f"lab up: runtime {lab_.runtime} in netns {lab_.node_ns}, pods {pods}, service "
+        f"prod/export 100.67.30.133:80, bridge-nf-call-iptables={knob}"
+    )
+    click.echo(
+        f"try: sudo hairtrace --svc prod/export --netns {lab_.node_ns} -- "
+        f"ip netns exec {lab_.client.netns} curl -m 3 http://100.67.30.133/"
     )
 
 
@@ -108,10 +139,10 @@ def _cluster_up(name: str, proxy_mode: str, nodes: int | None) -> None:
 @lab.command("down")
 def lab_down() -> None:
     """Remove everything the labs created."""
-    from tracer.lab import cluster, seed
+    from tracer.lab import cluster, runtime, seed
 
     try:
-        done = seed.down() + cluster.down()
+        done = seed.down() + cluster.down() + runtime.down()
     except HairtraceError as exc:
         fail(exc)
     click.echo("lab down: " + (", ".join(done) if done else "nothing to remove"))

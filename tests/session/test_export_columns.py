@@ -46,6 +46,7 @@ def _row(
         info.kind,
         ev.netns,
         ctx.names.ns_name(ev.netns),
+        ctx.names.pod_of(ev.netns),
         ev.dev or None,
         ev.ifindex,
         t.src,

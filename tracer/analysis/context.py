@@ -38,6 +38,12 @@ class Names(Protocol):
 
     def nearest_services(self, inode: int) -> tuple[str, ...]: ...
 
+    def pod_of(self, inode: int) -> str | None: ...
+
+    def pod_of_ip(self, ip: str) -> str | None: ...
+
+    def pod_behind(self, inode: int, dev: str) -> str | None: ...
+
 
 @dataclass(frozen=True)
 class RuleDrop:
@@ -173,6 +179,7 @@ class TopologyNames:
     def __init__(self, topology: Any, changes: tuple[SysctlChange, ...] = ()) -> None:
         self.topology = topology
         self.changes = changes
+        self._pod_ips: dict[str, str] | None = None
 
     def ns_name(self, inode: int) -> str:
         return str(self.topology.ns_name(inode))
@@ -241,6 +248,28 @@ class TopologyNames:
         ns = self.topology.namespace(inode)
         ports = getattr(ns, "service_ports", None) if ns is not None else None
         return None if ports is None else tuple(ports)
+
+    def pod_of(self, inode: int) -> str | None:
+        """The pod ("namespace/name") that namespace is, None when none or unknown."""
+        ns = self.topology.namespace(inode)
+        return getattr(ns, "pod", None) if ns is not None else None
+
+    def pod_behind(self, inode: int, dev: str) -> str | None:
+        """The pod a host-side veth leads to (its peer's netns's pod), None when none."""
+        iface = self._iface(inode, dev)
+        peer = getattr(iface, "peer_netns", None) if iface is not None else None
+        return self.pod_of(peer) if peer is not None else None
+
+    def pod_of_ip(self, ip: str) -> str | None:
+        """The pod holding ip in the snapshot, None when none or unknown."""
+        if self._pod_ips is None:  # built once: the snapshot does not change
+            self._pod_ips = {}
+            for ns in self.topology.namespaces:
+                pod = getattr(ns, "pod", None)
+                for i in ns.interfaces if pod is not None else ():
+                    for addr in i.addresses:
+                        self._pod_ips.setdefault(addr.split("/")[0], str(pod))
+        return self._pod_ips.get(ip)
 
     def nearest_services(self, inode: int) -> tuple[str, ...]:
         """When the traced address is no Service there: the closest Service addresses."""

@@ -68,6 +68,8 @@ class LazyConnection(Connection):
         self.key = key
         self.backend = backend
         self.isn = isn
+        self.client_pod = ctx.names.pod_of_ip(key.src)
+        self.backend_pod = ctx.names.pod_of_ip(backend[0]) if backend else None
         self._rows: RowsRef | None = rows
         self._codec, self._ctx = codec, ctx
         self._span = span

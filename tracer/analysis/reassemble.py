@@ -46,6 +46,8 @@ class Hop:
     nat: str | None
     drop_reason: str | None = None
     untracked: bool = False  # the skb carried the "untracked" conntrack mark
+    pod: str | None = None  # the pod whose netns this is ("namespace/name"), if known
+    dev_pod: str | None = None  # a host-side veth: the pod at its other end, if known
 
 
 @dataclass
@@ -80,6 +82,9 @@ class Connection:
     last_ct: Conntrack | None
     isn: int | None = None  # the client's SYN sequence number; None: no SYN was seen
     proto: str = "tcp"  # tcp | udp (a UDP connection is one conntrack flow)
+    # the pods ("namespace/name") holding the client's and the backend's address, if known
+    client_pod: str | None = None
+    backend_pod: str | None = None
 
     @property
     def first_seen_mid_connection(self) -> bool:
@@ -116,7 +121,9 @@ def _nat_change(prev: Tuple, cur: Tuple) -> str | None:
     return "; ".join(parts) or None
 
 
-def _hop(ev: Event, info: PointInfo, ns_name: str, prev: Tuple | None, ctx: Context) -> Hop:
+def _hop(
+    ev: Event, info: PointInfo, ns: tuple[str, str | None], prev: Tuple | None, ctx: Context
+) -> Hop:
     reason = None
     if info.kind == "drop":
         reason = ctx.drop_reasons.get(ev.reason, f"reason-{ev.reason}")
@@ -124,7 +131,7 @@ def _hop(ev: Event, info: PointInfo, ns_name: str, prev: Tuple | None, ctx: Cont
     return Hop(
         ev.ts_ns,
         ev.netns,
-        ns_name,
+        ns[0],
         ev.dev,
         info.name,
         info.kind,
@@ -133,6 +140,8 @@ def _hop(ev: Event, info: PointInfo, ns_name: str, prev: Tuple | None, ctx: Cont
         _nat_change(prev, tup) if prev else None,
         reason,
         ev.untracked,
+        ns[1],
+        ctx.names.pod_behind(ev.netns, ev.dev) if ev.dev else None,
     )
 
 
@@ -146,7 +155,7 @@ def _packets(events: list[Event], key: Tuple, ctx: Context) -> list[Packet]:
     packets: list[Packet] = []
     open_by_id: dict[tuple[int, int, int, int], Packet] = {}
     places: dict[int, set[tuple[int, str, str]]] = {}  # id(packet) -> places it passed
-    names: dict[int, str] = {}  # netns -> its name
+    names: dict[int, tuple[str, str | None]] = {}  # netns -> its name and pod
     for ev in events:
         icmp = ev.is_icmp
         # an error's own addresses change under NAT: its type, code and IP id do not
@@ -173,11 +182,11 @@ def _packets(events: list[Event], key: Tuple, ctx: Context) -> list[Packet]:
             open_by_id[ident] = pkt
             places[id(pkt)] = set()
         places[id(pkt)].add(place)
-        ns_name = names.get(ev.netns)
-        if ns_name is None:
-            ns_name = names[ev.netns] = ctx.names.ns_name(ev.netns)
+        ns = names.get(ev.netns)
+        if ns is None:
+            ns = names[ev.netns] = (ctx.names.ns_name(ev.netns), ctx.names.pod_of(ev.netns))
         prev = pkt.hops[-1].tuple if pkt.hops else None
-        pkt.hops.append(_hop(ev, info, ns_name, prev, ctx))
+        pkt.hops.append(_hop(ev, info, ns, prev, ctx))
     _link_resets(packets)
     return packets
 
@@ -209,4 +218,6 @@ def connection_of(
         cts[-1] if cts else None,
         isn,
         proto,
+        ctx.names.pod_of_ip(key.src),
+        ctx.names.pod_of_ip(backend[0]) if backend else None,
     )

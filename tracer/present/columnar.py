@@ -85,9 +85,13 @@ class ColumnarWriter:
         assert self._ctx is not None
         info = point_info(point)
         dev = raw.split(b"\0", 1)[0].decode(errors="replace")  # as Event.dev
+        pod, dev_pod = self._ctx.names.pod_of(netns), self._ctx.names.pod_behind(netns, dev)
         text = (
             "{" + nl + '"netns": ' + _enc(self._ctx.names.ns_name(netns)) + ","
-            + nl + '"dev": ' + _enc(dev) + "," + nl + '"point": ' + _enc(info.name) + ","
+            + nl + '"pod": ' + ("null" if pod is None else _enc(pod)) + ","
+            + nl + '"dev": ' + _enc(dev) + ","
+            + nl + '"dev_pod": ' + ("null" if dev_pod is None else _enc(dev_pod)) + ","
+            + nl + '"point": ' + _enc(info.name) + ","
             + nl + '"src": '
         )  # fmt: skip
         got = self._heads[(nl, point, netns, raw)] = (

@@ -51,6 +51,8 @@ class Digest:
         self._n += 1
         self.verdicts[diag.verdict] = self.verdicts.get(diag.verdict, 0) + 1
         b = f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "none"
+        if conn.backend and conn.backend_pod:
+            b += f" ({conn.backend_pod})"
         self.backends[b] = self.backends.get(b, 0) + 1
         result = (conn, diag)
         if diag.brk is not None:

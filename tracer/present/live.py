@@ -83,14 +83,14 @@ def _digest_table(digest: Digest, open_now: Sequence[Finished] = ()) -> Table:
         more = f"{hidden - bad} more ok" + (f" and {bad} more not ok" if bad else "")
         table.caption = f"... and {more} connection(s) not listed ({digest.tally()})"
     for conn, diag in shown:
-        backend = f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "-"
+        backend = _backend(conn)
         roles = compact_roles(packet_labels(conn))
         where = ""
         if diag.brk:
             b = diag.brk
             where = f"{b.where}: {b.cause}"
         table.add_row(
-            f"{conn.key.src}:{conn.key.sport}",
+            _client(conn),
             f"{conn.key.dst}:{conn.key.dport}/{conn.proto}",
             backend,
             roles,
@@ -102,9 +102,9 @@ def _digest_table(digest: Digest, open_now: Sequence[Finished] = ()) -> Table:
         conn, brk = f.conn, f.diag.brk
         assert brk is not None
         table.add_row(
-            f"{conn.key.src}:{conn.key.sport}",
+            _client(conn),
             f"{conn.key.dst}:{conn.key.dport}/{conn.proto}",
-            f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "-",
+            _backend(conn),
             compact_roles(packet_labels(conn)),
             Text(f"{f.diag.verdict} (open)", style=_STYLE.get(f.diag.verdict, "")),
             f"{brk.where}: {brk.cause}",
@@ -119,6 +119,19 @@ def _digest_table(digest: Digest, open_now: Sequence[Finished] = ()) -> Table:
             f"{len(open_now)} connection(s) still open{more}"
         )
     return table
+
+
+def _client(conn: Connection) -> str:
+    """ "100.96.54.240:33556" and, on the next line, the pod holding it when known."""
+    addr = f"{conn.key.src}:{conn.key.sport}"
+    return f"{addr}\n{conn.client_pod}" if conn.client_pod else addr
+
+
+def _backend(conn: Connection) -> str:
+    if conn.backend is None:
+        return "-"
+    addr = f"{conn.backend[0]}:{conn.backend[1]}"
+    return f"{addr}\n{conn.backend_pod}" if conn.backend_pod else addr
 
 
 def packet_labels(conn: Connection) -> list[str]:

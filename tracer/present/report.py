@@ -77,10 +77,17 @@ def _endpoint(ip: str, port: int) -> dict[str, Any]:
     return {"ip": ip, "port": port}
 
 
+def _pod_endpoint(ip: str, port: int, pod: str | None) -> dict[str, Any]:
+    """A client or backend: its address and the pod holding it (None: not known)."""
+    return {"ip": ip, "port": port, "pod": pod}
+
+
 def _hop(h: Hop) -> dict[str, Any]:
     out: dict[str, Any] = {
         "netns": h.netns_name,
+        "pod": h.pod,
         "dev": h.dev,
+        "dev_pod": h.dev_pod,
         "point": h.point,
         "src": f"{h.tuple.src}:{h.tuple.sport}",
         "dst": f"{h.tuple.dst}:{h.tuple.dport}",
@@ -142,9 +149,9 @@ def connection_dict(
     """One entry of "connections"; packets: what to put as "packets" instead of c's
     (tracer.present.columnar writes them itself)."""
     return {
-        "client": _endpoint(c.key.src, c.key.sport),
+        "client": _pod_endpoint(c.key.src, c.key.sport, c.client_pod),
         "service": _endpoint(c.key.dst, c.key.dport),
-        "backend": _endpoint(*c.backend) if c.backend else None,
+        "backend": _pod_endpoint(*c.backend, c.backend_pod) if c.backend else None,
         "verdict": d.verdict,
         "notes": list(d.notes),
         "packets": [_packet(p, origin_ns) for p in c.packets] if packets is None else packets,

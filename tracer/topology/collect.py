@@ -1,4 +1,5 @@
-"""Taking a topology snapshot: links, addresses, sysctls and NAT rules of each namespace.
+"""Taking a topology snapshot: links, addresses, sysctls and NAT rules of each namespace,
+and the pod each one is (tracer.topology.pods).
 
 Each namespace is read by its own short-lived thread that setns()es into it and then exits,
 so the caller's thread never changes namespace. Inside that thread a netlink socket (pyroute2)
@@ -30,6 +31,7 @@ from tracer.topology.natrules import (
     nft_tables_owned_by_iptables,
 )
 from tracer.topology.netns import NetnsRef, fd_netns_inode, list_netns
+from tracer.topology.pods import pods_by_inode, read_cache
 from tracer.topology.services import nearest, ports_by_address, service_entries
 
 _CLONE_NEWNET = 0x40000000
@@ -389,6 +391,8 @@ def snapshot(
             if isinstance(res, BaseException):
                 raise HairtraceError(f"cannot read network namespace '{ref.name}': {res}") from res
             out.append(res)
+        pods = pods_by_inode(read_cache())
+        out = [replace(ns, pod=pods[ns.inode]) if ns.inode in pods else ns for ns in out]
         return Topology(namespaces=tuple(out), taken_at=taken_at)
     finally:
         for fd in fds.values():

@@ -184,7 +184,8 @@ class Namespace:
     () when they give it none (no such Service), None when there are no kube-proxy rules
     (nothing known); nearest_services, when it is no Service, the closest Service addresses.
     service_entries are those rules' entries for the traced address (names, port names,
-    endpoints), None when nothing is known (as service_ports).
+    endpoints), None when nothing is known (as service_ports). pod is the Kubernetes pod
+    ("namespace/name") this is the network namespace of, None when it is none or unknown.
     """
 
     inode: int
@@ -196,6 +197,7 @@ class Namespace:
     service_ports: tuple[str, ...] | None = None
     nearest_services: tuple[str, ...] = ()
     service_entries: tuple[ServiceEntry, ...] | None = None
+    pod: str | None = None  # "namespace/name" of the pod whose netns this is (CNI cache)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "interfaces", tuple(self.interfaces))
@@ -232,6 +234,7 @@ class Namespace:
             "service_entries": None
             if self.service_entries is None
             else [e.to_dict() for e in self.service_entries],
+            "pod": self.pod,
         }
 
     @classmethod
@@ -254,6 +257,7 @@ class Namespace:
             service_entries=None
             if d.get("service_entries") is None
             else tuple(ServiceEntry.from_dict(x) for x in _get_list(d, "service_entries", dict)),
+            pod=_get(d, "pod", str, optional=True) if "pod" in d else None,  # absent before
         )
 
 
