@@ -46,7 +46,6 @@ def _row(
         info.kind,
         ev.netns,
         ctx.names.ns_name(ev.netns),
-        ctx.names.pod_of(ev.netns),
         ev.dev or None,
         ev.ifindex,
         t.src,
@@ -74,6 +73,7 @@ def _row(
         ev.inner_proto,
         ev.icmp_type,
         ev.icmp_code,
+        ctx.names.pod_of(ev.netns),
     )
 
 

@@ -55,8 +55,6 @@ COLUMNS: tuple[Column, ...] = (
     Column("kind", "category", "dict", "provider-neutral point kind (dev_rx, nat, ...)"),
     Column("netns", "uint32", "uint32", "network namespace inode"),
     Column("netns_name", "category", "dict", "its name in the topology snapshot"),
-    Column("pod", "category", "dict", 'the pod that namespace is ("namespace/name"), null '
-           "when none or unknown"),
     Column("dev", "category", "dict", "device name, null when the point has none"),
     Column("ifindex", "uint32", "uint32", "device index in that namespace"),
     Column("src", "category", "dict", "source address at this point"),
@@ -91,6 +89,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("icmp_type", "uint8", "uint8", "ICMP error: its type (3 destination unreachable, "
            "11 time exceeded, 12 parameter problem); else 0"),
     Column("icmp_code", "uint8", "uint8", "ICMP error: its code (3 port unreachable, ...)"),
+    # appended (columns are only ever added at the end)
+    Column("pod", "category", "dict", 'the pod that namespace is ("namespace/name"), null '
+           "when none or unknown"),
 )  # fmt: skip
 NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 DIRECTIONS = ("original", "reply")  # the direction column's values, by code 0 and 1
