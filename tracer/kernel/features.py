@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import gzip
 import os
 from dataclasses import dataclass, field
@@ -100,9 +101,13 @@ def probe(lib: Libbpf | None = None) -> Features:
     )
     if not kprobes:
         missing["kprobes"] = "kernel built without CONFIG_KPROBES"
-    ringbuf = lib.probe_map_type(BPF_MAP_TYPE_RINGBUF) if lib and why is None else btf
-    if not ringbuf:
+    status = lib.map_type_status(BPF_MAP_TYPE_RINGBUF) if lib and why is None else int(btf)
+    if status == -errno.EPERM:
+        missing["ringbuf"] = ("bpf() not permitted (in a container: the seccomp profile "
+                              "allows it only with CAP_SYS_ADMIN)")  # fmt: skip
+    elif status != 1:
         missing["ringbuf"] = "BPF ring buffer maps unsupported (needs Linux 5.8+)"
+    ringbuf = status == 1
     fentry_why = "needs kernel BTF" if not btf else "needs privileges" if why else None
     if fentry_why is None:
         fentry_why = probe_fentry(lib) if lib is not None else "not probed"

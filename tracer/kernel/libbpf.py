@@ -118,7 +118,13 @@ class Libbpf:
 
     def errno_error(self, what: str) -> HairtraceError:
         err = ctypes.get_errno()
-        hint = " (not permitted: run as root / CAP_BPF+CAP_PERFMON)" if err == errno.EPERM else ""
+        hint = (
+            " (not permitted: needs root with CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN, which"
+            " entering other network namespaces needs anyway; in a container, the default"
+            " seccomp profile refuses bpf() without CAP_SYS_ADMIN)"
+            if err == errno.EPERM
+            else ""
+        )
         return HairtraceError(f"{what}: {os.strerror(err)}{hint}{self.log.tail()}")
 
     def btf_ids(
@@ -145,7 +151,12 @@ class Libbpf:
         return {n: i for n, i in ids.items() if i > 0}
 
     def probe_map_type(self, map_type: int) -> bool:
-        return bool(self.lib.libbpf_probe_bpf_map_type(map_type, None) == 1)
+        return self.map_type_status(map_type) == 1
+
+    def map_type_status(self, map_type: int) -> int:
+        """libbpf_probe_bpf_map_type: 1 supported, 0 not, -errno when bpf() failed (e.g.
+        -EPERM: not permitted, which a seccomp profile also gives)."""
+        return int(self.lib.libbpf_probe_bpf_map_type(map_type, None))
 
     def bpf_syscall(self, cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
         nr = _NR_BPF.get(platform.machine())
