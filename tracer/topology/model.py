@@ -141,12 +141,6 @@ class ServiceEntry:
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoints", tuple(self.endpoints))
 
-    @property
-    def label(self) -> str:
-        """How kube-proxy names the port: "ns/name" or "ns/name:port_name"."""
-        base = self.name or self.ip
-        return f"{base}:{self.port_name}" if self.port_name else base
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "ip": self.ip,
