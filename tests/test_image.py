@@ -1,6 +1,6 @@
 """The node-agent container image (issue 14.4): scripts/build-image makes
 localhost/hairtrace:<version> from Debian's packages (mmdebstrap) and the wheel, podman
-runs it as a node agent (host network and PID namespace, only CAP_SYS_ADMIN, the
+runs it as a node agent (host network and PID namespace, CAP_SYS_ADMIN and CAP_NET_ADMIN, the
 kernel's BTF, /run/netns and /var/lib/cni mounted read-only) and, from inside the
 container, it traces the seed lab built outside it and gives the seed diagnosis.
 
@@ -39,9 +39,10 @@ SVC = "100.67.30.133"
 SITE = "/opt/hairtrace/lib/python3.11/site-packages"
 
 
-def podman_run(caps: str = "SYS_ADMIN") -> list[str]:
+def podman_run(caps: str = "SYS_ADMIN,NET_ADMIN") -> list[str]:
     """`podman run` as a node agent; by default with the least it needs (see README,
-    "Container image"): CAP_SYS_ADMIN alone."""
+    "Container image"): CAP_SYS_ADMIN (setns, and bpf() under the default seccomp
+    profile) and CAP_NET_ADMIN (reading kube-proxy's rules)."""
     return [
         "podman", "--runtime", "runc", "run", "--rm", "--network", "host", "--pid", "host",
         "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
@@ -155,7 +156,7 @@ def _trace_in_container(name: str, out: Path, extra: list[str]) -> tuple[int, st
     os.chmod(out, 0o777)
     proc = subprocess.Popen(
         [*RUN, *extra, "-v", f"{out}:/out", name,
-         "--svc", SVC, "--netns", "node", "--duration", "8", "--no-live",
+         "--svc", "prod/export", "--netns", "node", "--duration", "8", "--no-live",
          "--ready-file", "/out/ready", "--json", "/out/r.json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -198,7 +199,24 @@ def test_container_traces_the_seed_lab(image: tuple[str, Path, float], tmp_path:
     assert conn["verdict"] == "broken"
     assert conn["break"]["cause"] == "bridge-nf-call-iptables-off"
     assert conn["break"]["netns"] == "node" and conn["break"]["dev"] == "cni0"
+    assert (r["service"]["ip"], r["service"]["name"]) == (SVC, "prod/export"), "rules read"
+    assert r["service"]["ports_in_rules"] == ["80/tcp"]
     assert _host_net_state() == before
+
+
+def test_reading_the_rules_needs_net_admin(image: tuple[str, Path, float]) -> None:
+    """With CAP_SYS_ADMIN alone the probes load, but iptables-save and nft may not list
+    the node's rules: a Service by name cannot be resolved (usage error, status 2)."""
+    needs_live()
+    _lab("down")
+    _lab("up", "0")
+    try:
+        res = _run(*podman_run("SYS_ADMIN"), image[0], "--svc", "prod/export", "--netns",
+                   "node", "--duration", "1", "--no-live")  # fmt: skip
+    finally:
+        _lab("down")
+    assert res.returncode == 2, res.stderr
+    assert "no kube-proxy rules" in res.stderr
 
 
 def test_sys_admin_is_needed(image: tuple[str, Path, float], tmp_path: Path) -> None:
