@@ -43,7 +43,7 @@ from tracer.analysis.batch import (
 )
 from tracer.analysis.context import Context
 from tracer.analysis.diagnose import Diagnosis, diagnose
-from tracer.analysis.reassemble import Connection, Packet, connection_of
+from tracer.analysis.reassemble import Connection, Packet, connection_of, endpoint_pods
 from tracer.events.model import ACK, RST, SYN, Conntrack, Tuple
 
 OK = Diagnosis("ok", None, ())
@@ -68,8 +68,7 @@ class LazyConnection(Connection):
         self.key = key
         self.backend = backend
         self.isn = isn
-        self.client_pod = ctx.names.pod_of_ip(key.src)
-        self.backend_pod = ctx.names.pod_of_ip(backend[0]) if backend else None
+        self.client_pod, self.backend_pod = endpoint_pods(key, backend, ctx)
         self._rows: RowsRef | None = rows
         self._codec, self._ctx = codec, ctx
         self._span = span

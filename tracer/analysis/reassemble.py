@@ -218,6 +218,12 @@ def connection_of(
         cts[-1] if cts else None,
         isn,
         proto,
-        ctx.names.pod_of_ip(key.src),
-        ctx.names.pod_of_ip(backend[0]) if backend else None,
+        *endpoint_pods(key, backend, ctx),
     )
+
+
+def endpoint_pods(
+    key: Tuple, backend: tuple[str, int] | None, ctx: Context
+) -> tuple[str | None, str | None]:
+    """The pods holding a connection's client address and its backend's, if known."""
+    return ctx.names.pod_of_ip(key.src), ctx.names.pod_of_ip(backend[0]) if backend else None

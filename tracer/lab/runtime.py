@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tracer.errors import HairtraceError
@@ -61,7 +61,6 @@ class RuntimeLab:
     runtime: str = ""  # what the CRI Version call said
     pods: tuple[Pod, ...] = ()
     bridge_nf_call_iptables: int = 0
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def client(self) -> Pod:
@@ -87,7 +86,7 @@ def load() -> RuntimeLab | None:
     except (OSError, ValueError):
         return None
     pods = tuple(Pod(**p) for p in d.pop("pods", ()))
-    return RuntimeLab(**{**d, "pods": pods, "notes": tuple(d.get("notes", ()))})
+    return RuntimeLab(**{**d, "pods": pods})
 
 
 def pause_image_archive() -> bytes:
@@ -208,17 +207,13 @@ def up(bridge_nf_call_iptables: int = 0) -> RuntimeLab:
         netns.add(NODE_NS)
         netns.run_in(NODE_NS, ["ip", "link", "set", "lo", "up"])
         pid, runtime = _start_containerd()
-        lab = _save(RuntimeLab(NODE_NS, pid, runtime.version(), (), bridge_nf_call_iptables))
-        pods: list[Pod] = []
+        lab = _save(replace(lab, containerd_pid=pid, runtime=runtime.version()))
         try:
             for spec in (CLIENT, BACKEND):
                 sid = runtime.run_pod_sandbox(spec, str(WORK / "logs" / spec.name))
                 st = runtime.status(sid)
-                pods.append(
-                    Pod(f"{st.namespace}/{st.name}", sid, st.ip, _netns_name(st.netns_path))
-                )
-                lab = _save(RuntimeLab(NODE_NS, pid, lab.runtime, tuple(pods),
-                                       bridge_nf_call_iptables))  # fmt: skip
+                pod = Pod(f"{st.namespace}/{st.name}", sid, st.ip, _netns_name(st.netns_path))
+                lab = _save(replace(lab, pods=(*lab.pods, pod)))
         finally:
             runtime.close()
         backend = lab.backend

@@ -122,12 +122,17 @@ class NatRules:
     entries: tuple[ServiceEntry, ...] | None = None  # the address's, named; None: unknown
 
 
+def _rule_dumps(version: int) -> tuple[str, tuple[str, str] | None, tuple[str, str] | None]:
+    """(iptables-save command, its nat table dump, `nft list ruleset`) of the calling
+    thread's namespace; a dump is None when its tool is missing or fails."""
+    save = "iptables-save" if version == 4 else "ip6tables-save"
+    return save, _run([save, "-t", "nat"]), _run(["nft", "list", "ruleset"])
+
+
 def nat_rules(svc_ip: str, svc_port: int | None, version: int) -> NatRules:
     """The Service's rules in the calling thread's namespace."""
-    save = "iptables-save" if version == 4 else "ip6tables-save"
-    ipt = _run([save, "-t", "nat"])
+    save, ipt, nft = _rule_dumps(version)
     ipt_rules = filter_iptables_save(ipt[0], svc_ip, svc_port) if ipt else ()
-    nft = _run(["nft", "list", "ruleset"])
     nft_rules: tuple[str, ...] = ()
     if nft:
         skip = set(nft_tables_owned_by_iptables(nft[1]))
@@ -152,9 +157,7 @@ def nat_rules(svc_ip: str, svc_port: int | None, version: int) -> NatRules:
 def kube_service_entries(version: int = 4) -> tuple[ServiceEntry, ...] | None:
     """Every Service port of kube-proxy's rules in the calling thread's namespace; None
     when there are no kube-proxy rules (or none could be read)."""
-    save = "iptables-save" if version == 4 else "ip6tables-save"
-    ipt = _run([save, "-t", "nat"])
-    nft = _run(["nft", "list", "ruleset"])
+    save, ipt, nft = _rule_dumps(version)
     return _entries(ipt[0] if ipt else "", nft[0] if nft else "", save)
 
 

@@ -58,7 +58,7 @@ def service_entries(ipt_text: str, nft_text: str) -> tuple[ServiceEntry, ...] | 
     found: dict[tuple[str, int, str, str], ServiceEntry] = {}
     kube = False
     chains: dict[str, list[str]] = {}
-    portals: list[tuple[str, str]] = []
+    portals: list[str] = []
     for line in ipt_text.splitlines():
         if line.startswith(":KUBE-SERVICES "):
             kube = True
@@ -67,11 +67,11 @@ def service_entries(ipt_text: str, nft_text: str) -> tuple[ServiceEntry, ...] | 
         chain, _, rest = line[3:].partition(" ")
         if chain == "KUBE-SERVICES":
             kube = True
-            portals.append((line, rest))
+            portals.append(line)
         elif chain.startswith(("KUBE-SVC-", "KUBE-SVL-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-FW-")):
             chains.setdefault(chain, []).append(rest)
-    for line, rest in portals:
-        entry = _iptables_entry(line, rest, chains)
+    for line in portals:
+        entry = _iptables_entry(line, chains)
         if entry is not None:
             found.setdefault((entry.ip, entry.port, entry.proto, entry.kind), entry)
     for table in _NFT_KUBE_TABLE.finditer(nft_text):
@@ -100,7 +100,7 @@ def ports_by_address(entries: tuple[ServiceEntry, ...]) -> dict[str, frozenset[s
     return {addr: frozenset(ports) for addr, ports in found.items()}
 
 
-def _iptables_entry(line: str, rest: str, chains: dict[str, list[str]]) -> ServiceEntry | None:
+def _iptables_entry(line: str, chains: dict[str, list[str]]) -> ServiceEntry | None:
     """The Service port a KUBE-SERVICES rule matches (one destination and port), named
     by its comment, with the endpoints its KUBE-SVC chain leads to."""
     portal = _iptables_portal(line)
@@ -108,7 +108,7 @@ def _iptables_entry(line: str, rest: str, chains: dict[str, list[str]]) -> Servi
         return None
     addr, port, proto = portal
     name, port_name, kind = None, "", "cluster IP"
-    comment = _IPT_COMMENT.search(rest)
+    comment = _IPT_COMMENT.search(line)
     if comment is not None:
         named = _KUBE_COMMENT.match(comment.group(1) or comment.group(2) or "")
         if named is not None:
