@@ -37,13 +37,24 @@
 #define HT_COPY(dst, size, ptr) bpf_probe_read_kernel(dst, size, ptr)
 /* Does this kernel have that field? (conntrack may be compiled out). */
 #define HT_HAS_FIELD(...) bpf_core_field_exists(__VA_ARGS__)
+#ifdef HT_DIRECT
+/* Direct reads of packet headers and conntrack tuples (Linux 6.2+): a kernel
+ * address cast to a read-only BTF pointer of its type. Loads through it are
+ * plain loads the kernel guards (a fault reads 0), and the verifier turns the
+ * cast itself into a register move, so the filter needs no helper call.
+ * bpf/build/hairtrace.bpf.o; hairtrace-copy.bpf.o (older kernels) copies. */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+#define HT_CAST(type, addr) \
+	((const type *)bpf_rdonly_cast((const void *)(addr), bpf_core_type_id_kernel(type)))
+#define HT_DIRECT_READS 1
+#endif
 
 /* Maps and counters (declared in hairtrace.bpf.c). */
 #define HT_LOOKUP(map, key) bpf_map_lookup_elem(&map, key)
 #define HT_UPDATE(map, key, val) bpf_map_update_elem(&map, key, val, BPF_ANY)
 #define HT_INSERT(map, key, val) bpf_map_update_elem(&map, key, val, BPF_NOEXIST)
 #define HT_DELETE(map, key) bpf_map_delete_elem(&map, key)
-#define HT_COUNT(arr, i) __sync_fetch_and_add(&arr[i], 1)
+#define HT_COUNT(arr, i) arr##_count(i) /* per-CPU counters (hairtrace.bpf.c) */
 /* Event output: ctx is for the perf buffer, which the CO-RE build never uses. */
 #define HT_RB_AVAIL(map) bpf_ringbuf_query(&map, BPF_RB_AVAIL_DATA)
 #define HT_OUTPUT(ctx, map, ev, size, flags) bpf_ringbuf_output(&map, ev, size, flags)
@@ -99,7 +110,8 @@ struct net_bridge_port {
 #define HT_COUNT(arr, i) arr##_count(i)
 #define HT_OUTPUT(ctx, map, ev, size, flags) map##_output(ctx, ev, flags)
 #define ht_cfg ((const struct ht_config){ .svc_addr = HT_CFG_SVC_ADDR, \
-	.svc_port = HT_CFG_SVC_PORT, .protos = HT_CFG_PROTOS, .data_budget = HT_CFG_DATA_BUDGET })
+	.svc_port = HT_CFG_SVC_PORT, .protos = HT_CFG_PROTOS, .data_budget = HT_CFG_DATA_BUDGET, \
+	.svc_mask = HT_CFG_SVC_MASK, .svc_set = HT_CFG_SVC_SET })
 #ifndef HT_RINGBUF_PAGES /* the loader may size the ring buffer */
 #define HT_RINGBUF_PAGES (HT_RINGBUF_BYTES / 4096)
 #endif
@@ -131,6 +143,15 @@ struct net_bridge_port {
 #define HT_TP(name, tp, args...) HT_ENTRY(name, struct bpf_raw_tracepoint_args, HT_TP_ARG, ##args)
 
 #endif /* HT_BCC */
+
+#ifndef HT_DIRECT_READS
+#define HT_DIRECT_READS 0 /* bcc, hairtrace-copy.bpf.o: headers copied by a helper */
+#endif
+/* bpf/build/floor.bpf.o (scripts/bench's dispatch floor): every entry point
+ * returns at once, attached where the real ones are. */
+#ifndef HT_FLOOR
+#define HT_FLOOR 0
+#endif
 
 #define HT_ETH_P_IP 0x0800
 #define HT_NFCT_PTRMASK (~7UL)

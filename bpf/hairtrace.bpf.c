@@ -2,10 +2,13 @@
 /*
  * hairtrace.bpf.c - per-packet events for the connections of one Service.
  *
- * Layout: maps, then helpers over kernel pointers (read_packet, read_ct,
- * match_flow, learn_ct, emit_event), then thin entry points per provider.
- * Only packets of the service VIP:port or of tuples learned from its
- * conntrack entries cost an event; everything else costs one check.
+ * Layout: maps, then helpers over kernel pointers (peek_packet, ours,
+ * read_packet, read_ct, learn_ct, emit_event), then thin entry points per
+ * provider. Only packets of the service VIP:port or of tuples learned from its
+ * conntrack entries cost an event. Everything else is turned away by ours()
+ * before the event exists: a few loads of its headers (direct loads where the
+ * kernel allows, else one copy), the protocol, the service address and port
+ * from rodata, the pre-filter's byte, and only then the learned tuples' hash.
  */
 #include "compat.h"
 #include "hairtrace.h"
@@ -57,6 +60,22 @@ struct {
 	__type(value, __u32);
 } budgets SEC(".maps");
 
+/* Counters per probe point, one copy per CPU: a counter every CPU increments (one per
+ * packet past its budget, at every hop) made the CPUs take its cache line from each
+ * other on every packet. User space sums the copies (trace.py _Losses). */
+struct ht_counters {
+	__u64 emitted[HT_PT_MAX];
+	__u64 lost[HT_PT_MAX];
+	__u64 over_budget[HT_PT_MAX]; /* matched, not emitted: past the data budget */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ht_counters);
+} counters SEC(".maps");
+
 /* The pre-filter of flows: one array element, its lookup inlined by the verifier. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -65,16 +84,44 @@ struct {
 	__type(value, struct ht_seen);
 } seen SEC(".maps");
 
+/* The Service addresses of a range (ht_cfg.svc_set), network byte order. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, HT_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, __u8);
+} services SEC(".maps");
+
 const volatile struct ht_config ht_cfg = {};
 
 /* Keep the contract's types in the object's BTF for the layout test. */
 const struct ht_event *unused_ht_event __attribute__((unused));
 const enum ht_point *unused_ht_point __attribute__((unused));
 
-/* Read by user space through the mmaped .bss; never reset by BPF. */
-__u64 ht_emitted[HT_PT_MAX] = {};
-__u64 ht_lost[HT_PT_MAX] = {};
-__u64 ht_over_budget[HT_PT_MAX] = {}; /* matched, not emitted: past the data budget */
+/* compat.h's HT_COUNT(arr, i): this CPU's copy (never reset by BPF). Atomic all the
+ * same: a program may interrupt another on its CPU (a softirq's packet). */
+#define HT_PERCPU_COUNT(field, i)                                            \
+	do {                                                                 \
+		__u32 zero = 0;                                              \
+		struct ht_counters *c = bpf_map_lookup_elem(&counters, &zero); \
+		if (c)                                                       \
+			__sync_fetch_and_add(&c->field[(i) & (HT_PT_MAX - 1)], 1); \
+	} while (0)
+
+static __always_inline void ht_emitted_count(__u32 i)
+{
+	HT_PERCPU_COUNT(emitted, i);
+}
+
+static __always_inline void ht_lost_count(__u32 i)
+{
+	HT_PERCPU_COUNT(lost, i);
+}
+
+static __always_inline void ht_over_budget_count(__u32 i)
+{
+	HT_PERCPU_COUNT(over_budget, i);
+}
 #else
 /* The same maps as bcc tables; the counters are array maps user space reads. */
 #ifdef HT_PERF_OUTPUT
@@ -88,6 +135,7 @@ BPF_ARRAY(ht_lost, __u64, HT_PT_MAX);
 BPF_TABLE("lru_hash", struct ht_budget_key, __u32, budgets, HT_MAX_BUDGETS);
 BPF_ARRAY(ht_over_budget, __u64, HT_PT_MAX);
 BPF_ARRAY(seen, struct ht_seen, 1);
+BPF_HASH(services, __u32, __u8, HT_MAX_SERVICES);
 
 /* bcc rewrites map method calls only outside macros: compat.h's HT_LOOKUP,
  * HT_UPDATE, HT_INSERT, HT_DELETE, HT_COUNT and HT_OUTPUT call these. */
@@ -119,6 +167,11 @@ static __always_inline void budgets_delete(struct ht_budget_key *key)
 static __always_inline void *seen_lookup(__u32 *key)
 {
 	return seen.lookup(key);
+}
+
+static __always_inline void *services_lookup(__u32 *key)
+{
+	return services.lookup(key);
 }
 
 static __always_inline void ht_over_budget_count(__u32 i)
@@ -203,7 +256,8 @@ static __always_inline int read_icmp_error(const unsigned char *l4, const struct
 	return 0;
 }
 
-static __always_inline int read_packet(const struct sk_buff *skb, struct ht_event *ev, bool btf)
+/* The headers into ev with helper copies: kernels without bpf_rdonly_cast, and ICMP errors. */
+static __always_inline int copy_packet(const struct sk_buff *skb, struct ht_event *ev, bool btf)
 {
 	unsigned char *head = HT_LOAD(btf, skb, head);
 	__u16 nh = HT_LOAD(btf, skb, network_header);
@@ -252,9 +306,61 @@ static __always_inline int read_packet(const struct sk_buff *skb, struct ht_even
 	return 0;
 }
 
+/* The packet's headers into ev: direct loads where the kernel allows (a packet that is
+ * ours pays them at every hop), else copy_packet. */
+static __always_inline int read_packet(const struct sk_buff *skb, struct ht_event *ev, bool btf)
+{
+#if HT_DIRECT_READS
+	unsigned char *head = HT_LOAD(btf, skb, head);
+	__u16 nh = HT_LOAD(btf, skb, network_header);
+	const struct iphdr *iph;
+	const unsigned char *l4;
+	__u8 vihl, proto;
+
+	if (!head || nh == (__u16)~0U)
+		return -1;
+	iph = HT_CAST(struct iphdr, head + nh);
+	vihl = *(const __u8 *)iph;
+	proto = iph->protocol;
+	if ((vihl >> 4) != 4 || proto == IPPROTO_ICMP)
+		return copy_packet(skb, ev, btf); /* refused there, or an ICMP error's quote */
+	if (!traced_proto(proto) || (iph->frag_off & bpf_htons(0x1fff)))
+		return -1;
+	l4 = head + nh + (vihl & 0xf) * 4;
+	ev->proto = proto;
+	ev->pkt.saddr = iph->saddr;
+	ev->pkt.daddr = iph->daddr;
+	ev->ip_id = bpf_ntohs(iph->id);
+	if (proto == IPPROTO_TCP) {
+		const struct tcphdr *th = HT_CAST(struct tcphdr, l4);
+
+		ev->pkt.sport = th->source;
+		ev->pkt.dport = th->dest;
+		ev->seq = bpf_ntohl(th->seq);
+		ev->ack_seq = bpf_ntohl(th->ack_seq);
+		ev->tcp_flags = ((const __u8 *)th)[13];
+	} else {
+		const struct udphdr *uh = HT_CAST(struct udphdr, l4);
+
+		ev->pkt.sport = uh->source;
+		ev->pkt.dport = uh->dest;
+		ev->seq = bpf_ntohs(uh->len);
+	}
+	return 0;
+#else
+	return copy_packet(skb, ev, btf);
+#endif
+}
+
+/* The service's address (or one of a range's Services) and port? A packet outside
+ * the range is decided by the mask; only one inside it may look up the set. */
 static __always_inline bool is_service(__u32 addr, __u16 port)
 {
-	return addr == ht_cfg.svc_addr && (!ht_cfg.svc_port || port == ht_cfg.svc_port);
+	if ((addr & ht_cfg.svc_mask) != ht_cfg.svc_addr)
+		return false;
+	if (ht_cfg.svc_port && port != ht_cfg.svc_port)
+		return false;
+	return !ht_cfg.svc_set || HT_LOOKUP(services, &addr) != NULL;
 }
 
 /* The pre-filter's slot of a tuple: the same for both directions (learn_tuple
@@ -292,6 +398,15 @@ static __always_inline bool match_flow(const struct ht_tuple *t, __u8 proto)
  * those offsets like any other), instead of a helper call per field. */
 static __always_inline __u8 read_ct_tuple(const struct nf_conntrack_tuple *t, struct ht_tuple *out)
 {
+#if HT_DIRECT_READS
+	const struct nf_conntrack_tuple *tup = HT_CAST(struct nf_conntrack_tuple, t);
+
+	out->saddr = tup->src.u3.ip;
+	out->daddr = tup->dst.u3.ip;
+	out->sport = tup->src.u.all;
+	out->dport = tup->dst.u.all;
+	return tup->dst.protonum;
+#else
 	struct nf_conntrack_tuple tup;
 
 	HT_COPY(&tup, sizeof(tup), t); /* zero-filled if it fails */
@@ -300,6 +415,7 @@ static __always_inline __u8 read_ct_tuple(const struct nf_conntrack_tuple *t, st
 	out->sport = tup.src.u.all;
 	out->dport = tup.dst.u.all;
 	return tup.dst.protonum;
+#endif
 }
 
 /* The packet's conntrack entry into ev. service_only: only an entry of the service
@@ -326,9 +442,126 @@ static __always_inline struct nf_conn *read_ct(const struct sk_buff *skb, struct
 		return NULL;
 	ev->ct_flags |= HT_CT_PRESENT;
 	ev->ct_id = (__u64)ct;
+#if HT_DIRECT_READS
+	ev->ct_status = HT_CAST(struct nf_conn, ct)->status;
+#else
 	ev->ct_status = HT_READ(ct, status);
+#endif
 	read_ct_tuple(&ct->tuplehash[1].tuple, &ev->ct_reply);
 	return ct;
+}
+
+/* What the filter needs of a packet, read before anything else is done for it. */
+struct ht_peek {
+	struct ht_tuple t;
+	__u8 proto; /* IP protocol: TCP or UDP; ICMP (the full read finds the quoted tuple) */
+};
+
+/* The packet's protocol and, for TCP and UDP, its tuple: direct loads of the IP
+ * and transport headers where the kernel has bpf_rdonly_cast (HT_DIRECT_READS),
+ * else one copy of 24 bytes (a second one only behind IP options). -1 for a
+ * packet that cannot be ours (not IPv4, not a traced protocol, a later fragment). */
+static __always_inline int peek_packet(const struct sk_buff *skb, struct ht_peek *p, bool btf)
+{
+	unsigned char *head = HT_LOAD(btf, skb, head);
+	__u16 nh = HT_LOAD(btf, skb, network_header);
+	__u8 vihl;
+	__u16 frag;
+
+	if (!head || nh == (__u16)~0U)
+		return -1;
+#if HT_DIRECT_READS
+	const struct iphdr *iph = HT_CAST(struct iphdr, head + nh);
+	const struct udphdr *l4;
+
+	vihl = *(const __u8 *)iph; /* version << 4 | ihl, in any byte order */
+	p->proto = iph->protocol;
+	if ((vihl >> 4) != 4 || p->proto == IPPROTO_ICMP)
+		return (vihl >> 4) == 4 ? 0 : -1;
+	if (!traced_proto(p->proto))
+		return -1;
+	frag = iph->frag_off;
+	if (frag & bpf_htons(0x1fff)) /* only first fragments carry ports */
+		return -1;
+	p->t.saddr = iph->saddr;
+	p->t.daddr = iph->daddr;
+	l4 = HT_CAST(struct udphdr, head + nh + (vihl & 0xf) * 4);
+	p->t.sport = l4->source; /* TCP's ports are where UDP's are */
+	p->t.dport = l4->dest;
+#else
+	struct {
+		struct iphdr iph;
+		__be16 ports[2];
+	} h;
+
+	if (HT_COPY(&h, sizeof(h), head + nh) && HT_COPY(&h.iph, sizeof(h.iph), head + nh))
+		return -1;
+	vihl = *(const __u8 *)&h.iph;
+	p->proto = h.iph.protocol;
+	if ((vihl >> 4) != 4 || p->proto == IPPROTO_ICMP)
+		return (vihl >> 4) == 4 ? 0 : -1;
+	if (!traced_proto(p->proto))
+		return -1;
+	frag = h.iph.frag_off;
+	if (frag & bpf_htons(0x1fff))
+		return -1;
+	if ((vihl & 0xf) != 5 && HT_COPY(h.ports, sizeof(h.ports), head + nh + (vihl & 0xf) * 4))
+		return -1;
+	p->t.saddr = h.iph.saddr;
+	p->t.daddr = h.iph.daddr;
+	p->t.sport = h.ports[0];
+	p->t.dport = h.ports[1];
+#endif
+	return 0;
+}
+
+/* Is the packet's conntrack entry one of the service's? Its original tuple's
+ * destination decides (a direct load where the kernel allows). */
+static __always_inline bool ct_is_service(const struct sk_buff *skb, bool btf)
+{
+	unsigned long nfct;
+	const struct nf_conn *ct;
+
+	if (!HT_HAS_FIELD(skb->_nfct))
+		return false;
+	nfct = HT_LOAD(btf, skb, _nfct);
+	ct = (const struct nf_conn *)(nfct & HT_NFCT_PTRMASK);
+	if (!ct)
+		return false;
+#if HT_DIRECT_READS
+	const struct nf_conn *c = HT_CAST(struct nf_conn, ct);
+
+	return is_service(c->tuplehash[0].tuple.dst.u3.ip, c->tuplehash[0].tuple.dst.u.all);
+#else
+	struct ht_tuple orig;
+
+	read_ct_tuple(&ct->tuplehash[0].tuple, &orig);
+	return is_service(orig.daddr, orig.dport);
+#endif
+}
+
+/* How a packet was found to be ours, decided before its event exists. */
+enum ht_match {
+	HT_NOT_OURS = 0,
+	HT_BY_TUPLE,  /* the service's address or a learned tuple */
+	HT_BY_CT,     /* only through its conntrack entry (after DNAT, not yet learned) */
+	HT_UNDECIDED, /* an ICMP error: its quoted packet decides, after the full read */
+};
+
+/* The filter, in order of cost: the protocol, the service address and port
+ * (rodata), the pre-filter's byte, the learned tuples' hash, and at points with
+ * ct_fallback the conntrack entry's original destination. */
+static __always_inline int ours(const struct sk_buff *skb, bool ct_fallback, bool btf)
+{
+	struct ht_peek p;
+
+	if (peek_packet(skb, &p, btf))
+		return HT_NOT_OURS;
+	if (p.proto == IPPROTO_ICMP)
+		return HT_UNDECIDED;
+	if (match_flow(&p.t, p.proto))
+		return HT_BY_TUPLE;
+	return ct_fallback && ct_is_service(skb, btf) ? HT_BY_CT : HT_NOT_OURS;
 }
 
 static __always_inline void learn_tuple(const struct ht_tuple *t, __u8 proto, __u64 ct_id)
@@ -390,7 +623,11 @@ static __always_inline void read_dev(const struct net_device *dev, struct ht_eve
 	ev->ifindex = HT_LOAD(btf, dev, ifindex);
 	net = HT_LOAD(btf, dev, nd_net.net);
 	ev->netns = HT_LOAD(btf, net, ns.inum);
+#if HT_DIRECT_READS
+	__builtin_memcpy(ev->dev, HT_CAST(struct net_device, dev)->name, HT_DEV_LEN);
+#else
 	HT_READ_STR(&ev->dev, dev, name);
+#endif
 }
 
 /* Batch the reader's wake-ups: wake it only when enough data waits; it also
@@ -473,16 +710,19 @@ static __always_inline bool over_budget(const struct ht_event *ev, const struct 
 	return false;
 }
 
-/* Fill, filter, learn from and emit the event of one packet at one point.
- * ev may come pre-filled (NAT manip: the tuple after manipulation). */
+/* Fill, learn from and emit the event of one packet at one point; how: what
+ * ours() found (HT_UNDECIDED: decide here, from the full read). ev may come
+ * pre-filled (NAT manip: the tuple after manipulation). */
 static __always_inline int trace_event(const struct sk_buff *skb, const struct ht_where *w,
-				       struct ht_event *ev, bool parsed)
+				       struct ht_event *ev, bool parsed, int how)
 {
-	if (!skb)
+	if (HT_FLOOR || !skb || how == HT_NOT_OURS)
 		return 0;
 	if (!parsed && read_packet(skb, ev, w->btf))
 		return 0;
-	if (!match_flow(&ev->pkt, flow_proto(ev))) {
+	if (how == HT_UNDECIDED)
+		how = match_flow(&ev->pkt, flow_proto(ev)) ? HT_BY_TUPLE : HT_BY_CT;
+	if (how == HT_BY_CT) {
 		/* After DNAT the packet no longer carries the VIP and its new
 		 * tuple may not be learned yet: its conntrack entry tells. */
 		if (!w->ct_fallback || !read_ct(skb, ev, w->btf, true))
@@ -516,9 +756,19 @@ static __always_inline int trace_skb(void *ctx, const struct sk_buff *skb,
 {
 	struct ht_where w = { .ctx = ctx, .dev = dev, .point = point, .hook = hook, .prio = prio,
 			      .ct_fallback = ct_fallback, .btf = btf };
-	struct ht_event ev = {};
+	int how;
 
-	return trace_event(skb, &w, &ev, false);
+	if (HT_FLOOR || !skb)
+		return 0;
+	how = ours(skb, ct_fallback, btf);
+	if (how == HT_NOT_OURS)
+		return 0;
+	{
+		/* zeroed only for a packet that is ours */
+		struct ht_event ev = {};
+
+		return trace_event(skb, &w, &ev, false, how);
+	}
 }
 
 /* ---------------------------------------------- tracepoint provider: devices
@@ -527,7 +777,7 @@ static __always_inline int trace_skb(void *ctx, const struct sk_buff *skb,
 
 static __always_inline int on_dev_rx(void *ctx, const struct sk_buff *skb, bool btf)
 {
-	if (HT_LOAD(btf, skb, protocol) != bpf_htons(HT_ETH_P_IP))
+	if (HT_FLOOR || HT_LOAD(btf, skb, protocol) != bpf_htons(HT_ETH_P_IP))
 		return 0;
 	return trace_skb(ctx, skb, HT_LOAD(btf, skb, dev), HT_PT_DEV_RX, 0xff, 0, false, btf);
 }
@@ -535,7 +785,7 @@ static __always_inline int on_dev_rx(void *ctx, const struct sk_buff *skb, bool 
 static __always_inline int on_dev_tx(void *ctx, const struct sk_buff *skb,
 				     const struct net_device *dev, bool btf)
 {
-	if (HT_LOAD(btf, skb, protocol) != bpf_htons(HT_ETH_P_IP))
+	if (HT_FLOOR || HT_LOAD(btf, skb, protocol) != bpf_htons(HT_ETH_P_IP))
 		return 0;
 	return trace_skb(ctx, skb, dev, HT_PT_DEV_TX, 0xff, 0, false, btf);
 }
@@ -543,13 +793,20 @@ static __always_inline int on_dev_tx(void *ctx, const struct sk_buff *skb,
 static __always_inline int on_drop(void *ctx, struct sk_buff *skb, void *location, __u32 reason,
 				   bool btf)
 {
-	struct ht_event ev = { .location = (__u64)location, .reason = reason };
 	struct ht_where w = { .ctx = ctx, .point = HT_PT_DROP, .hook = 0xff, .btf = btf };
+	int how;
 
-	if (!skb || HT_LOAD(btf, skb, protocol) != bpf_htons(HT_ETH_P_IP))
+	if (HT_FLOOR || !skb || HT_LOAD(btf, skb, protocol) != bpf_htons(HT_ETH_P_IP))
+		return 0;
+	how = ours(skb, false, btf);
+	if (how == HT_NOT_OURS)
 		return 0;
 	w.dev = HT_LOAD(btf, skb, dev);
-	return trace_event(skb, &w, &ev, false);
+	{
+		struct ht_event ev = { .location = (__u64)location, .reason = reason };
+
+		return trace_event(skb, &w, &ev, false, how);
+	}
 }
 
 HT_TP(ht_dev_rx, netif_receive_skb, struct sk_buff *skb)
@@ -624,6 +881,8 @@ HT_TP(ht_tcp_reset, tcp_send_reset, const struct sock *sk, const struct sk_buff 
 
 static __always_inline int trace_nf(struct bpf_nf_ctx *ctx, __u16 point, __s32 prio)
 {
+	if (HT_FLOOR)
+		return HT_NF_ACCEPT;
 	const struct nf_hook_state *state = ctx->state;
 	struct sk_buff *skb = ctx->skb;
 	struct net_device *in = state->in;
@@ -682,9 +941,18 @@ static __always_inline int on_hook_fn(void *ctx, struct sk_buff *skb,
 	struct ht_where w = { .ctx = ctx, .dev = in ? in : HT_LOAD(btf, state, out),
 			      .point = point, .hook = HT_LOAD(btf, state, hook), .aux = aux,
 			      .ct_fallback = true, .btf = btf };
-	struct ht_event ev = {};
+	int how;
 
-	return trace_event(skb, &w, &ev, false);
+	if (HT_FLOOR || !skb)
+		return 0;
+	how = ours(skb, true, btf);
+	if (how == HT_NOT_OURS)
+		return 0;
+	{
+		struct ht_event ev = {};
+
+		return trace_event(skb, &w, &ev, false, how);
+	}
 }
 
 /* nf_nat_manip_pkt(skb, ct, mtype, dir): the event carries the tuple the
@@ -709,7 +977,7 @@ static __always_inline int on_nat_manip(void *ctx, struct sk_buff *skb, struct n
 		ev.pkt.daddr = other.saddr;
 		ev.pkt.dport = other.sport;
 	}
-	return trace_event(skb, &w, &ev, true);
+	return trace_event(skb, &w, &ev, true, HT_UNDECIDED);
 }
 
 /* nf_nat_setup_info: the binding is chosen; learn its tuples (no packet). */
@@ -717,7 +985,7 @@ static __always_inline int on_nat_setup(struct nf_conn *ct)
 {
 	struct ht_event ev = { .ct_flags = HT_CT_PRESENT, .ct_id = (__u64)ct };
 
-	if (!ct)
+	if (HT_FLOOR || !ct)
 		return 0;
 	ev.proto = read_ct_tuple(&ct->tuplehash[0].tuple, &ev.ct_orig);
 	if (!traced_proto(ev.proto))

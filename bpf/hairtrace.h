@@ -16,6 +16,7 @@
 /* Slots of the pre-filter in front of the learned tuples: a byte per slot, set
  * when a tuple is learned, never cleared (a stale slot costs one map lookup). */
 #define HT_SEEN_BITS 20
+#define HT_MAX_SERVICES 65536 /* Service addresses of a range (--svc CIDR) */
 #define HT_RINGBUF_BYTES (4 * 1024 * 1024)
 #define HT_WAKEUP_BYTES (64 * 1024) /* wake the reader only past this much data */
 
@@ -103,7 +104,7 @@ struct ht_event {
 
 /* Set once by the loader between open and load (rodata). */
 struct ht_config {
-	__u32 svc_addr; /* network byte order */
+	__u32 svc_addr; /* network byte order: an address, or a range's first (--svc CIDR) */
 	__u16 svc_port; /* network byte order, 0 = any port */
 	__u8 protos;    /* HT_PROTO_TCP | HT_PROTO_UDP: which the service is traced for */
 	/* TCP packets without SYN, FIN or RST, and UDP datagrams, emitted per
@@ -112,6 +113,11 @@ struct ht_config {
 	 * and drops of TCP segments are always emitted (drops of datagrams count);
 	 * a SYN or SYN+ACK starts the count again. */
 	__u8 data_budget;
+	__u32 svc_mask; /* network byte order: 255.255.255.255 for one address, else the range's */
+	/* A range's Service addresses are those in the services map (filled by the
+	 * loader from kube-proxy's rules), not every address in it: 0 = every address. */
+	__u8 svc_set;
+	__u8 _pad[3];
 };
 
 #endif /* HAIRTRACE_H */

@@ -13,6 +13,13 @@
 # is bridged back un-NATed too), with 1 it answers:
 #   ip netns exec poda dig @100.67.30.140 export.prod.svc.cluster.local +time=2 +tries=1
 #
+# With SEED_LAB_STATUS=1, a third, prod/status (ClusterIP 100.67.30.134:80), is healthy
+# whatever the knob: its
+# endpoint is the node itself (an HTTP server in the node netns on cni0's address
+# 100.96.54.1, as the apiserver's host-network endpoint is for default/kubernetes), so
+# its replies leave through the node's own netfilter and are reverse-translated:
+#   hairtrace --svc 100.64.0.0/10 --netns node -- ...  shows prod/export broken, it ok.
+#
 # Plain ip / sysctl / iptables-restore only (no CNI), so hairtrace can be shown
 # to work on a topology it did not build. Only the namespaces node, poda and
 # podb are touched, never the caller's own netns.
@@ -22,6 +29,7 @@
 # env:   SEED_LAB_NODE, SEED_LAB_POD_A, SEED_LAB_POD_B override the namespace names.
 #        SEED_LAB_SELF=1: the Service's one endpoint is pod A itself (a pod calling its
 #        own Service: hairpin on its bridge port, kube-proxy's masquerade of it).
+#        SEED_LAB_STATUS=1: also Service prod/status, endpoint the node (see above).
 set -euo pipefail
 
 # Namespace names; override (e.g. in tests) to run beside another copy of the lab.
@@ -34,6 +42,7 @@ POD_A_IP=100.96.54.240
 POD_B_IP=100.96.54.247
 SERVICE_IP=100.67.30.133
 DNS_IP=100.67.30.140
+STATUS_IP=100.67.30.134
 if [[ ${SEED_LAB_SELF:-0} == 1 ]]; then
 	BACKEND_NS=$POD_A BACKEND_IP=$POD_A_IP BACKEND_LABEL="pod A"
 else
@@ -62,6 +71,9 @@ service_ports() {
 	echo "prod/export tcp $SERVICE_IP 80 $BACKEND_IP:80"
 	echo "kube-system/kube-dns:dns udp $DNS_IP 53 $BACKEND_IP:53"
 	echo "kube-system/kube-dns:dns-tcp tcp $DNS_IP 53 $BACKEND_IP:53"
+	if [[ ${SEED_LAB_STATUS:-0} == 1 ]]; then
+		echo "prod/status tcp $STATUS_IP 80 $BRIDGE_IP:80"
+	fi
 }
 
 # The nat table as kube-proxy (iptables mode) writes it for Services prod/export
@@ -167,6 +179,24 @@ start_dns() {
 	die "the backend's DNS server did not answer pod A: $(tail -n 1 "$STATE_DIR/dnsmasq.log" 2>/dev/null)"
 }
 
+# start_status: prod/status's endpoint, an HTTP server in the node netns on cni0's address.
+start_status() {
+	mkdir -p "$STATE_DIR/status"
+	echo "seed-lab.sh: node $BRIDGE_IP" >"$STATE_DIR/status/index.html"
+	rm -f "$STATE_DIR/status.pid"
+	setsid -f sh -c 'echo $$ >"$0"; exec "$@"' "$STATE_DIR/status.pid" \
+		ip netns exec "$NODE" "$PYTHON" -m http.server 80 --bind "$BRIDGE_IP" \
+		--directory "$STATE_DIR/status" </dev/null >"$STATE_DIR/status.log" 2>&1
+	local i
+	for i in $(seq 50); do
+		if in_ns "$POD_A" curl -s -o /dev/null -m 1 "http://$BRIDGE_IP/"; then
+			return 0
+		fi
+		sleep 0.1
+	done
+	die "the node's HTTP server did not answer pod A: $(tail -n 1 "$STATE_DIR/status.log" 2>/dev/null)"
+}
+
 do_up() {
 	local knob=$1
 	[[ $knob == 0 || $knob == 1 ]] || die "bridge-nf-call-iptables must be 0 or 1, not '$knob'"
@@ -199,6 +229,9 @@ do_up() {
 	nat_rules | in_ns "$NODE" iptables-restore
 	start_server
 	start_dns
+	if [[ ${SEED_LAB_STATUS:-0} == 1 ]]; then
+		start_status
+	fi
 	trap - EXIT
 	echo "seed-lab: up (bridge-nf-call-iptables=$knob); try: ip netns exec $POD_A curl -m 3 http://$SERVICE_IP/"
 	echo "  or: ip netns exec $POD_A dig @$DNS_IP export.prod.svc.cluster.local +time=2 +tries=1"
@@ -219,7 +252,7 @@ kill_pid() {
 do_down() {
 	local pid ns what
 	# each recorded pid, if it is still that program (not a reused pid)
-	for what in server:http.server dnsmasq:dnsmasq; do
+	for what in server:http.server dnsmasq:dnsmasq status:http.server; do
 		if [[ -f $STATE_DIR/${what%%:*}.pid ]]; then
 			pid=$(cat "$STATE_DIR/${what%%:*}.pid")
 			if [[ $pid =~ ^[0-9]+$ ]] && grep -qa "${what#*:}" "/proc/$pid/cmdline" 2>/dev/null; then

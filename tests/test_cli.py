@@ -48,6 +48,8 @@ def assert_one_line_error(res: subprocess.CompletedProcess[str], code: int, need
         ("100.67.30.133:99999", "1-65535"),
         ("100.67.30.133:53/sctp", "bad service protocol 'sctp': expected tcp or udp"),
         ("100.67.30.133/icmp", "bad service protocol"),
+        ("10.96.0.1/12", "host bits set (did you mean 10.96.0.0/12?)"),
+        ("10.96.0.0:53/12", "a range takes no port"),
     ],
 )
 def test_bad_service_is_usage_error(svc: str, needle: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,12 @@ def test_doctor_reports_kernel_functions_and_namespaces() -> None:
     ):
         assert d["auto"]["provider"] == "tracepoint"
     assert d["backend"]["backend"] == "core"  # BTF is there (asserted above): auto takes CO-RE
+    # the object a trace loads: direct reads where the kernel has bpf_rdonly_cast (6.2+)
+    has_cast = b"\0bpf_rdonly_cast\0" in Path("/sys/kernel/btf/vmlinux").read_bytes()
+    assert d["features"]["direct_reads"] == has_cast
+    if not os.environ.get("HAIRTRACE_BPF_OBJ"):
+        want = "hairtrace.bpf.o" if has_cast else "hairtrace-copy.bpf.o"
+        assert Path(d["bpf"]["object"]).name == want
     assert "auto backend: core" in text.stdout
     assert d["functions"]["br_forward"]["present"]
     assert d["functions"]["nf_nat_manip_pkt"]["btf"]

@@ -209,6 +209,7 @@ def test_a_service_by_name_is_resolved_from_kube_proxys_rules(mode: str) -> None
         assert report["service"] == {
             "ip": SVC, "port": 80, "protocols": ["tcp"], "ports_in_rules": ["80/tcp"],
             "name": "prod/export", "port_name": None, "endpoints_in_rules": eps,
+            "prefix_len": 32,
         }  # fmt: skip
         os.environ["SVC"] = "kube-system/kube-dns:dns"
         report = _scenario("dns", 2, mode)

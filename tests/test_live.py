@@ -106,7 +106,7 @@ def test_seed_broken(seed_lab: str, svc: str, tmp_path: Path) -> None:
     assert "service prod/export 100.67.30.133:" in res.stderr, "the header names it"
     [conn] = r["connections"]
     assert conn["client"]["ip"] == "100.96.54.240"
-    assert conn["service"] == {"ip": SVC, "port": 80}
+    assert conn["service"] == {"ip": SVC, "port": 80, "name": "prod/export"}
     assert conn["backend"] == {"ip": "100.96.54.247", "port": 80, "pod": None}, (
         "no pod: a lab netns"
     )
@@ -157,7 +157,7 @@ def test_udp_seed_case_on_the_plain_lab(seed_lab: str, tmp_path: Path) -> None:
     assert r["lost_events"] == 0 and r["service"]["protocols"] == ["udp"]
     [conn] = r["connections"]
     assert conn["proto"] == "udp" and conn["isn"] is None
-    assert conn["service"] == {"ip": DNS, "port": 53}
+    assert conn["service"] == {"ip": DNS, "port": 53, "name": "kube-system/kube-dns"}
     assert conn["backend"] == {"ip": "100.96.54.247", "port": 53, "pod": None}
     request, reply = conn["packets"][:2]
     assert (request["role"], request["direction"]) == ("UDP", "original")
@@ -239,7 +239,7 @@ def test_a_port_or_address_the_rules_lack_is_named(seed_lab: str, tmp_path: Path
     assert r["warnings"] == [want]
     assert r["service"] == {"ip": SVC, "port": 81, "protocols": ["tcp"],
                             "ports_in_rules": ["80/tcp"], "name": None, "port_name": None,
-                            "endpoints_in_rules": []}  # fmt: skip
+                            "endpoints_in_rules": [], "prefix_len": 32}  # fmt: skip
     [conn] = r["connections"]
     brk = conn["break"]
     assert (conn["verdict"], brk["cause"], brk["packet_role"]) == (

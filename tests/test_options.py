@@ -92,3 +92,36 @@ def test_a_service_by_address_or_by_name(spec: str, want: ServiceTarget) -> None
 def test_a_bad_service_by_name_is_a_usage_error(spec: str, msg: str) -> None:
     with pytest.raises(UsageError, match=msg):
         parse_service_target(spec)
+
+
+@pytest.mark.parametrize(
+    "spec,want",
+    [
+        ("10.96.0.0/12", ServiceTarget("10.96.0.0", 0, ("tcp", "udp"), prefix=12)),
+        ("100.64.0.0/10/udp", ServiceTarget("100.64.0.0", 0, ("udp",), prefix=10)),
+        ("10.96.0.0/12/TCP", ServiceTarget("10.96.0.0", 0, ("tcp",), prefix=12)),
+        ("10.96.0.10/32", ServiceTarget("10.96.0.10", 0, ("tcp", "udp"))),  # the address
+        ("10.96.0.10/32/udp", ServiceTarget("10.96.0.10", 0, ("udp",))),
+        ("10.96.0.10/tcp", ServiceTarget("10.96.0.10", 0, ("tcp",))),  # a protocol, as before
+        ("10.96.0.10:53/udp", ServiceTarget("10.96.0.10", 53, ("udp",))),
+    ],
+)  # fmt: skip
+def test_a_range_of_service_addresses(spec: str, want: ServiceTarget) -> None:
+    assert parse_service_target(spec) == want
+
+
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ("10.96.0.1/12", r"host bits set \(did you mean 10.96.0.0/12\?\)"),
+        ("10.96.0.0:80/12", "a range takes no port"),
+        ("10.96.0.0/33", "prefix length 1-32"),
+        ("10.96.0.0/0", "prefix length 1-32"),
+        ("10.96.0.0/12/icmp", "bad service protocol 'icmp'"),
+        ("10.96.0.0/12/", "bad service protocol ''"),
+        ("10.96.0/12", "expected an IPv4 address"),
+    ],
+)
+def test_a_bad_range_is_a_usage_error(spec: str, msg: str) -> None:
+    with pytest.raises(UsageError, match=msg):
+        parse_service_target(spec)

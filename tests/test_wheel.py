@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD_WHEEL = ROOT / "scripts" / "build-wheel"
 SEED_LAB = ROOT / "scripts" / "seed-lab.sh"
 SVC = "100.67.30.133"
-BPF_FILES = ("hairtrace.bpf.o", "hairtrace.bpf.c", "compat.h", "hairtrace.h")
-RUNTIME_DEPS = {"click", "rich", "numpy", "pandas", "pyroute2", "pyarrow"}
+BPF_OBJECTS = ("hairtrace.bpf.o", "hairtrace-copy.bpf.o")  # direct reads; helper copies
+BCC_FILES = ("hairtrace.bpf.c", "compat.h", "hairtrace.h")
+BPF_FILES = BPF_OBJECTS + BCC_FILES
+RUNTIME_DEPS = {"click", "rich", "numpy", "pandas", "pyroute2", "pyarrow", "prometheus-client"}
 # Programs the runtime must never run: stand-ins for them come first on PATH and log a call.
 TRIPWIRES = ("clang", "clang-14", "llc", "gcc", "cc", "make", "bpftool", "qemu-system-x86_64")
 
@@ -61,11 +63,13 @@ def test_wheel_carries_the_object_and_the_bcc_sources(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         obj = z.read("tracer/bpf/hairtrace.bpf.o")
-        for name in BPF_FILES[1:]:
+        for name in BCC_FILES:
             assert z.read(f"tracer/bpf/{name}") == (ROOT / "bpf" / name).read_bytes()
         meta = z.read("hairtrace-0.1.0.dist-info/METADATA").decode()
         entry = z.read("hairtrace-0.1.0.dist-info/entry_points.txt").decode()
+        copy_obj = z.read("tracer/bpf/hairtrace-copy.bpf.o")
     assert obj == (ROOT / "bpf" / "build" / "hairtrace.bpf.o").read_bytes()
+    assert copy_obj == (ROOT / "bpf" / "build" / "hairtrace-copy.bpf.o").read_bytes() != obj
     assert obj[:4] == b"\x7fELF"
     # every package of the tree, nothing outside tracer/ and the dist-info
     for init in (ROOT / "tracer").rglob("__init__.py"):
@@ -94,7 +98,7 @@ def _fake_checkout(tmp_path: Path) -> Path:
     (repo / "scripts").mkdir(parents=True)
     shutil.copy2(BUILD_WHEEL, repo / "scripts" / "build-wheel")
     (repo / "bpf" / "build").mkdir(parents=True)
-    for name in BPF_FILES[1:]:
+    for name in BCC_FILES:
         shutil.copy2(ROOT / "bpf" / name, repo / "bpf" / name)
     return repo
 

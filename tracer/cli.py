@@ -73,9 +73,10 @@ class _Main(click.Group):
 @click.option(
     "--svc",
     "svc",
-    metavar="IP|NS/NAME[:PORT][/tcp|/udp]",
+    metavar="IP|NS/NAME[:PORT][/tcp|/udp]|CIDR[/tcp|/udp]",
     help="Service to trace: its ClusterIP, or NAMESPACE/NAME (with :PORT or :PORTNAME) "
-    "resolved from kube-proxy's rules in the node netns; without /PROTO both TCP and UDP.",
+    "resolved from kube-proxy's rules in the node netns, or every Service of a range "
+    "(IP/LEN, e.g. 10.96.0.0/12: no port); without /PROTO both TCP and UDP.",
 )
 @click.option(
     "--netns",
@@ -130,8 +131,29 @@ class _Main(click.Group):
     "flow's first requests and replies. Later ones cost a map lookup, not an event (the "
     "report counts them). 0 traces every packet.",
 )
+@click.option(
+    "--metrics",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics at HOST:PORT ([::1]:PORT for IPv6) while tracing: "
+    "connections by Service, verdict and cause; events, losses; the tracer's CPU and memory.",
+)
 @click.option("--record", metavar="FILE", help="Record the session to FILE (see `replay`).")
 @click.option("--force", is_flag=True, help="With --record: overwrite an existing FILE.")
+@click.option(
+    "--record-rotate",
+    metavar="LIMIT",
+    help="With --record: close FILE when it passes LIMIT, a size (64K, 500M, 2G) or a time "
+    "(30m, 6h, 1d), as FILE's stem.0001.suffix ... and start a new FILE. Older segments than "
+    "--record-keep are deleted unless a connection judged not ok has events in them.",
+)
+@click.option(
+    "--record-keep",
+    type=int,
+    default=3,
+    show_default=True,
+    metavar="N",
+    help="With --record-rotate: closed segments kept whatever they hold (the newest N).",
+)
 @click.option("--ready-file", hidden=True, help="Write this file once attached (tests).")
 @click.option("--ringbuf-bytes", type=int, hidden=True, help="Ring buffer size (tests).")
 @click.version_option(__version__, prog_name="hairtrace")
@@ -150,8 +172,11 @@ def main(
     data_packets: int,
     record: str | None,
     force: bool,
+    record_rotate: str | None,
+    record_keep: int,
     ready_file: str | None,
     ringbuf_bytes: int | None,
+    metrics: str | None,
 ) -> None:
     """Trace every connection to a Service (TCP, UDP flows and their ICMP errors) and
     explain where it breaks.
@@ -160,6 +185,7 @@ def main(
     hairtrace --svc 100.67.30.133 [--netns NODE] [--json r.json] [-- CMD ...]
     hairtrace --svc 10.96.0.10:53/udp ...
     hairtrace --svc prod/export[:PORT|:PORTNAME][/tcp|/udp] ...  (kube-proxy's rules name it)
+    hairtrace --svc 10.96.0.0/12[/tcp|/udp] ...  (every Service of the range, by Service)
 
     With `-- CMD`, CMD runs once every probe is attached and the trace ends
     shortly after it exits. Exit status: 0 all traced connections ok (or none
@@ -171,12 +197,13 @@ def main(
     if svc is None:
         click.echo(ctx.get_help(), err=True)
         sys.exit(EXIT_USAGE)
-    from tracer.options import parse_service_target
+    from tracer.options import parse_listen_address, parse_service_target
     from tracer.present.live import trace_with_view
     from tracer.trace import TraceOptions
 
     try:
         target = parse_service_target(svc)
+        listen = parse_listen_address(metrics) if metrics is not None else None
         if duration is not None and duration <= 0:
             raise UsageError("--duration must be positive")
         # before anything loads or attaches: a bad path found at the end loses the trace
@@ -184,6 +211,15 @@ def main(
             check_writable(json_dest, "--json")
         if record:
             check_writable(record, "--record")
+        if record_rotate is not None:
+            from tracer.session.rotate import check_keep, parse_limit
+
+            if not record:
+                raise UsageError("--record-rotate needs --record FILE")
+            parse_limit(record_rotate)
+            check_keep(record_keep)
+        elif ctx.get_parameter_source("record_keep") is not click.core.ParameterSource.DEFAULT:
+            raise UsageError("--record-keep needs --record-rotate LIMIT")
         opts = TraceOptions(
             target.ip or "",
             target.port,
@@ -195,6 +231,8 @@ def main(
             ready_file=ready_file,
             record=record,
             force=force,
+            record_rotate=record_rotate,
+            record_keep=record_keep,
             all_netns=all_netns,
             backend=backend,
             btf=btf,
@@ -203,6 +241,8 @@ def main(
             protocols=target.protocols,
             service_name=target.name,
             service_port_name=target.port_name,
+            metrics=listen,
+            service_prefix=target.prefix,
         )
         live = not no_live and sys.stderr.isatty()
         _result, view = trace_with_view(opts, live, report=json_dest)

@@ -59,11 +59,13 @@ def _namespaces(topo: Topology) -> list[dict[str, Any]]:
     return out
 
 
-def _bpf_files() -> dict[str, str | None]:
-    """The CO-RE object a trace would load and the source bcc would compile, where each was
-    found (HAIRTRACE_BPF_OBJ, checkout, package) or why there is none."""
+def _bpf_files(direct: bool = True) -> dict[str, str | None]:
+    """The CO-RE object a trace would load (direct reads or helper copies, by what the
+    kernel has) and the source bcc would compile, where each was found (HAIRTRACE_BPF_OBJ,
+    checkout, package) or why there is none."""
     out: dict[str, str | None] = {}
-    for key, find in (("object", find_object), ("source", find_source)):
+    finders = (("object", lambda: find_object(direct)), ("source", find_source))
+    for key, find in finders:
         try:
             path, where = find()
             out |= {key: str(path), f"{key}_from": where, f"{key}_error": None}
@@ -97,6 +99,7 @@ def diagnose_host() -> dict[str, Any]:
             "kprobes": feats.kprobes,
             "ringbuf": feats.ringbuf,
             "netfilter_link": feats.netfilter_link,
+            "direct_reads": feats.direct_reads,
         },
         "missing": feats.missing,
         "functions": _functions(lib, feats.fentry, feats.kprobes),
@@ -106,7 +109,7 @@ def diagnose_host() -> dict[str, Any]:
             "kernel_headers": str(headers_dir()) if has_headers() else None,
             "bcc_installed": bcc_missing() is None,
         },
-        "bpf": _bpf_files(),
+        "bpf": _bpf_files(feats.direct_reads),
         "namespaces": _namespaces(snapshot("0.0.0.0", None)),
     }
 

@@ -22,6 +22,8 @@ PROTOCOLS = ("tcp", "udp")  # what --svc traces without /PROTO
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")
 _IP_FORM = re.compile(r"^\d+(\.\d+){3}(:[^/]*)?(/[^/]*)?$")
+# IP[:PORT]/LEN[/PROTO]: a prefix length is digits, a protocol never is
+_RANGE_FORM = re.compile(r"^[\d.]+(:[^/]*)?/\d+(/[^/]*)?$")
 _NAME_FORM = "expected an IPv4 address or NAMESPACE/NAME, then [:PORT][/tcp|/udp]"
 
 
@@ -35,6 +37,32 @@ class ServiceTarget:
     protocols: tuple[str, ...]
     name: str | None = None  # "namespace/name"
     port_name: str | None = None
+    prefix: int = 32  # a range of Service addresses (ip its network address): 'CIDR/LEN'
+
+
+def parse_service_range(spec: str) -> ServiceTarget:
+    """'IP/LEN[/tcp|/udp]': every Service address in the range, every port (a range takes
+    no port: its Services have different ones). Digits after the first slash are a prefix
+    length, so the form cannot be taken for 'IP/tcp'; /32 is the plain address."""
+    net, has_proto, proto = spec.partition("/")[2].partition("/")
+    protos: tuple[str, ...] = PROTOCOLS
+    if has_proto:
+        if proto.lower() not in PROTOCOLS:
+            raise UsageError(f"bad service protocol '{proto}': expected tcp or udp")
+        protos = (proto.lower(),)
+    host = spec.partition("/")[0]
+    if ":" in host:
+        raise UsageError(
+            f"bad service range '{spec}': a range takes no port (every port of every Service "
+            "in it is traced); give IP:PORT for one Service"
+        )
+    if not net.isdigit() or not 1 <= int(net) <= 32:
+        raise UsageError(f"bad service range '{spec}': expected a prefix length 1-32")
+    ip, _port, _protos = parse_service_spec(host, allow_proto=False)
+    network = ipaddress.ip_network(f"{ip}/{int(net)}", strict=False)
+    if str(network.network_address) != ip:
+        raise UsageError(f"bad service range '{spec}': host bits set (did you mean {network}?)")
+    return ServiceTarget(ip, 0, protos, prefix=network.prefixlen)
 
 
 def parse_service_target(spec: str) -> ServiceTarget:
@@ -42,6 +70,8 @@ def parse_service_target(spec: str) -> ServiceTarget:
     head, slash, tail = spec.rpartition("/")
     if not slash and spec.count(":") <= 1 and _DNS_LABEL.match(spec.partition(":")[0]):
         raise UsageError(f"bad service '{spec}': {_NAME_FORM} (a name needs its namespace)")
+    if _RANGE_FORM.match(spec):
+        return parse_service_range(spec)
     if not slash or _IP_FORM.match(spec):
         return ServiceTarget(*parse_service_spec(spec))
     protos: tuple[str, ...] = PROTOCOLS
@@ -91,3 +121,37 @@ def parse_service_spec(spec: str, *, allow_proto: bool = True) -> tuple[str, int
     if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
         raise UsageError(f"bad service port '{port_s}': expected 1-65535")
     return str(ip), int(port_s), protos
+
+
+_HOST_LABEL = r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_HOST_LABEL}(\.{_HOST_LABEL})*$")
+_LISTEN_FORM = "expected HOST:PORT (an IPv4 address or host name, or [IPv6]; 0.0.0.0: every one)"
+
+
+def parse_listen_address(spec: str) -> tuple[str, int]:
+    """--metrics: 'HOST:PORT' or '[IPv6]:PORT' -> (host, port); the host is an IPv4 or
+    IPv6 address (as written, brackets off) or a host name, resolved when bound."""
+    bracketed = re.match(r"^\[([^\]]*)\]:([^:]*)$", spec)
+    host, sep, port_s = bracketed.group(1, 0, 2) if bracketed else spec.rpartition(":")
+    if bracketed:
+        if not _is_ip(host, 6):
+            raise UsageError(f"bad --metrics '{spec}': [{host}] is no IPv6 address")
+    elif "[" in spec or ":" in host:
+        raise UsageError(f"bad --metrics '{spec}': an IPv6 address goes in brackets: [::1]:PORT")
+    elif not sep or not _HOSTNAME.match(host) or _bad_dotted(host):
+        raise UsageError(f"bad --metrics '{spec}': {_LISTEN_FORM}")
+    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise UsageError(f"bad --metrics port '{port_s}': expected 1-65535")
+    return host, int(port_s)
+
+
+def _bad_dotted(host: str) -> bool:
+    """Digits and dots but no IPv4 address ('1.2.3' would resolve as 1.2.0.3)."""
+    return host.replace(".", "").isdigit() and not _is_ip(host, 4)
+
+
+def _is_ip(host: str, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == version
+    except ValueError:
+        return False

@@ -6,6 +6,7 @@ caller gets a TraceResult; nothing here prints or exits.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import numpy as np
 
@@ -39,11 +40,11 @@ from tracer.errors import HairtraceError, UsageError
 from tracer.events import codec as kevents
 from tracer.events.model import Point, point_info
 from tracer.events.rows import CODEC, rows_of
-from tracer.kernel.backends import EventReader, Loaded, LoadedObject, choose_backend
+from tracer.kernel.backends import EventReader, Loaded, choose_backend
 from tracer.kernel.features import probe
 from tracer.kernel.ksyms import load_text
 from tracer.kernel.libbpf import BpfObject, Libbpf
-from tracer.kernel.objfile import object_path  # $HAIRTRACE_BPF_OBJ, checkout, wheel
+from tracer.kernel.objfile import ENV, object_path  # $HAIRTRACE_BPF_OBJ, checkout, wheel
 from tracer.kernel.providers import Provider, choose, moved_points
 from tracer.kernel.pseudonyms import Pseudonyms
 from tracer.kernel.ringbuf import open_reader
@@ -59,7 +60,15 @@ from tracer.topology.counters import (
     service_entries_of,
     sysctls_of,
 )
-from tracer.topology.services import node_view, resolve_name
+from tracer.topology.services import (
+    addresses_in_range,
+    node_view,
+    range_addresses,
+    resolve_name,
+)
+
+if TYPE_CHECKING:
+    from tracer.present.metrics import TraceMetrics
 
 HT_PT_MAX = 32
 HT_PROTO_BITS = {"tcp": 0x01, "udp": 0x02}  # struct ht_config.protos (bpf/hairtrace.h)
@@ -80,6 +89,9 @@ class TraceOptions:
     all_netns: bool = False  # analyse every namespace, not only the node and its pods
     record: str | None = None  # session file to record to
     force: bool = False  # overwrite an existing session file
+    # --record-rotate LIMIT (tracer.session.rotate.parse_limit) and --record-keep N
+    record_rotate: str | None = None
+    record_keep: int = 3
     data_budget: int = DEFAULT_DATA_BUDGET  # non-control TCP packets per tuple/point/device
     backend: str = "auto"  # auto | core (libbpf CO-RE) | bcc
     btf: str | None = None  # external BTF file for CO-RE on a kernel without BTF
@@ -89,6 +101,12 @@ class TraceOptions:
     # service_ip is then "" until resolve_service fills it (and service_port, protocols)
     service_name: str | None = None
     service_port_name: str | None = None
+    metrics: tuple[str, int] | None = None  # --metrics HOST:PORT: Prometheus while tracing
+    # a range of Service addresses: service_ip/service_prefix (service_port 0); 32: one
+    service_prefix: int = 32
+    # a range's Service addresses from the node's kube-proxy rules (range_services), which
+    # the kernel traces instead of every address in the range; () = every address
+    service_set: tuple[str, ...] = ()
 
 
 def resolve_service(opts: TraceOptions, netns: NetnsRef) -> TraceOptions:
@@ -155,26 +173,54 @@ def proto_bits(protocols: tuple[str, ...]) -> int:
     return bits
 
 
-def _config(ip: str, port: int, protocols: tuple[str, ...], data_budget: int) -> bytes:
+def service_mask(prefix: int) -> bytes:
+    """struct ht_config.svc_mask of a prefix length (network byte order)."""
+    return ((0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF).to_bytes(4, "big")
+
+
+def _config(opts: TraceOptions) -> bytes:
     """struct ht_config (bpf/hairtrace.h)."""
     return struct.pack(
-        "=4s2sBB",
-        socket.inet_aton(ip),
-        port.to_bytes(2, "big"),
-        proto_bits(protocols),
-        data_budget,
+        "=4s2sBB4sB3x",
+        socket.inet_aton(opts.service_ip),
+        opts.service_port.to_bytes(2, "big"),
+        proto_bits(opts.protocols),
+        opts.data_budget,
+        service_mask(opts.service_prefix),
+        1 if opts.service_set else 0,
     )
 
 
+def range_services(opts: TraceOptions, netns: NetnsRef) -> TraceOptions:
+    """opts with, for a range (--svc CIDR), the Service addresses kube-proxy's rules in the
+    node netns hold in it: the kernel then traces those, not every address of the range
+    (a lab's range may hold its pods too). A node without such rules traces the range."""
+    if opts.service_prefix == 32:
+        return opts
+    found = addresses_in_range(service_entries_of(netns.path), opts.service_ip,
+                               opts.service_prefix) or ()  # fmt: skip
+    return replace(opts, service_set=tuple(sorted(found, key=ipaddress.ip_address)))
+
+
+def summed_counters(copies: list[bytes]) -> bytes:
+    """struct ht_counters (bpf/hairtrace.bpf.c) summed over the CPUs' copies."""
+    n = 3 * HT_PT_MAX
+    total = [0] * n
+    for raw in copies:
+        for i, v in enumerate(struct.unpack_from(f"<{n}Q", raw)):
+            total[i] += v
+    return struct.pack(f"<{n}Q", *total)
+
+
 class _Losses:
-    """Ring-buffer losses from the object's .bss, turned into time windows.
+    """Ring-buffer losses from the kernel's counters, turned into time windows.
 
     A window spans from before the previous read to after this one, so a loss
     counted now certainly happened inside it (the windows overlap slightly).
     """
 
-    def __init__(self, obj: LoadedObject, clock: Callable[[], int]) -> None:
-        self.obj, self.clock = obj, clock
+    def __init__(self, counters: Callable[[], bytes], clock: Callable[[], int]) -> None:
+        self.counters, self.clock = counters, clock
         self.total = 0
         self.by_point: dict[str, int] = {}
         self.windows: list[tuple[int, int]] = []
@@ -183,8 +229,8 @@ class _Losses:
 
     def check(self) -> None:
         start = self.clock()
-        # ht_emitted, ht_lost, ht_over_budget: [HT_PT_MAX] each (bpf/hairtrace.bpf.c)
-        raw = self.obj.read_global(".bss")
+        # emitted, lost, over_budget: [HT_PT_MAX] each (struct ht_counters)
+        raw = self.counters()
         lost = struct.unpack_from(f"<{HT_PT_MAX}Q", raw, HT_PT_MAX * 8)
         over = struct.unpack_from(f"<{HT_PT_MAX}Q", raw, 2 * HT_PT_MAX * 8)
         self.over_budget = {point_info(i).name: n for i, n in enumerate(over) if n}
@@ -256,13 +302,15 @@ def _load(opts: TraceOptions) -> Loaded:
             raise UsageError(f"provider {opts.provider}: the bcc backend has only kprobe")
         return bcc_backend.load(opts.service_ip, opts.service_port, opts.ringbuf_bytes,
                                 opts.data_budget, backend_reason,
-                                proto_bits(opts.protocols))  # fmt: skip
+                                proto_bits(opts.protocols), service_mask(opts.service_prefix),
+                                opts.service_set)  # fmt: skip
     lib, obj, provider, reason = _load_core(opts)
     return Loaded(
         "core", backend_reason, provider.name, reason, obj,
         attach=lambda netns_path: provider.attach(obj, netns_path),
         open_reader=lambda: open_reader(lib, obj.map_fd("events"), obj.map_max_entries("events")),
         ring_bytes=obj.map_max_entries("events"),
+        counters=lambda: summed_counters(obj.lookup_percpu("counters")),
         skipped=provider.skipped,
         nf_priorities=lambda: dict(getattr(provider, "priorities", {})),
     )  # fmt: skip
@@ -275,22 +323,30 @@ def _load_core(opts: TraceOptions) -> tuple[Libbpf, BpfObject, Provider, str]:
     is dropped by the provider with a note, and the object loaded again.
     """
     lib = Libbpf()
-    provider, reason = choose(opts.provider, probe(lib), custom_btf=opts.btf is not None)
+    feats = probe(lib)
+    provider, reason = choose(opts.provider, feats, custom_btf=opts.btf is not None)
+    # direct reads need bpf_rdonly_cast in the kernel's own BTF (not a --btf file's); an
+    # object this kernel refuses for another reason is tried again with helper copies
+    direct = feats.direct_reads and opts.btf is None and ENV not in os.environ
     while True:
-        obj = BpfObject(lib, str(object_path()), btf_custom_path=opts.btf)
+        obj = BpfObject(lib, str(object_path(direct)), btf_custom_path=opts.btf)
         try:
             provider.prepare(obj)
-            obj.set_rodata(
-                _config(opts.service_ip, opts.service_port, opts.protocols, opts.data_budget)
-            )
+            obj.set_rodata(_config(opts))
             if opts.ringbuf_bytes:
                 obj.set_max_entries("events", opts.ringbuf_bytes)
             obj.load()
+            for ip in opts.service_set:
+                obj.update_elem("services", socket.inet_aton(ip), b"\x01")
             return lib, obj, provider, reason
         except HairtraceError:
             obj.close()
-            if not provider.exclude_failed("".join(lib.log.lines)):
+            if provider.exclude_failed("".join(lib.log.lines)):
+                continue
+            if not direct:
                 raise
+            direct = False
+            reason += "; packet headers copied by a helper (the direct-read object failed to load)"
         except BaseException:
             obj.close()
             raise
@@ -306,6 +362,14 @@ def _check_options(opts: TraceOptions) -> None:
         from tracer.session import check_target
 
         check_target(opts.record, overwrite=opts.force)
+        if opts.record_rotate:
+            from tracer.session.rotate import check_keep, existing, parse_limit
+
+            parse_limit(opts.record_rotate)
+            check_keep(opts.record_keep)
+            old = existing(Path(opts.record))
+            if old and not opts.force:
+                raise UsageError(f"session file {old[0]} exists (use --force to overwrite)")
 
 
 @dataclass
@@ -503,7 +567,10 @@ class _Judge:
         fresh = [n for n in ns if n not in self._unknown]
         if fresh and now - self._snap_at >= RESNAPSHOT_S:
             self._snap_at = now
-            self.topo = snapshot(self.opts.service_ip, self.opts.service_port or None)
+            self.topo = snapshot(
+                self.opts.service_ip, self.opts.service_port or None,
+                prefix=self.opts.service_prefix,
+            )  # fmt: skip
             self.retaken = changed = True
             self._unknown.update(n for n in fresh if self.topo.namespace(n) is None)
         if (rec["point"] == Point.DROP).any():
@@ -545,11 +612,17 @@ def run_trace(
     """
     t0 = time.monotonic()
     netns = resolve_netns(opts.netns)
-    opts = resolve_service(opts, netns)
+    opts = range_services(resolve_service(opts, netns), netns)
     _check_options(opts)
-    loaded = _load(opts)
+    metrics = _bind_metrics(opts)  # before anything loads: a busy port fails at once
+    try:
+        loaded = _load(opts)
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
     obj = loaded.obj
-    live, losses = _Live(keep_records=keep_records), _Losses(obj, clock)
+    live, losses = _Live(keep_records=keep_records), _Losses(loaded.counters, clock)
     kept: list[tuple[Connection, Diagnosis]] = []
 
     def out(done: list[Finished]) -> None:
@@ -559,6 +632,14 @@ def run_trace(
             kept.extend((f.conn, f.diag) for f in done)
         if sink is not None:
             sink.judged(done)
+        if opts.record_rotate and live.writer is not None:  # which segments hold evidence
+            live.writer.judged(
+                (f.conn.first_ns, f.conn.last_ns, f.diag.verdict)
+                for f in done
+                if f.diag.verdict != "ok"
+            )
+        if metrics is not None:
+            metrics.judged(done)
 
     rb: EventReader | None = None
     try:
@@ -569,10 +650,11 @@ def run_trace(
         rb = loaded.open_reader()
         attach_s, since_start = process_age(), time.monotonic() - t0
         start_ns, started_at = clock(), time.time()
-        topo = snapshot(opts.service_ip, opts.service_port or None)
+        topo = snapshot(opts.service_ip, opts.service_port or None, prefix=opts.service_prefix)
         judge = _Judge(opts, netns, topo, losses, clock, out)
         live.judge = judge.feed
-        view = node_view(topo, netns.inode, opts.service_ip, opts.service_port, opts.protocols)
+        view = node_view(topo, netns.inode, opts.service_ip, opts.service_port, opts.protocols,
+                         opts.service_prefix)  # fmt: skip
         run = RunInfo(
             __version__, os.uname().release, loaded.provider, loaded.provider_reason,
             opts.service_ip, opts.service_port, netns.name, attached=tuple(attached),
@@ -583,12 +665,15 @@ def run_trace(
             command=opts.command, service_ports=view.ports, warnings=view.warnings,
             nf_priorities=nf_priorities, protocols=opts.protocols, service_name=view.name,
             service_port_name=view.port_name, service_endpoints=view.endpoints,
+            service_prefix=opts.service_prefix, service_names=view.names,
         )  # fmt: skip
         if announce is not None:
             announce(run)
         stats = Stats()
         if sink:
             sink.attached(run)
+        if metrics is not None:
+            _serve_metrics(metrics, topo, netns.inode, live, losses)
 
         def update() -> None:
             judge.tick()
@@ -596,8 +681,13 @@ def run_trace(
                 stats.events, stats.lost = live.count, losses.total
                 stats.lost_by_point = losses.by_point
                 sink.update(judge.engine.peek(), stats)
+            if opts.record_rotate and live.writer is not None:
+                live.writer.settle(judge.engine)
 
-        live.writer = _open_recording(opts, run, topo, judge.drops or {}, netns.inode)
+        if opts.record_rotate:
+            live.writer = _open_rotating(opts, run, judge, losses, live, netns.inode)
+        else:
+            live.writer = _open_recording(opts, run, topo, judge.drops or {}, netns.inode)
         if opts.ready_file:
             Path(opts.ready_file).write_text(f"{attach_s:.3f}\n")
         status = _drain(opts, rb, ring_bytes, live, losses, update)
@@ -611,6 +701,8 @@ def run_trace(
         if rb is not None:
             rb.close()
         obj.close()
+        if metrics is not None:
+            metrics.close()  # the trace ended: so does the endpoint
         if live.writer is not None and sys.exc_info()[0] is not None:
             live.writer.close()  # no footer: the file reads as a trace that did not finish
     # service_ports and warnings stay what was said at start (the report's head)
@@ -637,7 +729,32 @@ def run_trace(
             sysctl_changes=judge.sysctl_changes,
         )
         live.writer.close(footer)
+        if opts.record_rotate:
+            run = replace(run, recording=live.writer.recording())
     return TraceResult(run, ctx, topo, kept, live.chunks)
+
+
+def _bind_metrics(opts: TraceOptions) -> TraceMetrics | None:
+    """The --metrics endpoint, bound (prometheus_client is imported only then)."""
+    if opts.metrics is None:
+        return None
+    from tracer.present.metrics import TraceMetrics
+
+    return TraceMetrics(*opts.metrics)
+
+
+def _serve_metrics(
+    metrics: TraceMetrics, topo: Topology, node: int, live: _Live, losses: _Losses
+) -> None:
+    """Serve from now on: the node's Services name the connections; the trace's counters
+    are read when scraped (each is replaced, never changed in place, by the drain loop)."""
+    from tracer.present.metrics import TraceCounters
+
+    ns = topo.namespace(node)
+    metrics.start(
+        ns.service_entries if ns is not None else None,
+        lambda: TraceCounters(live.count, losses.by_point, losses.over_budget),
+    )
 
 
 def _open_recording(
@@ -650,6 +767,69 @@ def _open_recording(
 
     header = header_from_trace(run, topo, drops, netns_inode=node, all_netns=opts.all_netns)
     return SessionWriter(opts.record, header, overwrite=opts.force)
+
+
+@dataclass
+class _Counted:
+    total: int = 0
+    by_point: dict[str, int] = field(default_factory=dict)
+
+
+def _open_rotating(
+    opts: TraceOptions, run: RunInfo, judge: _Judge, losses: _Losses, live: _Live, node: int
+) -> Any:
+    """A rotating recording (tracer.session.rotate): each segment gets a header with the
+    topology as it is then, and, when rotated, a footer with its own events and losses."""
+    from tracer.session import SessionFooter, footer_from_trace, header_from_trace
+    from tracer.session.rotate import RotatingWriter, Segment, parse_limit
+
+    base = _Counted()  # the losses counted when the segment opened
+
+    def header_at(seq: int, now: int) -> Any:
+        if seq > 1:  # its own origin, on the same clocks
+            wall = run.started_at + (now - run.start_ns) / 1e9 if run.started_at else None
+            seg_run = replace(run, start_ns=now, started_at=wall)
+        else:
+            seg_run = run
+        base.total, base.by_point = losses.total, dict(losses.by_point)
+        return header_from_trace(seg_run, judge.topo, judge.drops or {}, netns_inode=node,
+                                 all_netns=opts.all_netns)  # fmt: skip
+
+    def footer_at(seg: Segment, now: int) -> Any:
+        was = base.by_point
+        by_point = {k: n - was.get(k, 0) for k, n in losses.by_point.items() if n > was.get(k, 0)}
+        lo = seg.first_ns if seg.first_ns is not None else seg.opened_ns
+        seg_run = replace(
+            run, events=seg.events, lost_events=losses.total - base.total,
+            lost_by_point=by_point, data_budget=opts.data_budget,
+            over_budget_events=sum(losses.over_budget.values()),
+            over_budget_by_point=dict(losses.over_budget), rule_drops=judge.rule_drops,
+            conntrack=judge.conntrack,
+        )  # fmt: skip
+        footer = footer_from_trace(
+            seg_run, end_ns=now, loss_windows=[w for w in losses.windows if w[1] >= lo],
+            topology=judge.topo if judge.retaken else None, rule_drops_netns=node,
+            locations=live.location_names(), sysctl_changes=judge.sysctl_changes,
+        )  # fmt: skip
+        return replace(footer, recording=writer.recording())
+
+    def last_footer(seg: Segment, footer: SessionFooter) -> SessionFooter:
+        """The trace's final footer, with the losses of the last segment only."""
+        was = base.by_point
+        lo = seg.first_ns if seg.first_ns is not None else seg.opened_ns
+        return replace(
+            footer, lost_events=footer.lost_events - base.total,
+            lost_by_point={k: n - was.get(k, 0) for k, n in footer.lost_by_point.items()
+                           if n > was.get(k, 0)},
+            loss_windows=tuple(w for w in footer.loss_windows if w[1] >= lo),
+        )  # fmt: skip
+
+    writer = RotatingWriter(
+        opts.record or "", parse_limit(opts.record_rotate or ""), opts.record_keep,
+        judge.engine.idle_ns, header_at, footer_at, last_footer=last_footer,
+        overwrite=opts.force,
+    )  # fmt: skip
+    return writer
 
 
 def drop_reason_names() -> dict[int, str]:
@@ -675,9 +855,11 @@ def _context(
     conntrack: ConntrackStats | None = None,
 ) -> Context:
     names = TopologyNames(topo, sysctl_changes)
+    addresses = range_addresses(topo, rule_drops_netns, opts.service_ip, opts.service_prefix)
     return Context(
         opts.service_ip, opts.service_port, names, end_ns, tuple(loss), drops, scope=scope,
         rule_drops=rule_drops, rule_drops_netns=rule_drops_netns, conntrack=conntrack,
+        service_prefix=opts.service_prefix, service_addresses=addresses,
     )  # fmt: skip
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from tracer.events.codec import (
 )
 from tracer.events.model import POINTS, Point
 from tracer.kernel.btf import KIND_ENUM, KIND_STRUCT, object_btf
+from tracer.trace import TraceOptions, _config
 
 
 def test_layout_matches_the_compiled_object(bpf_object: Path) -> None:
@@ -46,13 +48,21 @@ def test_point_numbers_match_the_header(bpf_object: Path) -> None:
 
 def test_config_struct_is_what_the_loader_writes(bpf_object: Path) -> None:
     cfg = object_btf(bpf_object).find("ht_config", KIND_STRUCT)
-    assert cfg is not None and cfg.size_or_type == 8
+    assert cfg is not None and cfg.size_or_type == 16
     assert [(n, b // 8) for n, _t, b in cfg.members] == [
         ("svc_addr", 0),
         ("svc_port", 4),
         ("protos", 6),
         ("data_budget", 7),
+        ("svc_mask", 8),
+        ("svc_set", 12),
+        ("_pad", 13),
     ]
+    opts = TraceOptions("10.96.0.0", 0, service_prefix=12, service_set=("10.96.0.10",))
+    raw = _config(opts)
+    assert len(raw) == cfg.size_or_type
+    assert raw[8:12] == socket.inet_aton("255.240.0.0") and raw[12] == 1
+    assert _config(replace(opts, service_prefix=32, service_set=()))[8:13] == b"\xff" * 4 + b"\0"
 
 
 def _record(**kw: object) -> bytes:
@@ -197,3 +207,21 @@ def test_decode_batch_of_nothing_and_of_a_partial_record() -> None:
     assert decode_batch(np.empty((0, EVENT_SIZE), dtype=np.uint8)) == []
     with pytest.raises(HairtraceError, match="do not match"):
         decode_batch(_record() + _record()[:100])
+
+
+def test_counters_struct_is_what_user_space_sums(bpf_object: Path) -> None:
+    """struct ht_counters, one copy per CPU (a per-CPU array): the loader sums the copies
+    in the layout it unpacks (emitted, lost, over_budget; HT_PT_MAX each)."""
+    from tracer.trace import HT_PT_MAX, summed_counters
+
+    cnt = object_btf(bpf_object).find("ht_counters", KIND_STRUCT)
+    assert cnt is not None and cnt.size_or_type == 3 * HT_PT_MAX * 8
+    assert [(n, b // 8) for n, _t, b in cnt.members] == [
+        ("emitted", 0),
+        ("lost", HT_PT_MAX * 8),
+        ("over_budget", 2 * HT_PT_MAX * 8),
+    ]
+    cpu0 = struct.pack(f"<{3 * HT_PT_MAX}Q", *range(3 * HT_PT_MAX))
+    cpu1 = struct.pack(f"<{3 * HT_PT_MAX}Q", *([7] * 3 * HT_PT_MAX))
+    total = struct.unpack(f"<{3 * HT_PT_MAX}Q", summed_counters([cpu0, cpu1]))
+    assert total == tuple(i + 7 for i in range(3 * HT_PT_MAX))

@@ -5,6 +5,7 @@ Linux 5.8+"."""
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,20 @@ def test_the_ring_buffer_probe_names_why(
         assert "ringbuf" not in got.missing
     else:
         assert says in got.missing["ringbuf"]
+
+
+def test_libbpf_log_keeps_warnings_not_debug_chatter(bpf_object: Path, tmp_path: Path) -> None:
+    """Warnings (the verifier's log on a failure) are kept to explain it; the hundreds of
+    debug lines opening an object prints are dropped before they are formatted."""
+    from tracer.errors import HairtraceError
+    from tracer.kernel.libbpf import BpfObject, Libbpf
+
+    lib = Libbpf()
+    obj = BpfObject(lib, str(bpf_object))  # libbpf debug-logs every ELF section it reads
+    obj.close()
+    assert lib.log.lines == []
+    bad = tmp_path / "not-an-object.o"
+    bad.write_bytes(b"not ELF")
+    with pytest.raises(HairtraceError):
+        BpfObject(lib, str(bad))
+    assert lib.log.lines and all("libbpf:" in line for line in lib.log.lines)

@@ -116,15 +116,35 @@ class TupleIds:
     ADDR_MASK = 0x7FFF
     UDP = (0x8000 << 48) | (0x8000 << 32)
 
-    def __init__(self, service_ip: str) -> None:
+    def __init__(
+        self, service_ip: str, prefix: int = 32, addresses: frozenset[str] | None = None
+    ) -> None:
         self._ids: dict[int, int] = {}
         self._names: list[str] = []
         # direct-mapped by the low 16 bits: slot -> id + 1 (0: empty), and id + 1 -> address
         self._slot = np.zeros(1 << 16, dtype=np.uint64)
         self._addr = np.zeros(1, dtype=np.uint32)
+        # id -> whether that address is a traced Service's (service_ip/prefix)
+        self._in_service = np.zeros(0, dtype=bool)
+        self._service_ids: set[int] = set()
         svc = _addr(service_ip)
         self.service_addr = svc  # None: not a dotted quad, so no event can match it
-        self.service_id = self._add(svc) if svc is not None else None
+        self._mask = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF if 0 < prefix < 32 else 0xFFFFFFFF
+        self._net = svc & self._mask if svc is not None else None
+        # of a range, the addresses that are Services; None: every address in it
+        self._only = addresses if self._mask != 0xFFFFFFFF else None
+        # the one Service address's id (a range: None, see in_service)
+        sid = self._add(svc) if svc is not None else None
+        self.service_id = sid if self._mask == 0xFFFFFFFF else None
+        self.has_service = svc is not None  # False: no event can be the Service's
+
+    def in_service(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each address id (bit 15, UDP, cleared) is a traced Service address."""
+        return self._in_service[ids]
+
+    def is_service_id(self, addr_id: int) -> bool:
+        """Whether the address of addr_id (bit 15, UDP, cleared) is a traced Service's."""
+        return addr_id in self._service_ids
 
     def _add(self, addr: int) -> int:
         if len(self._names) >= self.MAX_ADDRESSES:
@@ -135,6 +155,12 @@ class TupleIds:
         new = self._ids[addr] = len(self._names)
         self._names.append(socket.inet_ntoa(addr.to_bytes(4, "big")))
         self._addr = np.append(self._addr, np.uint32(addr))
+        mine = self._net is not None and addr & self._mask == self._net
+        if mine and self._only is not None:
+            mine = self._names[new] in self._only
+        self._in_service = np.append(self._in_service, mine)
+        if mine:
+            self._service_ids.add(new)
         if not self._slot[addr & 0xFFFF]:
             self._slot[addr & 0xFFFF] = new + 1
         return new

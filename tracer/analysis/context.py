@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -135,9 +136,36 @@ class Context:
     rule_drops: tuple[RuleDrop, ...] = ()
     rule_drops_netns: int | None = None  # inode of the netns the counters were read in
     conntrack: ConntrackStats | None = None  # the node netns's table; None: not read
+    # a range of Service addresses: service_ip/service_prefix (every port); 32: one address
+    service_prefix: int = 32
+    # of a range, the addresses that are Services (the node's kube-proxy rules, as the
+    # kernel side traces them); None: every address in it
+    service_addresses: frozenset[str] | None = None
 
     def is_service(self, ip: str, port: int) -> bool:
-        return ip == self.service_ip and (self.service_port == 0 or port == self.service_port)
+        """ip:port is the traced Service's, or one of the traced range's."""
+        if self.service_port and port != self.service_port:
+            return False
+        if self.service_prefix >= 32:
+            return ip == self.service_ip
+        if self.service_addresses is not None and ip not in self.service_addresses:
+            return False
+        return in_prefix(ip, self.service_ip, self.service_prefix)
+
+
+def prefix_mask(prefix: int) -> int:
+    """The IPv4 netmask of a prefix length, as an int."""
+    return (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF if prefix > 0 else 0
+
+
+def in_prefix(ip: str, network: str, prefix: int) -> bool:
+    """ip (a dotted quad) is in network/prefix; False for anything that is not one."""
+    try:
+        a, n = (int.from_bytes(socket.inet_aton(x), "big") for x in (ip, network))
+    except OSError:
+        return False
+    mask = prefix_mask(prefix)
+    return a & mask == n & mask
 
 
 @dataclass(frozen=True)

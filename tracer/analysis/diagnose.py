@@ -145,7 +145,7 @@ def diagnose(conn: Connection, ctx: Context) -> Diagnosis:
             hop = _delivered(pkt, roles.client_ns)
             if hop is None:
                 continue
-            if ctx.is_service(hop.tuple.src, hop.tuple.sport):
+            if _translated(hop, conn, ctx):
                 success = True
             elif brk is None:
                 brk = _untranslated_reply(conn, i, pkt, hop, roles, ctx)
@@ -153,7 +153,7 @@ def diagnose(conn: Connection, ctx: Context) -> Diagnosis:
             hop = _delivered(pkt, roles.client_ns)
             if hop is None:
                 continue
-            if ctx.is_service(hop.tuple.src, hop.tuple.sport):
+            if _translated(hop, conn, ctx):
                 later_ok = later_ok or (later is not None and pkt.role != "RST")
             elif later is None:
                 later = _untranslated_reply(conn, i, pkt, hop, roles, ctx)
@@ -181,6 +181,14 @@ def diagnose(conn: Connection, ctx: Context) -> Diagnosis:
     return Diagnosis(verdict, brk, tuple(notes))
 
 
+def _translated(hop: Hop, conn: Connection, ctx: Context) -> bool:
+    """A reply delivered to the client comes from the Service: the address and port the
+    client called (a range: its connection's own, as pods may share the range)."""
+    if ctx.service_prefix >= 32:
+        return ctx.is_service(hop.tuple.src, hop.tuple.sport)
+    return (hop.tuple.src, hop.tuple.sport) == (conn.key.dst, conn.key.dport)
+
+
 def _diagnose_udp(conn: Connection, ctx: Context) -> Diagnosis:
     """A UDP flow: each request (original datagram) is answered by the next reply that
     reaches the client, or by an ICMP error that does. It is ok when every request got a
@@ -201,7 +209,7 @@ def _diagnose_udp(conn: Connection, ctx: Context) -> Diagnosis:
         if hop is None:
             continue  # lost on its way: the request stays unanswered
         req = pending.pop(0) if pending else None
-        translated = ctx.is_service(hop.tuple.src, hop.tuple.sport)
+        translated = _translated(hop, conn, ctx)
         if pkt.role == "UDP":
             exchanges.append(Exchange(req, reply=i, ok=translated))
         else:

@@ -298,11 +298,15 @@ class Finalizer:
         sa_reply = reply[k:]
         sa_seg = seg[sa]
         in_client = d["netns"][sa] == d["netns"][starts][sa_seg]
-        ctx, svc = self.ctx, self.tuples.service_id
+        ctx = self.ctx
         src, sport = _src(t64[sa])
-        from_svc = src == svc if svc is not None else np.zeros(len(sa), dtype=bool)
-        if ctx.service_port:
-            from_svc &= sport == ctx.service_port
+        if ctx.service_prefix >= 32:
+            from_svc = self.tuples.in_service(src)
+            if ctx.service_port:
+                from_svc &= sport == ctx.service_port
+        else:  # a range: from the connection's own Service (pods may share the range)
+            called, called_port = _dst(key64[sa_seg])
+            from_svc = (src == called) & (sport == called_port)
         bad = np.bincount(sa_seg[~sa_reply | (in_client & ~from_svc)], minlength=k)
         good = np.bincount(sa_seg[in_client & from_svc], minlength=k)
         healthy = first_original & (bad == 0) & (good > 0)

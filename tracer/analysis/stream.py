@@ -152,7 +152,7 @@ class StreamAnalyser:
         self._late: tuple[np.ndarray, np.ndarray] | None = None
         self._seen_ns = 0  # latest event time seen
         self.idle_ns = idle_ns if idle_ns is not None else ctx.reply_timeout_ns + IDLE_MARGIN_NS
-        self.tuples = TupleIds(ctx.service_ip)
+        self.tuples = TupleIds(ctx.service_ip, ctx.service_prefix, ctx.service_addresses)
         self._finalizer = Finalizer(ctx, codec, self.tuples)
         self._peeker = Finalizer(ctx, codec, self.tuples)  # peek()'s: not counted
         self._scope = np.array(sorted(ctx.scope), dtype=np.uint32) if ctx.scope else None
@@ -190,7 +190,8 @@ class StreamAnalyser:
     def set_context(self, ctx: Context) -> None:
         """Judge from now on with ctx: a live trace learns losses, namespaces, drop reason
         names and rule drops as it goes (same service and port as before)."""
-        assert (ctx.service_ip, ctx.service_port) == (self.ctx.service_ip, self.ctx.service_port)
+        same = ("service_ip", "service_port", "service_prefix")
+        assert all(getattr(ctx, k) == getattr(self.ctx, k) for k in same)
         self.ctx = self._finalizer.ctx = self._peeker.ctx = ctx
         self._scope = np.array(sorted(ctx.scope), dtype=np.uint32) if ctx.scope else None
 
@@ -304,12 +305,11 @@ class StreamAnalyser:
 
     def _learn(self, d: np.ndarray) -> None:
         """Claim the tuples of every service conntrack entry, earliest first."""
-        svc = self.tuples.service_id
-        if svc is None:
+        if not self.tuples.has_service:
             return
         ct = d["ct"]
         o = d["o"][ct]
-        mine = ((o >> np.uint64(32)) & np.uint64(TupleIds.ADDR_MASK)) == svc
+        mine = self.tuples.in_service((o >> np.uint64(32)) & np.uint64(TupleIds.ADDR_MASK))
         if self.ctx.service_port:
             mine &= (o & np.uint64(0xFFFF)) == self.ctx.service_port
         o, r, cf = o[mine], d["r"][ct][mine], d["cf"][ct][mine]
@@ -371,14 +371,13 @@ class StreamAnalyser:
         connection (two entries with one reply tuple, a NAT clash, share the tuple but
         not the packets). None when none. (Events come in runs of one tuple: run_at,
         inv, ukey, known are _assign's.)"""
-        svc = self.tuples.service_id
-        if svc is None:
+        if not self.tuples.has_service:
             return None
         cand = np.flatnonzero(d["ct"])
         if not len(cand):
             return None
         o = d["o"][cand]
-        mine = ((o >> np.uint64(32)) & np.uint64(TupleIds.ADDR_MASK)) == svc
+        mine = self.tuples.in_service((o >> np.uint64(32)) & np.uint64(TupleIds.ADDR_MASK))
         if self.ctx.service_port:
             mine &= (o & np.uint64(0xFFFF)) == self.ctx.service_port
         cand, o = cand[mine], o[mine]
@@ -402,13 +401,13 @@ class StreamAnalyser:
             hit[0] in self._open or self._released.get(hit[0], -1) >= self.watermark
         ):
             return hit
-        svc, port = self.tuples.service_id, self.ctx.service_port
-        if svc is None:
+        tuples, port = self.tuples, self.ctx.service_port
+        if not tuples.has_service:
             return None
-        m = TupleIds.ADDR_MASK
-        if (t >> 32) & m == svc and (not port or t & 0xFFFF == port):
+        m, svc = TupleIds.ADDR_MASK, tuples.is_service_id
+        if svc((t >> 32) & m) and (not port or t & 0xFFFF == port):
             return t, _ORIGINAL
-        if (t >> 48) & m == svc and (not port or (t >> 16) & 0xFFFF == port):
+        if svc((t >> 48) & m) and (not port or (t >> 16) & 0xFFFF == port):
             return self.tuples.reverse(t), _REPLY
         return None
 

@@ -1,7 +1,8 @@
 """Before and after: the packet-rate rows for another checkout of hairtrace and this one.
 
 Both tracers run in the same hb-* lab, one comparison after the other, each
-against the traffic with no tracer (interleaved rounds, tracer.bench.compare).
+against the traffic with no tracer (interleaved rounds, tracer.bench.compare);
+each row keeps its spread over the rounds and the machine's load while it ran.
 The other checkout's hairtrace runs with this venv's interpreter and
 PYTHONPATH=CHECKOUT, so its own tracer package and BPF object
 (CHECKOUT/bpf/build/hairtrace.bpf.o, built with make -C CHECKOUT/bpf) are used.
@@ -16,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tracer.bench import netlab
+from tracer.bench import load, netlab
 from tracer.bench.compare import compare
 from tracer.bench.context import Env
-from tracer.bench.pktrate import HairtraceObserver
+from tracer.bench.pktrate import FLOOR_OBJECT, HairtraceObserver
 from tracer.bench.procs import Procs, Tools, cpus
 from tracer.bench.rows import Row
 from tracer.bench.traffic import Sample, Traffic
@@ -34,6 +35,7 @@ class Variant:
     environ: dict[str, str] | None  # None: this checkout, this environment
     extra: tuple[str, ...] = ()
     svc: str = netlab.SERVICE_IP  # --svc (a protocol suffix needs a checkout that knows it)
+    floor: bool = False  # empty programs at the same points: only the flood outside the filter
 
 
 def variants(other: Path) -> list[Variant]:
@@ -49,7 +51,9 @@ def variants(other: Path) -> list[Variant]:
         Variant("after (this checkout)", None),
         Variant("after, --data-packets 0", None, ("--data-packets", "0")),
         Variant("after, --svc VIP/tcp (TCP only)", None, svc=f"{netlab.SERVICE_IP}/tcp"),
-    ]
+        Variant("floor: empty programs (this checkout)",
+                {**os.environ, "HAIRTRACE_BPF_OBJ": str(FLOOR_OBJECT)}, floor=True),
+    ]  # fmt: skip
 
 
 def _observer(env: Env, v: Variant, stop_timeout: float) -> Callable[[], HairtraceObserver]:
@@ -84,11 +88,16 @@ def run_ab(other: Path, rounds: int, progress: Callable[[str], None]) -> list[di
                     continue
                 if v.svc.endswith("/tcp") and "traced" in kind and kind.startswith("UDP"):
                     continue  # not traced at all then
+                if v.floor and "outside" not in kind:
+                    continue  # what the floor measures: dispatch alone, nothing traced
                 progress(f"{v.name}: {kind}")
+                before = load.sample()
                 c = compare(traffic, _observer(env, v, stop_timeout), rounds)
+                during = load.between(before, load.sample())
                 row = c.row(Row(f"ab.{kind}", "before/after", kind, "pps"))  # medians of rounds
                 rows.append({"tracer": v.name, "traffic": kind, "pps": row.value,
                              "no_tracer_pps": row.baseline,
                              "ratio": None if row.ratio is None else round(row.ratio, 3),
+                             "spread": row.spread(), "load": during,
                              "observer": c.observed})  # fmt: skip
     return rows

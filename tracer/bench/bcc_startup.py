@@ -50,5 +50,7 @@ def measure(env: Env) -> list[Row]:
     return [
         replace(row, value=round(statistics.median(attach), 3),
                 baseline=round(statistics.median(compile_s), 3),
+                rounds=tuple(round(a, 3) for a in attach),
+                round_ratios=tuple(a / c for a, c in zip(attach, compile_s, strict=True) if c),
                 detail={"attach_seconds": attach, "compile_seconds": compile_s}),
     ]  # fmt: skip

@@ -3,7 +3,8 @@
 Each round measures the traffic alone and with the observer attached (started
 before, stopped after), in alternating order; the row's value and baseline
 are the medians of the rounds, so a drift of the lab's rate does not pass for
-an overhead.
+an overhead. The row also keeps each round's rate and ratio (with / without
+of the same round): its spread.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Comparison:
             template,
             value=round(with_),
             baseline=round(without),
+            rounds=tuple(round(s.pps) for s in self.with_),
+            round_ratios=self.ratios(),
             detail={
                 "without": [s.to_dict() for s in self.without],
                 "with": [s.to_dict() for s in self.with_],
@@ -47,6 +50,11 @@ class Comparison:
                 **detail,
             },
         )
+
+    def ratios(self) -> tuple[float, ...]:
+        """with / without of each round (round i measured both, next to each other)."""
+        return tuple(w.pps / o.pps for w, o in zip(self.with_, self.without, strict=False)
+                     if o.pps)  # fmt: skip
 
 
 def compare(

@@ -6,6 +6,13 @@ kfree_skb), printing a line per event, as one would chase a packet with it;
 tcpdump on every interface of hb-node. Rows: their pps overhead, and how much
 of what they were offered they delivered (bpftrace's "Lost N events",
 tcpdump's "packets dropped by kernel").
+
+Each peer's rows stand alone: one that cannot run or fails is n/a with its own
+error, and the other is still measured. bpftrace finds tracepoints through
+tracefs; on a machine where it is not mounted (at /sys/kernel/tracing, or under
+debugfs at /sys/kernel/debug/tracing) the bench mounts it read-only at
+/sys/kernel/tracing for the bpftrace rows, unmounts it after however they end,
+and says so in the rows' note.
 """
 
 from __future__ import annotations
@@ -13,7 +20,10 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import IO, Any
 
 from tracer.bench import netlab
@@ -21,6 +31,7 @@ from tracer.bench.compare import Comparison, compare
 from tracer.bench.context import Env
 from tracer.bench.procs import run, wait_for, which
 from tracer.bench.rows import Row, not_available
+from tracer.bench.traffic import Sample
 from tracer.errors import HairtraceError
 
 SECTION = "peers (UDP flood)"
@@ -32,6 +43,8 @@ tracepoint:net:net_dev_start_xmit { printf("tx %%s %%u\\n", str(args->name), arg
 tracepoint:skb:kfree_skb { printf("drop %%d\\n", args->reason); }
 """
 _LOST = re.compile(r"Lost (\d+) events")
+TRACEFS = Path("/sys/kernel/tracing")
+DEBUGFS_TRACING = Path("/sys/kernel/debug/tracing")
 _TCPDUMP = re.compile(r"(\d+) packets? (captured|received by filter|dropped by kernel)")
 
 
@@ -70,7 +83,12 @@ class Bpftrace:
                 raise HairtraceError(f"bpftrace exited ({proc.returncode}): {self._last_error()}")
             return self.ready.exists()
 
-        wait_for(attached, 60, "bpftrace to attach")
+        try:
+            wait_for(attached, 60, "bpftrace to attach")
+        except BaseException:
+            self.env.procs.stop(proc)  # not left running into the next peer's rows
+            self._err.close()
+            raise
 
     def stop(self) -> dict[str, Any]:
         assert self.proc is not None and self._err is not None
@@ -115,7 +133,12 @@ class Tcpdump:
                 raise HairtraceError(f"tcpdump exited ({proc.returncode}): {self._text()[-200:]}")
             return "listening on" in self._text()
 
-        wait_for(listening, 30, "tcpdump to start capturing")
+        try:
+            wait_for(listening, 30, "tcpdump to start capturing")
+        except BaseException:
+            self.env.procs.stop(proc)
+            self._err.close()
+            raise
 
     def stop(self) -> dict[str, Any]:
         assert self.proc is not None and self._err is not None
@@ -144,35 +167,106 @@ def _missing(tool: str) -> str | None:
 
 
 def measure(env: Env) -> list[Row]:
+    """bpftrace's rows, then tcpdump's: each pair measured, or n/a with its own reason."""
     bt_pps, bt_printed, td_pps, td_captured = template()
-    secs = env.seconds
+
+    def traffic() -> Sample:
+        return env.traffic.udp(env.seconds)
+
     rows: list[Row] = []
-    why = _missing("bpftrace") or _bpftrace_works()
-    if why:
-        rows += [not_available(bt_pps, why), not_available(bt_printed, why)]
-    else:
+    with tracefs_for_bpftrace() as mounted:
         n = iter(range(100))
-        bt = compare(lambda: env.traffic.udp(secs), lambda: Bpftrace(env, next(n)), env.rounds)
-        rows += [bt.row(bt_pps), _delivered(bt_printed, bt, "printed", "lost")]
-    why = _missing("tcpdump")
-    if why:
-        rows += [not_available(td_pps, why), not_available(td_captured, why)]
-    else:
-        n = iter(range(100))
-        td = compare(lambda: env.traffic.udp(secs), lambda: Tcpdump(env, next(n)), env.rounds)
-        rows += [td.row(td_pps), _delivered(td_captured, td, "captured", None)]
+        bt = _peer_rows(
+            (bt_pps, bt_printed),
+            lambda: _missing("bpftrace") or _bpftrace_works(),
+            lambda: compare(traffic, lambda: Bpftrace(env, next(n)), env.rounds),
+            "printed",
+            "lost",
+        )
+        rows += [replace(r, note=mounted) if mounted else r for r in bt]
+    n = iter(range(100))
+    rows += _peer_rows(
+        (td_pps, td_captured),
+        lambda: _missing("tcpdump"),
+        lambda: compare(traffic, lambda: Tcpdump(env, next(n)), env.rounds),
+        "captured",
+        None,
+    )
     return rows
+
+
+def _peer_rows(
+    templates: tuple[Row, Row],
+    why_not: Callable[[], str | None],
+    measure_peer: Callable[[], Comparison],
+    got: str,
+    lost: str | None,
+) -> list[Row]:
+    """One peer's (pps, delivered) rows; n/a with this peer's own error when it fails."""
+    pps_row, delivered_row = templates
+    why = why_not()
+    if why is None:
+        try:
+            cmp = measure_peer()
+        except Exception as exc:  # noqa: BLE001 - this peer's rows are n/a, the other's go on
+            why = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        else:
+            return [cmp.row(pps_row), _delivered(delivered_row, cmp, got, lost)]
+    return [not_available(pps_row, why), not_available(delivered_row, why)]
+
+
+def tracefs_mounted() -> bool:
+    """Whether bpftrace finds the tracepoints' event directories (tracefs or debugfs)."""
+    return any((p / "events").is_dir() for p in (TRACEFS, DEBUGFS_TRACING))
+
+
+def mount_tracefs() -> None:
+    # read-only: bpftrace only reads the events' ids and formats
+    run(["mount", "-t", "tracefs", "-o", "ro", "nodev", str(TRACEFS)])
+
+
+def umount_tracefs() -> None:
+    try:
+        run(["umount", str(TRACEFS)])
+    except HairtraceError:
+        run(["umount", "-l", str(TRACEFS)])  # still in use: detached now, freed when unused
+
+
+@contextmanager
+def tracefs_for_bpftrace() -> Iterator[str | None]:
+    """tracefs there for the block: mounted by the bench (and unmounted after, however the
+    block ends) only when it is not already; the note to show, or None."""
+    if tracefs_mounted():
+        yield None
+        return
+    try:
+        mount_tracefs()
+    except HairtraceError as exc:
+        yield f"tracefs was not mounted and the bench could not mount it: {exc}"
+        return
+    try:
+        yield (f"tracefs was not mounted: the bench mounted it read-only at {TRACEFS} "
+               "for bpftrace and unmounted it after")  # fmt: skip
+    finally:
+        umount_tracefs()
 
 
 def _delivered(row: Row, cmp: Comparison, got: str, lost: str | None) -> Row:
     """What the peer delivered per second of traffic, against what it was offered."""
+    counts: list[tuple[int, int]] = []  # (delivered, offered) in each round
+    for o in cmp.observed:
+        delivered = o.get(got) or 0
+        if lost is not None:
+            offered = delivered + (o.get(lost) or 0)
+        else:
+            offered = o.get("received_by_filter") or 0
+        counts.append((delivered, offered))
     secs = sum(s.seconds for s in cmp.with_)
-    delivered = sum(o.get(got) or 0 for o in cmp.observed)
-    if lost is not None:
-        offered = delivered + sum(o.get(lost) or 0 for o in cmp.observed)
-    else:
-        offered = sum(o.get("received_by_filter") or 0 for o in cmp.observed)
-    return replace(row, value=round(delivered / secs), baseline=round(offered / secs),
+    rates = [(d / s.seconds, o / s.seconds) for (d, o), s in zip(counts, cmp.with_, strict=False)]
+    return replace(row, value=round(sum(d for d, _ in counts) / secs),
+                   baseline=round(sum(o for _, o in counts) / secs),
+                   rounds=tuple(round(d) for d, _ in rates),
+                   round_ratios=tuple(d / o for d, o in counts if o),
                    detail={"observer": cmp.observed, "seconds": round(secs, 3)})  # fmt: skip
 
 

@@ -7,7 +7,10 @@ runs pinned to one CPU at a paced rate; this process drains on another CPU
 with hairtrace's own reader: "before" the libbpf callback reader
 (tracer.kernel.libbpf.RingBuffer), "after" the direct reader
 (tracer.kernel.ringbuf.DirectRingBuffer) when that module exists. A rate is
-drained with zero loss when the producer's reserve never failed.
+drained with zero loss when the producer's reserve never failed. The sweep is
+repeated env.rounds times (both readers in each round); rows are the medians,
+with each round's value (and the direct reader's ratio to the callback's in the
+same round) as their spread.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import importlib
 import json
 import os
 import platform
+import statistics
 import struct
 import subprocess
 import sys
@@ -217,29 +221,44 @@ def run_step(
 
 
 def measure(env: Env) -> list[Row]:
-    """Both readers over the rate sweep; the direct reader's rows against the callback's."""
+    """Both readers over the rate sweep, env.rounds times (interleaved, callback, direct |
+    direct, callback, ...); the direct reader's rows against the callback's."""
     avail = cpus()
     cpu_pair = (avail[0], avail[-1])
     rates, duration = (SHORT_RATES, 0.6) if env.short else (RATES, 2.0)
     direct, why_not = direct_reader()
     lib = Libbpf()
     rows = {r.id: r for r in template()}
+    kinds = [k for k in KINDS if k != "direct" or direct is not None]
+    sweeps: dict[str, list[list[Step]]] = {k: [] for k in kinds}
+    for i in range(env.rounds):
+        for kind in kinds if i % 2 == 0 else kinds[::-1]:  # a steady drift cancels out
+            sweeps[kind].append(
+                [run_step(lib, kind, direct, r, duration, cpu_pair, env.stop.check) for r in rates]
+            )
+    per_round: dict[str, list[float | None]] = {}
     for kind in KINDS:
         lossless_id, cpu_id = f"pipeline.lossless_rate.{kind}", f"pipeline.cpu_at_1M.{kind}"
-        if kind == "direct" and direct is None:
+        if kind not in sweeps:
             rows[lossless_id] = not_available(rows[lossless_id], why_not or "")
             rows[cpu_id] = not_available(rows[cpu_id], why_not or "")
             continue
-        steps = [run_step(lib, kind, direct, r, duration, cpu_pair, env.stop.check) for r in rates]
-        rows[lossless_id], rows[cpu_id] = _rows(rows[lossless_id], rows[cpu_id], steps)
+        rows[lossless_id], rows[cpu_id], per_round[lossless_id], per_round[cpu_id] = _rows(
+            rows[lossless_id], rows[cpu_id], sweeps[kind]
+        )
         if kind == "direct":
-            rows["pipeline.capacity.direct"] = _capacity(rows["pipeline.capacity.direct"], steps)
-    for after_id in ("pipeline.lossless_rate.direct", "pipeline.cpu_at_1M.direct"):
-        before = rows[after_id.replace("direct", "callback")]
-        if rows[after_id].na is None:
-            rows[after_id] = replace(
-                rows[after_id], baseline=before.value, baseline_name="callback (before)"
+            rows["pipeline.capacity.direct"] = _capacity(
+                rows["pipeline.capacity.direct"], sweeps[kind]
             )
+    for after_id in ("pipeline.lossless_rate.direct", "pipeline.cpu_at_1M.direct"):
+        before_id = after_id.replace("direct", "callback")
+        before = rows[before_id]
+        if rows[after_id].na is None:
+            pairs = zip(per_round[after_id], per_round[before_id], strict=True)
+            rows[after_id] = replace(
+                rows[after_id], baseline=before.value, baseline_name="callback (before)",
+                round_ratios=tuple(a / b for a, b in pairs if a is not None and b),
+            )  # fmt: skip
     return list(rows.values())
 
 
@@ -258,32 +277,65 @@ def _throttle_note(step: Step) -> str:
             f"up at {step.cpu_percent:.0f}% CPU, so its own ceiling is higher")  # fmt: skip
 
 
-def _capacity(row: Row, steps: list[Step]) -> Row:
+def _capacity(row: Row, sweeps: list[list[Step]]) -> Row:
     """What one core of the reader drains: the rate over the reader's CPU share, at the
-    highest rate drained without loss (the producer, one CPU, tops out below it here)."""
-    clean = [s for s in steps if s.lost == 0 and s.received >= s.emitted and s.cpu_percent > 0]
-    if not clean:
-        why = "no rate was drained without loss" if steps else "direct reader not measured"
+    highest rate drained without loss (the producer, one CPU, tops out below it here);
+    the median over the rounds."""
+    per_round: list[tuple[float, Step]] = []
+    for steps in sweeps:
+        clean = [s for s in steps if s.lost == 0 and s.received >= s.emitted and s.cpu_percent > 0]
+        if clean:
+            best = max(clean, key=lambda s: s.rate)
+            per_round.append((best.rate / (best.cpu_percent / 100), best))
+    if not per_round:
+        why = "no rate was drained without loss" if sweeps else "direct reader not measured"
         return not_available(row, why)
-    best = max(clean, key=lambda s: s.rate)
-    return replace(row, value=round(best.rate / (best.cpu_percent / 100)),
-                   detail={"at": best.to_dict()})  # fmt: skip
+    value, at = _median_round(per_round)
+    return replace(row, value=round(value), rounds=tuple(round(v) for v, _ in per_round),
+                   detail={"at": at.to_dict(), "rounds": len(sweeps)})  # fmt: skip
 
 
-def _rows(lossless: Row, cpu: Row, steps: list[Step]) -> tuple[Row, Row]:
-    clean = [s for s in steps if s.lost == 0 and s.received >= s.emitted]
-    detail: dict[str, Any] = {"per_call": PER_CALL, "steps": [s.to_dict() for s in steps]}
-    if clean:
-        best = max(clean, key=lambda s: s.rate)
+def _median_round(per_round: list[tuple[float, Step]]) -> tuple[float, Step]:
+    """The round whose value is the median (the lower one of an even count): a real run."""
+    ordered = sorted(per_round, key=lambda vs: vs[0])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _rows(
+    lossless: Row, cpu: Row, sweeps: list[list[Step]]
+) -> tuple[Row, Row, list[float | None], list[float | None]]:
+    """The two rows of one reader over its rounds, and each round's values (None: none)."""
+    detail: dict[str, Any] = {"per_call": PER_CALL,
+                              "rounds": [[s.to_dict() for s in steps] for steps in sweeps]}  # fmt: skip
+    best_of: list[float | None] = []
+    bests: list[tuple[float, Step]] = []
+    for steps in sweeps:
+        clean = [s for s in steps if s.lost == 0 and s.received >= s.emitted]
+        best = max(clean, key=lambda s: s.rate) if clean else None
+        best_of.append(None if best is None else best.rate)
+        if best is not None:
+            bests.append((best.rate, best))
+    if bests:
+        rate, best = _median_round(bests)
         if best.throttled:
             detail["note"] = _throttle_note(best)
-        lossless = replace(lossless, value=round(best.rate), detail=detail)
+        if len(bests) < len(sweeps):
+            detail["rounds_lossy_at_every_rate"] = len(sweeps) - len(bests)
+        lossless = replace(lossless, value=round(rate), rounds=tuple(round(r) for r, _ in bests),
+                           detail=detail)  # fmt: skip
     else:
         lossless = replace(not_available(lossless, "lost events at every rate tried"),
                            detail=detail)  # fmt: skip
-    at_1m = [s for s in steps if s.requested == CPU_RATE]
-    if at_1m:
-        cpu = replace(cpu, value=round(at_1m[0].cpu_percent, 1), detail=at_1m[0].to_dict())
+    cpu_of: list[float | None] = []
+    for steps in sweeps:
+        at_1m = [s for s in steps if s.requested == CPU_RATE]
+        cpu_of.append(at_1m[0].cpu_percent if at_1m else None)
+    measured = [c for c in cpu_of if c is not None]
+    if measured:
+        at = [s for steps in sweeps for s in steps if s.requested == CPU_RATE]
+        cpu = replace(cpu, value=round(statistics.median(measured), 1),
+                      rounds=tuple(round(c, 1) for c in measured),
+                      detail={"rounds": [s.to_dict() for s in at]})  # fmt: skip
     else:
         cpu = not_available(cpu, "1 M ev/s was not in the sweep")
-    return lossless, cpu
+    return lossless, cpu, best_of, cpu_of

@@ -13,6 +13,7 @@ datagrams become events at every hop, later ones cost the budget's map lookup pe
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from tracer.bench import netlab
@@ -21,6 +22,10 @@ from tracer.bench.context import Env
 from tracer.bench.rows import Row, Target
 from tracer.bench.tracerun import Tracer
 from tracer.errors import HairtraceError
+from tracer.kernel.objfile import CHECKOUT_BPF, ENV
+
+# bpf/build/floor.bpf.o: hairtrace's programs with every entry point returning at once
+FLOOR_OBJECT = CHECKOUT_BPF / "build" / "floor.bpf.o"
 
 SECTION = "packet rate"
 UDP = Target("ratio", ">=", 0.98, ">= 0.98 x untraced (< 2% loss)")
@@ -33,6 +38,9 @@ def template() -> list[Row]:
         Row("pktrate.udp_outside_filter", SECTION,
             "UDP flood outside the filter, hairtrace attached", "pps",
             baseline_name=NO_TRACER, target=UDP),
+        Row("pktrate.udp_dispatch_floor", SECTION,
+            "UDP flood outside the filter, empty programs at the same points (floor)", "pps",
+            baseline_name=NO_TRACER),
         Row("pktrate.tcp_traced", SECTION,
             "TCP via the ClusterIP, traced by hairtrace", "pps",
             baseline_name=NO_TRACER, target=TCP),
@@ -83,9 +91,13 @@ class HairtraceObserver:
 
 
 def measure(env: Env) -> list[Row]:
-    udp_row, tcp_row, every_row, udp_traced_row = template()
+    udp_row, floor_row, tcp_row, every_row, udp_traced_row = template()
     secs = env.seconds
     udp = compare(lambda: env.traffic.udp(secs), lambda: HairtraceObserver(env, 60), env.rounds)
+    # the dispatch floor: the same loader, provider and attach points, every program empty
+    floor_env = {**os.environ, ENV: str(FLOOR_OBJECT)}
+    floor = compare(lambda: env.traffic.udp(secs),
+                    lambda: HairtraceObserver(env, 60, environ=floor_env), env.rounds)  # fmt: skip
     tcp = compare(lambda: env.traffic.tcp(secs), lambda: HairtraceObserver(env, 180), env.rounds)
     every = compare(lambda: env.traffic.tcp(secs),
                     lambda: HairtraceObserver(env, 300, ("--data-packets", "0")), env.rounds)  # fmt: skip
@@ -94,6 +106,7 @@ def measure(env: Env) -> list[Row]:
     tcp_path = f"hb-a -> {netlab.SERVICE_IP}:{netlab.SERVICE_PORT}, DNAT to hb-b"
     return [
         udp.row(udp_row, traffic="flood.c send: 18-byte UDP, sendmmsg, hb-a -> hb-b via cni0"),
+        floor.row(floor_row, traffic=f"as above, {FLOOR_OBJECT.name} ({ENV})"),
         tcp.row(tcp_row, traffic=f"flood.c tcp-send: 64-byte writes, TCP_NODELAY, {tcp_path}"),
         every.row(every_row, traffic=f"as above, every packet traced: {tcp_path}"),
         udp_svc.row(

@@ -1,13 +1,17 @@
 """One benchmark result: a rate or ratio, the baseline it was measured against, the target.
 
 A row always has either a value or an explicit reason why not (`na`), so a
-reader (or a test) can tell "not measured" from "measured zero".
+reader (or a test) can tell "not measured" from "measured zero". A measured row
+also carries its value in each round (`rounds`, and value / baseline per round in
+`round_ratios` where the baseline was measured in the same round): its spread, so
+a reader can tell a regression from noise. A row measured once has one round.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -17,6 +21,7 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
     ">": operator.gt,
     ">=": operator.ge,
+    "==": operator.eq,
 }
 
 
@@ -53,6 +58,10 @@ class Row:
     target: Target | None = None
     na: str | None = None  # why there is no value
     detail: dict[str, Any] = field(default_factory=dict)
+    rounds: tuple[float, ...] = ()  # the value in each round; () = measured once (value)
+    round_ratios: tuple[float, ...] = ()  # value / baseline in each round, when paired
+    note: str | None = None  # a footnote that is not a failure (e.g. what the bench mounted)
+    load: dict[str, Any] | None = None  # the machine while the row's section ran (runner)
 
     @property
     def ratio(self) -> float | None:
@@ -65,6 +74,19 @@ class Row:
         if self.target is None or self.na is not None:
             return None
         return self.target.check(self.value, self.ratio)
+
+    def spread(self) -> dict[str, Any] | None:
+        """Min and max over the rounds (of the value, and of the ratio when paired), n."""
+        if self.value is None:
+            return None
+        values = list(self.rounds) or [self.value]
+        out: dict[str, Any] = {"n": len(values), "values": values,
+                               "min": min(values), "max": max(values),
+                               "rel": _rel(values)}  # fmt: skip
+        if self.round_ratios:
+            ratios = [round(r, 4) for r in self.round_ratios]
+            out |= {"ratios": ratios, "ratio_min": min(ratios), "ratio_max": max(ratios)}
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,9 +102,18 @@ class Row:
             "met": self.met,
             "na": self.na,
             "detail": self.detail,
+            "spread": self.spread(),
+            "note": self.note,
+            "load": self.load,
         }
+
+
+def _rel(values: list[float]) -> float | None:
+    """(max - min) / median: the share of the value the rounds disagree by."""
+    mid = statistics.median(values)
+    return round((max(values) - min(values)) / abs(mid), 4) if mid else None
 
 
 def not_available(row: Row, why: str) -> Row:
     """The same row with no value and the reason."""
-    return replace(row, value=None, baseline=None, na=why)
+    return replace(row, value=None, baseline=None, na=why, rounds=(), round_ratios=())

@@ -48,10 +48,12 @@ def measure(env: Env) -> list[Row]:
     attach_row, detach_row = template()
     runs = 1 if env.short else 5
     ht = hairtrace_argv()
-    version = [_timed([*ht, "--version"])[0] for _ in range(runs)]
+    version: list[float] = []
     attach: list[float] = []
     walls: list[float] = []
     for _ in range(runs):
+        # the baseline next to each attach: a round's ratio compares neighbours
+        version.append(_timed([*ht, "--version"])[0])
         wall, res = _timed([*ht, "--svc", netlab.SERVICE_IP, "--netns", netlab.NODE,
                             "--json", "-", "--", "true"])  # fmt: skip
         if res.returncode != 0:
@@ -67,8 +69,11 @@ def measure(env: Env) -> list[Row]:
     return [
         replace(attach_row, value=round(statistics.median(attach), 3),
                 baseline=round(statistics.median(version), 3),
+                rounds=tuple(round(a, 3) for a in attach),
+                round_ratios=tuple(a / v for a, v in zip(attach, version, strict=True) if v),
                 detail={"attach_seconds": attach, "wall_seconds_true": [round(w, 3) for w in walls],
                         "version_seconds": [round(v, 3) for v in version]}),
         replace(detach_row, value=round(statistics.median(detach), 3),
+                rounds=tuple(round(d, 3) for d in detach),
                 detail={"sigterm_to_exit_s": [round(d, 3) for d in detach]}),
     ]  # fmt: skip

@@ -33,9 +33,7 @@ class EventReader(Protocol):
 
 
 class LoadedObject(Protocol):
-    """The loaded programs and maps: counters (.bss layout), detach, close."""
-
-    def read_global(self, suffix: str) -> bytes: ...
+    """The loaded programs and maps: detach, close."""
 
     def detach_all(self) -> None: ...
 
@@ -54,6 +52,8 @@ class Loaded:
     attach: Callable[[str], list[str]]  # netns path -> attached program names
     open_reader: Callable[[], EventReader]
     ring_bytes: int  # size of the event buffer (the drain loop paces itself by it)
+    # the per-point counters now: emitted, lost, over budget, HT_PT_MAX u64 each
+    counters: Callable[[], bytes]
     skipped: dict[str, str] = field(default_factory=dict)  # filled while attaching
     compile_seconds: float | None = None  # bcc: its compile at start-up
     # after attach: netfilter program -> priority it sits at (another than its compiled

@@ -67,6 +67,8 @@ def cflags(
     data_budget: int = 0,
     protos: int = 0x03,
     source: Path | None = None,
+    mask: bytes = b"\xff\xff\xff\xff",
+    service_set: bool = False,
 ) -> list[str]:
     """-D macros for the bcc build: the service (struct ht_config's values, as stored);
     -I the directory of `source` (default: objfile.source_path()) for its headers."""
@@ -78,6 +80,8 @@ def cflags(
         f"-I{source.parent}",
         f"-DHT_CFG_SVC_ADDR={addr:#x}U",
         f"-DHT_CFG_SVC_PORT={port:#x}",
+        f"-DHT_CFG_SVC_MASK={struct.unpack('=I', mask)[0]:#x}U",
+        f"-DHT_CFG_SVC_SET={int(service_set)}",
         f"-DHT_CFG_PROTOS={protos:#x}",
         f"-DHT_CFG_DATA_BUDGET={data_budget}",
         "-Wno-int-conversion",  # integer probe arguments arrive as void * (as in libbpf)
@@ -128,10 +132,9 @@ class BccObject:
             raise HairtraceError(f"attaching {prog} to raw tracepoint {tp}: {exc}") from None
         self.links.append(("raw_tp", tp))
 
-    def read_global(self, suffix: str) -> bytes:
-        """ht_emitted, ht_lost, ht_over_budget, laid out as the CO-RE object's .bss."""
-        if suffix != ".bss":
-            raise HairtraceError(f"the bcc backend has no global section {suffix}")
+    def counters(self) -> bytes:
+        """ht_emitted, ht_lost, ht_over_budget, laid out as the CO-RE object's (struct
+        ht_counters, summed over CPUs there)."""
         emitted = [int(v.value) for v in self.bpf["ht_emitted"].values()]
         lost = [int(v.value) for v in self.bpf["ht_lost"].values()]
         # a perf buffer also reports what it could not take; count it once (point 0)
@@ -233,6 +236,8 @@ def load(
     data_budget: int,
     reason: str,
     protos: int = 0x03,
+    mask: bytes = b"\xff\xff\xff\xff",
+    services: tuple[str, ...] = (),
 ) -> Loaded:
     """Compile and load with bcc; attach happens through the returned Loaded."""
     why = privileged()
@@ -247,8 +252,12 @@ def load(
     source = source_path()
     flags = cflags(service_ip, service_port, perf=perf, ringbuf_bytes=ringbuf_bytes,
                    drop_reason=kfree_skb_has_reason(), data_budget=data_budget,
-                   protos=protos, source=source)  # fmt: skip
+                   protos=protos, source=source, mask=mask,
+                   service_set=bool(services))  # fmt: skip
     obj = BccObject(source, flags, perf)
+    table = obj.bpf["services"]
+    for ip in services:  # a range's Service addresses (network byte order, as the kernel's)
+        table[table.Key(struct.unpack("=I", socket.inet_aton(ip))[0])] = table.Leaf(1)
     output = "perf buffer" if perf else "ring buffer"
     if perf:
         output += f" ({PERF_ENV}=1)" if forced else " (no BPF ring buffer: Linux before 5.8)"
@@ -262,6 +271,7 @@ def load(
         attach=lambda _netns: _attach(obj, skipped),
         open_reader=lambda: obj.open_reader(lib),
         ring_bytes=obj.buffer_bytes(),
+        counters=obj.counters,
         skipped=skipped,
         compile_seconds=round(obj.compile_seconds, 3),
     )

@@ -29,6 +29,9 @@ class Features:
     kprobes: bool
     fentry: bool = False
     missing: dict[str, str] = field(default_factory=dict)
+    # bpf_rdonly_cast (Linux 6.2+): the filter reads headers with direct loads
+    # (hairtrace.bpf.o), else with helper copies (hairtrace-copy.bpf.o)
+    direct_reads: bool = False
 
 
 def _effective_caps() -> int:
@@ -89,13 +92,17 @@ def probe(lib: Libbpf | None = None) -> Features:
         missing["btf"] = (
             f"no kernel BTF at {btf_path}: the kernel was built without CONFIG_DEBUG_INFO_BTF"
         )
-    names = _btf_has_names([b"btf_trace_netif_receive_skb", b"bpf_nf_ctx"])
+    names = _btf_has_names([b"btf_trace_netif_receive_skb", b"bpf_nf_ctx", b"bpf_rdonly_cast"])
     tp_btf = btf and names[b"btf_trace_netif_receive_skb"]
     if btf and not tp_btf:
         missing["tp_btf"] = "kernel BTF has no btf_trace_netif_receive_skb (tp_btf unsupported)"
     nf_link = btf and names[b"bpf_nf_ctx"]
     if btf and not nf_link:
         missing["netfilter_link"] = "no BPF netfilter programs (needs Linux 6.4+)"
+    direct = btf and names[b"bpf_rdonly_cast"]
+    if btf and not direct:
+        missing["direct_reads"] = ("no bpf_rdonly_cast (Linux before 6.2): the filter copies "
+                                   "headers with a helper")  # fmt: skip
     kprobes = kernel_config("CONFIG_KPROBES") not in ("n",) and (
         Path("/sys/bus/event_source/devices/kprobe").exists()
     )
@@ -115,7 +122,7 @@ def probe(lib: Libbpf | None = None) -> Features:
         missing["fentry"] = fentry_why
     return Features(
         os.uname().release, why is None, btf, tp_btf, nf_link, ringbuf, kprobes,
-        fentry_why is None, missing,
+        fentry_why is None, missing, direct,
     )  # fmt: skip
 
 

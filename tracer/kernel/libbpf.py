@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from tracer.errors import HairtraceError
 
 BPF_PROG_TYPE_NETFILTER = 32
+LIBBPF_DEBUG = 2  # enum libbpf_print_level: WARN 0, INFO 1, DEBUG 2
 BPF_NETFILTER = 45
 BPF_MAP_TYPE_RINGBUF = 27
 BPF_LINK_CREATE = 28
@@ -63,6 +64,7 @@ class Libbpf:
         except OSError as exc:
             raise HairtraceError(f"cannot load libbpf ({name}): {exc}; install libbpf1") from exc
         self.log = _Log()
+        self._print_buf = ctypes.create_string_buffer(65536)  # one message at a time
         self._declare()
         self._print_cb = _PRINT_FN(self._on_print)
         self.lib.libbpf_set_print(self._print_cb)
@@ -91,7 +93,9 @@ class Libbpf:
             "bpf_map__set_max_entries": (i, [vp, ctypes.c_uint32]),
             "bpf_map__max_entries": (ctypes.c_uint32, [vp]),
             "bpf_map_lookup_elem": (i, [i, vp, vp]),
+            "bpf_map_update_elem": (i, [i, vp, vp, ctypes.c_uint64]),
             "libbpf_probe_bpf_map_type": (i, [u, vp]),
+            "libbpf_num_possible_cpus": (i, []),
             "btf__parse": (vp, [cp, vp]),
             "btf__parse_split": (vp, [cp, vp]),
             "btf__find_by_name_kind": (i, [vp, cp, u]),
@@ -110,7 +114,11 @@ class Libbpf:
         self.libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
     def _on_print(self, level: int, fmt: bytes, args: int | None) -> int:
-        buf = ctypes.create_string_buffer(65536)
+        # libbpf's debug messages (thousands per load: CO-RE relocations) explain nothing
+        # a warning does not: formatting each cost ~50 ms of every start
+        if level == LIBBPF_DEBUG:
+            return 0
+        buf = self._print_buf
         self.libc.vsnprintf(buf, len(buf), fmt, args)
         self.log.lines.append(buf.value.decode(errors="replace"))
         del self.log.lines[:-400]
@@ -244,6 +252,26 @@ class BpfObject:
     def map_max_entries(self, suffix: str) -> int:
         """max_entries of a map (for a ring buffer: its data size in bytes)."""
         return int(self.lib.lib.bpf_map__max_entries(self._map(suffix)))
+
+    def update_elem(self, suffix: str, key: bytes, value: bytes) -> None:
+        """Put one element into a map of the loaded object (BPF_ANY)."""
+        fd = self.map_fd(suffix)
+        if self.lib.lib.bpf_map_update_elem(fd, key, value, 0) != 0:
+            raise self.lib.errno_error(f"updating BPF map {suffix}")
+
+    def lookup_percpu(self, suffix: str, key: int = 0) -> list[bytes]:
+        """One element of a per-CPU array map: its value on each possible CPU."""
+        m = self._map(suffix)
+        cpus = int(self.lib.lib.libbpf_num_possible_cpus())
+        if cpus <= 0:
+            raise HairtraceError(f"libbpf_num_possible_cpus: {os.strerror(-cpus)}")
+        size = int(self.lib.lib.bpf_map__value_size(m))
+        stride = (size + 7) // 8 * 8  # the kernel rounds each CPU's copy up to 8 bytes
+        k = ctypes.c_uint32(key)
+        buf = ctypes.create_string_buffer(stride * cpus)
+        if self.lib.lib.bpf_map_lookup_elem(self.lib.lib.bpf_map__fd(m), ctypes.byref(k), buf):
+            raise self.lib.errno_error(f"reading BPF map {suffix}")
+        return [buf.raw[i * stride : i * stride + size] for i in range(cpus)]
 
     def read_global(self, suffix: str) -> bytes:
         """The whole value of a global-data map (.bss, .data): a consistent copy."""

@@ -53,13 +53,16 @@ class ColumnarWriter:
         self._text: dict[Any, str] = {}
         self._plain: dict[int, str] = {}
 
-    def entry(self, conn: LazyConnection, diag: Diagnosis, origin_ns: int, nl: str) -> str:
+    def entry(
+        self, conn: LazyConnection, diag: Diagnosis, origin_ns: int, nl: str, names: Any = None
+    ) -> str:
         """The connection's entry in the report, starting at the current position of a
-        line whose break and indentation is nl (as dumps_indented would continue it)."""
+        line whose break and indentation is nl (as dumps_indented would continue it);
+        names: RunInfo.service_names."""
         if conn.context is not self._ctx:
             self._reset(conn.context)
         self._text, self._plain = {}, {}
-        rest = dumps_indented(connection_dict(conn, diag, origin_ns, packets=_PACKETS))
+        rest = dumps_indented(connection_dict(conn, diag, origin_ns, packets=_PACKETS, names=names))
         rest = rest.replace("\n", nl)
         at = rest.index(_enc(_PACKETS))
         packets = self._packets(conn.key, conn.fields(), origin_ns, nl + "  ")

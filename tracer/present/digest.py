@@ -14,6 +14,7 @@ from typing import Any
 
 from tracer.analysis.diagnose import Diagnosis
 from tracer.analysis.reassemble import Connection
+from tracer.present.services import ServiceTally
 
 Result = tuple[Connection, Diagnosis]
 Kind = tuple[str, str, str]  # (verdict, cause, where) of a break
@@ -30,6 +31,7 @@ class Digest:
         self.verdicts: dict[str, int] = {}
         self.backends: dict[str, int] = {}
         self.causes: dict[str, int] = {}
+        self.services = ServiceTally()  # verdicts and causes per Service
         self.notes_total = 0
         self._bad: list[tuple[Any, int, Result]] = []  # max-heaps (negated): the first ones
         self._ok: list[tuple[Any, int, Result]] = []
@@ -49,6 +51,7 @@ class Digest:
         """One connection; order sorts the results (e.g. Finished.order)."""
         self.total += 1
         self._n += 1
+        self.services.add(conn, diag)
         self.verdicts[diag.verdict] = self.verdicts.get(diag.verdict, 0) + 1
         b = f"{conn.backend[0]}:{conn.backend[1]}" if conn.backend else "none"
         if conn.backend and conn.backend_pod:

@@ -19,6 +19,7 @@ from tracer.events.model import service_label
 from tracer.present.digest import Digest
 from tracer.present.report import RunInfo
 from tracer.present.reportfile import ReportFile, ReportWriter
+from tracer.present.services import ServiceKey, service_key, service_text, tally_text
 from tracer.trace import Stats, TraceOptions, TraceResult, run_trace
 
 _STYLE = {"ok": "green", "broken": "bold red", "recovered": "yellow", "incomplete": "magenta"}
@@ -44,7 +45,11 @@ def _header(run: RunInfo) -> Text:
 
 
 def _named(run: RunInfo) -> str:
-    """ "prod/export 100.67.30.133:80" when the rules name the Service, else the address."""
+    """ "prod/export 100.67.30.133:80" when the rules name the Service, else the address
+    ("100.64.0.0/10 (2 Services)" for a range)."""
+    if run.service_prefix < 32:
+        n = len({(ip, port) for ip, port, _proto in run.service_names})
+        return f"{run.service_ip}/{run.service_prefix} ({n} named Service port(s) in the rules)"
     addr = service_label(run.service_ip, run.service_port)
     if run.service_name is None:
         return addr
@@ -71,9 +76,42 @@ def new_digest() -> Digest:
     return Digest(MAX_ROWS, max_bad_rows=MAX_BAD_ROWS)
 
 
-def _digest_table(digest: Digest, open_now: Sequence[Finished] = ()) -> Table:
+def _range_names(run: RunInfo | None) -> dict[ServiceKey, str] | None:
+    """The Service names the table shows: a range's (one Service's name is in the head)."""
+    return dict(run.service_names) if run is not None and run.service_prefix < 32 else None
+
+
+def _service_cell(conn: Connection, names: dict[ServiceKey, str] | None) -> str:
+    if names is None:
+        return f"{conn.key.dst}:{conn.key.dport}/{conn.proto}"
+    ip, port, proto = key = service_key(conn)
+    name = names.get(key)
+    return f"{ip}:{port}/{proto}\n{name}" if name else f"{ip}:{port}/{proto}"
+
+
+def _services_table(digest: Digest, names: dict[ServiceKey, str] | None) -> Table:
+    """A range's connections by Service: verdicts and causes."""
+    table = Table(expand=True, show_lines=False, title="by Service")
+    for col in ("service", "connections", "ok", "broken", "other", "causes"):
+        table.add_column(col)
+    for row in digest.services.rows(names):
+        key = (row["ip"], row["port"], row["proto"])
+        other = row["connections"] - row["ok"] - row["broken"]
+        causes = ", ".join(f"{c} {n}" for c, n in row["causes"].items())
+        table.add_row(service_text(key, names), str(row["connections"]),
+                      Text(str(row["ok"]), style="green" if row["ok"] else ""),
+                      Text(str(row["broken"]), style="bold red" if row["broken"] else ""),
+                      str(other), causes)  # fmt: skip
+    return table
+
+
+def _digest_table(
+    digest: Digest,
+    open_now: Sequence[Finished] = (),
+    names: dict[ServiceKey, str] | None = None,
+) -> Table:
     """The connections judged (digest) and, in a live view, the open ones that already
-    show a break (open_now: provisional verdicts)."""
+    show a break (open_now: provisional verdicts); names: a range's Service names."""
     table = Table(expand=True, show_lines=False)
     for col in ("client", "service", "backend", "packets", "verdict", "where / cause"):
         table.add_column(col)
@@ -91,7 +129,7 @@ def _digest_table(digest: Digest, open_now: Sequence[Finished] = ()) -> Table:
             where = f"{b.where}: {b.cause}"
         table.add_row(
             _client(conn),
-            f"{conn.key.dst}:{conn.key.dport}/{conn.proto}",
+            _service_cell(conn, names),
             backend,
             roles,
             Text(diag.verdict, style=_STYLE.get(diag.verdict, "")),
@@ -103,7 +141,7 @@ def _digest_table(digest: Digest, open_now: Sequence[Finished] = ()) -> Table:
         assert brk is not None
         table.add_row(
             _client(conn),
-            f"{conn.key.dst}:{conn.key.dport}/{conn.proto}",
+            _service_cell(conn, names),
             _backend(conn),
             compact_roles(packet_labels(conn)),
             Text(f"{f.diag.verdict} (open)", style=_STYLE.get(f.diag.verdict, "")),
@@ -193,9 +231,11 @@ class TraceView:
         self._writer: ReportWriter | None = None
         self._view: Live | None = None
         self.header = Text("")
+        self._run: RunInfo | None = None
 
     def attached(self, run: RunInfo) -> None:
         self.header = _header(run)
+        self._run = run
         if self._report:
             self._file = ReportFile(self._report)
             self._writer = ReportWriter(self._file.stream)
@@ -217,8 +257,13 @@ class TraceView:
 
     def update(self, open_now: list[Finished], stats: Stats) -> None:
         if self._view is not None:
-            table = _digest_table(self.digest, open_now)
-            self._view.update(Group(self.header, table, _losses(stats)))
+            names = _range_names(self._run)
+            table = _digest_table(self.digest, open_now, names)
+            if names is None:
+                self._view.update(Group(self.header, table, _losses(stats)))
+            else:
+                by_service = _services_table(self.digest, names)
+                self._view.update(Group(self.header, table, by_service, _losses(stats)))
 
     def close(self) -> None:
         if self._view is not None:
@@ -284,12 +329,19 @@ def render_digest(run: RunInfo, digest: Digest, console: Console | None = None) 
     """render_summary of the connections gathered in digest (a streamed replay)."""
     console = console or _console()
     console.print(_header(run))
-    console.print(_digest_table(digest))
+    names = _range_names(run)
+    console.print(_digest_table(digest, names=names))
+    if names is not None and digest.total:
+        console.print(_services_table(digest, names))
     console.print(_run_losses(run))
     if not digest.total:
         console.print("no connection to the service was seen")
     else:
         console.print(digest.tally())
+    if names is not None:
+        for row in digest.services.rows(names):
+            key = (row["ip"], row["port"], row["proto"])
+            console.print(f"  {service_text(key, names)}: {tally_text(row)}")
     with_notes, more_notes = digest.notes()
     for conn, diag in with_notes:
         for note in diag.notes:

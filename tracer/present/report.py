@@ -5,6 +5,7 @@ Fields named in the schema are never renamed; new ones may be added.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from tracer.analysis.context import ConntrackStats, RuleDrop, SysctlChange
 from tracer.analysis.diagnose import Break, Diagnosis, Exchange
 from tracer.analysis.reassemble import Connection, Hop, Packet
 from tracer.events.model import icmp_name
+from tracer.present.services import ServiceKey, ServiceTally
 
 SCHEMA = "hairtrace/report@1"
 
@@ -66,6 +68,12 @@ class RunInfo:
     nf_priorities: dict[str, int] = field(default_factory=dict)  # netfilter program -> prio
     # the traced netns's sysctls seen to change while tracing (analysis.context.SysctlChange)
     sysctl_changes: tuple[SysctlChange, ...] = ()
+    # a range of Service addresses (--svc CIDR): service_ip/service_prefix; 32: one address
+    service_prefix: int = 32
+    # (ip, port, proto) -> "ns/name" of the traced Services in the node's kube-proxy rules
+    service_names: Mapping[ServiceKey, str] = field(default_factory=dict)
+    # --record-rotate: the recording's segments at the end (kept, deleted, and why)
+    recording: Mapping[str, Any] | None = None
 
 
 def _since(ts_ns: int, start_ns: int) -> float:
@@ -144,13 +152,20 @@ def break_dict(b: Break | None) -> dict[str, Any] | None:
 
 
 def connection_dict(
-    c: Connection, d: Diagnosis, origin_ns: int, *, packets: Any = None
+    c: Connection,
+    d: Diagnosis,
+    origin_ns: int,
+    *,
+    packets: Any = None,
+    names: Mapping[ServiceKey, str] | None = None,
 ) -> dict[str, Any]:
     """One entry of "connections"; packets: what to put as "packets" instead of c's
-    (tracer.present.columnar writes them itself)."""
+    (tracer.present.columnar writes them itself); names: RunInfo.service_names (the
+    Service's name, null when not known)."""
+    name = (names or {}).get((c.key.dst, c.key.dport, c.proto))
     return {
         "client": _pod_endpoint(c.key.src, c.key.sport, c.client_pod),
-        "service": _endpoint(c.key.dst, c.key.dport),
+        "service": {**_endpoint(c.key.dst, c.key.dport), "name": name},
         "backend": _pod_endpoint(*c.backend, c.backend_pod) if c.backend else None,
         "verdict": d.verdict,
         "notes": list(d.notes),
@@ -181,6 +196,7 @@ def head_fields(run: RunInfo) -> dict[str, Any]:
             "protocols": list(run.protocols),
             "name": run.service_name,
             "port_name": run.service_port_name,
+            "prefix_len": run.service_prefix,
             "endpoints_in_rules": None
             if run.service_endpoints is None
             else [
@@ -200,9 +216,11 @@ def head_fields(run: RunInfo) -> dict[str, Any]:
     }
 
 
-def tail_fields(run: RunInfo) -> dict[str, Any]:
-    """The report's fields known when the trace ends: after the connections."""
+def tail_fields(run: RunInfo, services: ServiceTally | None = None) -> dict[str, Any]:
+    """The report's fields known when the trace ends: after the connections (services:
+    their tally per Service)."""
     return {
+        "services": (services or ServiceTally()).rows(run.service_names),
         "events": run.events,
         "lost_events": run.lost_events,
         "lost_by_point": run.lost_by_point,
@@ -211,6 +229,7 @@ def tail_fields(run: RunInfo) -> dict[str, Any]:
         "over_budget_events": run.over_budget_events,
         "over_budget_by_point": run.over_budget_by_point,
         "command_status": run.command_status,
+        "recording": dict(run.recording) if run.recording is not None else None,
         "scope": list(run.scope) if run.scope is not None else None,
         "events_out_of_scope": run.events_out_of_scope,
         "rule_drops": None
@@ -233,10 +252,14 @@ def tail_fields(run: RunInfo) -> dict[str, Any]:
 def build(run: RunInfo, results: list[tuple[Connection, Diagnosis]]) -> dict[str, Any]:
     """The whole report as plain data, ready for json.dumps: the head fields, the
     connections in the order they were judged, the tail fields."""
+    tally = ServiceTally()
+    for c, d in results:
+        tally.add(c, d)
+    names = run.service_names
     return {
         **head_fields(run),
-        "connections": [connection_dict(c, d, run.start_ns) for c, d in results],
-        **tail_fields(run),
+        "connections": [connection_dict(c, d, run.start_ns, names=names) for c, d in results],
+        **tail_fields(run, tally),
     }
 
 

@@ -27,15 +27,16 @@ from tracer.analysis.reassemble import Connection
 from tracer.errors import HairtraceError
 from tracer.present.columnar import ColumnarWriter
 from tracer.present.jsontext import dumps_indented
-from tracer.present.report import RunInfo, build, connection_dict, head_fields
+from tracer.present.report import RunInfo, build, connection_dict, head_fields, tail_fields
+from tracer.present.services import ServiceTally
 
 _EMPTY = '"connections": []'
 
 
-def _parts(run: RunInfo) -> tuple[str, str]:
+def _parts(run: RunInfo, services: ServiceTally | None = None) -> tuple[str, str]:
     """The report's text around its (empty) connections: before `"connections": [`, and
-    after its closing bracket."""
-    text = dumps_indented(build(run, []))
+    after its closing bracket (with the tally of the connections per Service)."""
+    text = dumps_indented({**build(run, []), **tail_fields(run, services)})
     at = text.index(_EMPTY)
     return text[:at], text[at + len(_EMPTY) :]
 
@@ -50,20 +51,24 @@ class ReportWriter:
         self._columnar = ColumnarWriter()
         self._head: dict[str, Any] | None = None
         self._origin_ns = 0
+        self._services = ServiceTally()
+        self._names: Any = None
 
     def begin(self, run: RunInfo) -> None:
         """The head fields (known once attached)."""
         self._head, self._origin_ns = head_fields(run), run.start_ns
+        self._names = run.service_names
         before, _after = _parts(run)
         self.out.write((before + '"connections": [').encode())
 
     def add(self, conn: Connection, diag: Diagnosis) -> None:
         """The next connection of the report (they come in the order the engine judged
         them)."""
+        self._services.add(conn, diag)
         if isinstance(conn, LazyConnection) and not conn.built:
-            text = self._columnar.entry(conn, diag, self._origin_ns, "\n    ")
+            text = self._columnar.entry(conn, diag, self._origin_ns, "\n    ", self._names)
         else:
-            text = dumps_indented(connection_dict(conn, diag, self._origin_ns))
+            text = dumps_indented(connection_dict(conn, diag, self._origin_ns, names=self._names))
             text = text.replace("\n", "\n    ")
         self.out.write((("," if self.connections else "") + "\n    " + text).encode())
         self.connections += 1
@@ -72,7 +77,7 @@ class ReportWriter:
         """The tail fields; run is the final RunInfo (its head fields as at begin)."""
         if head_fields(run) != self._head:
             raise HairtraceError("internal: the report's head changed during the trace")
-        _before, after = _parts(run)
+        _before, after = _parts(run, self._services)
         close = "\n  ]" if self.connections else "]"
         self.out.write((close + after + "\n").encode())
         self.out.flush()

@@ -57,6 +57,7 @@ class SessionHeader:
     format_minor: int = FORMAT_MINOR
     nf_priorities: dict[str, int] = field(default_factory=dict)  # absent before: {}
     protocols: tuple[str, ...] = ("tcp",)  # traced; absent before format 1.2: TCP only
+    service_prefix: int = 32  # --svc CIDR: service_ip/service_prefix; absent before: 32
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +87,7 @@ class SessionHeader:
             "compile_seconds": self.compile_seconds,
             "nf_priorities": dict(self.nf_priorities),
             "protocols": list(self.protocols),
+            "service_prefix": self.service_prefix,
             "record_size": self.record_size,
             "topology": self.topology.to_dict(),
         }
@@ -130,6 +132,7 @@ class SessionHeader:
             nf_priorities=g.int_map("nf_priorities"),
             format_minor=g.get("format_minor", int, optional=True) or 0,
             protocols=_protocols(g.get("protocols", list, optional=True)),
+            service_prefix=_prefix(g.get("service_prefix", int, optional=True)),
         )
 
 
@@ -167,6 +170,9 @@ class SessionFooter:
     sysctl_changes: tuple[SysctlChange, ...] = ()
     # the node's conntrack table (optional in the file: older recordings have none)
     conntrack: ConntrackStats | None = None
+    # a rotating recording (--record-rotate): its segments, kept or deleted, and why
+    # (tracer.session.rotate; optional in the file, absent when not rotating)
+    recording: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -185,6 +191,7 @@ class SessionFooter:
             "locations": {str(k): v for k, v in sorted(self.locations.items())},
             "sysctl_changes": [c.to_dict() for c in self.sysctl_changes],
             "conntrack": self.conntrack.to_dict() if self.conntrack is not None else None,
+            **({"recording": self.recording} if self.recording is not None else {}),
         }
 
     @classmethod
@@ -238,6 +245,7 @@ class SessionFooter:
             locations={int(k): v for k, v in locations.items()},
             conntrack=conntrack,
             sysctl_changes=changes,
+            recording=g.get("recording", dict, optional=True),
         )
 
 
@@ -298,3 +306,12 @@ class _Fields:
         if not all(isinstance(x, str) for x in v.values()):
             raise self._fail(key)
         return dict(v)
+
+
+def _prefix(value: int | None) -> int:
+    """The header's service_prefix: 32 when absent (recordings of one address)."""
+    if value is None:
+        return 32
+    if not 1 <= value <= 32:
+        raise HairtraceError(f"bad session header: service_prefix {value} is not 1-32")
+    return value

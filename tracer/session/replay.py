@@ -42,7 +42,7 @@ from tracer.present.report import RunInfo
 from tracer.session.header import SessionFooter, SessionHeader
 from tracer.session.reader import open_session
 from tracer.topology.model import Topology
-from tracer.topology.services import node_view
+from tracer.topology.services import node_view, range_addresses
 
 NO_FOOTER = "the recording has no footer: it was cut short or is still being written"
 
@@ -97,6 +97,7 @@ def header_from_trace(
         compile_seconds=run.compile_seconds,
         nf_priorities=dict(run.nf_priorities),
         protocols=run.protocols,
+        service_prefix=run.service_prefix,
     )
 
 
@@ -151,6 +152,10 @@ def context_of(header: SessionHeader, footer: SessionFooter | None, end_ns: int)
         rule_drops=footer.rule_drops if footer is not None else (),
         rule_drops_netns=footer.rule_drops_netns if footer is not None else None,
         conntrack=footer.conntrack if footer is not None else None,
+        service_prefix=header.service_prefix,
+        service_addresses=range_addresses(
+            header.topology, header.netns_inode, header.service_ip, header.service_prefix
+        ),
     )
 
 
@@ -171,6 +176,7 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         header.service_ip,
         header.service_port,
         header.protocols,
+        header.service_prefix,
     )
     return RunInfo(
         tool_version=__version__,
@@ -203,11 +209,14 @@ def run_info(header: SessionHeader, footer: SessionFooter | None, events: int) -
         rule_drops=footer.rule_drops if footer else None,  # read at the end: unknown
         conntrack=footer.conntrack if footer else None,
         sysctl_changes=footer.sysctl_changes if footer else (),
+        recording=footer.recording if footer else None,
         service_ports=view.ports,
         service_name=view.name,
         service_port_name=view.port_name,
         service_endpoints=view.endpoints,
         warnings=view.warnings,
+        service_prefix=header.service_prefix,
+        service_names=view.names,
     )
 
 

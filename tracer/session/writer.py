@@ -94,6 +94,11 @@ class SessionWriter:
     def closed(self) -> bool:
         return self._fd is None
 
+    @property
+    def size(self) -> int:
+        """Bytes written to the file so far."""
+        return self._offset
+
     def _write(self, *parts: bytes | memoryview) -> None:
         """One writev(2) of parts (more only if the kernel took less than all)."""
         if self._fd is None:

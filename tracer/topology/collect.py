@@ -29,10 +29,11 @@ from tracer.topology.natrules import (
     filter_iptables_save,
     filter_nft_ruleset,
     nft_tables_owned_by_iptables,
+    range_matcher,
 )
 from tracer.topology.netns import NetnsRef, fd_netns_inode, list_netns
 from tracer.topology.pods import pods_by_inode, read_cache
-from tracer.topology.services import nearest, ports_by_address, service_entries
+from tracer.topology.services import in_range, nearest, ports_by_address, service_entries
 
 _CLONE_NEWNET = 0x40000000
 _IFF_UP = 0x1
@@ -53,9 +54,10 @@ class _Service:
     ip: str
     port: int | None
     version: int
+    prefix: int = 32  # a range of Service addresses: ip/prefix
 
 
-def _service(service_ip: str, service_port: int | None) -> _Service:
+def _service(service_ip: str, service_port: int | None, prefix: int = 32) -> _Service:
     """Check the Service address and port; UsageError on bad input."""
     try:
         addr = ipaddress.ip_address(service_ip)
@@ -67,7 +69,9 @@ def _service(service_ip: str, service_port: int | None) -> _Service:
         or not 0 < service_port < 65536
     ):
         raise UsageError(f"bad service port '{service_port}': expected 1-65535")
-    return _Service(str(addr), service_port, addr.version)
+    if not 1 <= prefix <= 32 or (prefix < 32 and addr.version != 4):
+        raise UsageError(f"bad service range '{service_ip}/{prefix}': expected IPv4 /1-/32")
+    return _Service(str(addr), service_port, addr.version, prefix)
 
 
 def read_sysctls(root: str = "/proc/sys") -> dict[str, str | None]:
@@ -129,9 +133,13 @@ def _rule_dumps(version: int) -> tuple[str, tuple[str, str] | None, tuple[str, s
     return save, _run([save, "-t", "nat"]), _run(["nft", "list", "ruleset"])
 
 
-def nat_rules(svc_ip: str, svc_port: int | None, version: int) -> NatRules:
-    """The Service's rules in the calling thread's namespace."""
+def nat_rules(svc_ip: str, svc_port: int | None, version: int, prefix: int = 32) -> NatRules:
+    """The Service's rules in the calling thread's namespace (prefix < 32: those of every
+    Service in the range svc_ip/prefix)."""
     save, ipt, nft = _rule_dumps(version)
+    entries = _entries(ipt[0] if ipt else "", nft[0] if nft else "", save)
+    if prefix < 32:
+        return _range_rules(svc_ip, prefix, ipt, nft, entries)
     ipt_rules = filter_iptables_save(ipt[0], svc_ip, svc_port) if ipt else ()
     nft_rules: tuple[str, ...] = ()
     if nft:
@@ -142,7 +150,6 @@ def nat_rules(svc_ip: str, svc_port: int | None, version: int) -> NatRules:
     backend = "+".join(
         name for name, rules in (("iptables", ipt_rules), ("nftables", nft_rules)) if rules
     )
-    entries = _entries(ipt[0] if ipt else "", nft[0] if nft else "", save)
     ports: tuple[str, ...] | None = None
     near: tuple[str, ...] = ()
     mine: tuple[ServiceEntry, ...] | None = None
@@ -152,6 +159,31 @@ def nat_rules(svc_ip: str, svc_port: int | None, version: int) -> NatRules:
         near = () if ports else nearest(services, svc_ip)
         mine = tuple(e for e in entries if e.ip == svc_ip)
     return NatRules(ipt_rules + nft_rules, backend or None, ports, near, mine)
+
+
+def _range_rules(
+    net: str,
+    prefix: int,
+    ipt: tuple[str, str] | None,
+    nft: tuple[str, str] | None,
+    entries: tuple[ServiceEntry, ...] | None,
+) -> NatRules:
+    """NatRules of a range: the rules of every Service address in it (those kube-proxy's
+    rules have, when known: pods may share the range), their entries; no one address's
+    ports (service_ports None: a connection's own Service is not checked against them)."""
+    mine = None if entries is None else tuple(e for e in entries if in_range(e.ip, net, prefix))
+    within = range_matcher(net, prefix, None if mine is None else {e.ip for e in mine})
+    ipt_rules = filter_iptables_save(ipt[0], net, None, within) if ipt else ()
+    nft_rules: tuple[str, ...] = ()
+    if nft:
+        skip = set(nft_tables_owned_by_iptables(nft[1]))
+        if ipt and "(nf_tables)" in ipt[0].split("\n", 1)[0]:
+            skip |= {(fam, t) for fam in ("ip", "ip6") for t in IPTABLES_TABLES}
+        nft_rules = filter_nft_ruleset(nft[0], net, None, skip, within)
+    backend = "+".join(
+        name for name, rules in (("iptables", ipt_rules), ("nftables", nft_rules)) if rules
+    )
+    return NatRules(ipt_rules + nft_rules, backend or None, None, (), mine)
 
 
 def kube_service_entries(version: int = 4) -> tuple[ServiceEntry, ...] | None:
@@ -293,7 +325,9 @@ def _collect(ref: NetnsRef, fd: int, svc: _Service, others: Mapping[int, int]) -
             interfaces = tuple(
                 replace(i, hairpin=flags.get(i.ifindex)) if i in missing else i for i in interfaces
             )
-    nat = for_own_addresses(nat_rules(svc.ip, svc.port, svc.version), interfaces, svc.ip)
+    nat = nat_rules(svc.ip, svc.port, svc.version, svc.prefix)
+    if svc.prefix >= 32:
+        nat = for_own_addresses(nat, interfaces, svc.ip)
     return Namespace(
         inode=ref.inode,
         name=ref.name,
@@ -322,14 +356,19 @@ def _open(ref: NetnsRef) -> int:
 
 
 def snapshot(
-    service_ip: str, service_port: int | None, netns: Iterable[NetnsRef] | None = None
+    service_ip: str,
+    service_port: int | None,
+    netns: Iterable[NetnsRef] | None = None,
+    *,
+    prefix: int = 32,
 ) -> Topology:
-    """A read-only snapshot of the given namespaces (default: every one list_netns finds).
+    """A read-only snapshot of the given namespaces (default: every one list_netns finds);
+    prefix < 32: the NAT rules of every Service in the range service_ip/prefix.
 
     Namespaces given explicitly must be readable (else HairtraceError); of the listed ones,
     those that vanish before they are read are left out.
     """
-    svc = _service(service_ip, service_port)
+    svc = _service(service_ip, service_port, prefix)
     import pyroute2  # noqa: F401 - import once here, not concurrently in the threads
 
     explicit = netns is not None

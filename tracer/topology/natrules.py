@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 #: Table names iptables-nft creates; in `nft list ruleset` they duplicate iptables-save.
@@ -135,8 +135,43 @@ class _Table:
     postrouting: set[str] = field(default_factory=set)
 
 
-def _select(table: _Table, service_ip: str, port: int | None, nft: bool) -> list[_Rule]:
-    """The rules of one table that the module docstring describes, in input order."""
+# an IPv4 address as a whole token, not a network (10.96.0.0/12 is none)
+_QUAD = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.]|/(?:[0-9]|[12]\d|3[01])\b)")
+
+
+def range_matcher(
+    network: str, prefix: int, addresses: Iterable[str] | None = None
+) -> Callable[[str], bool]:
+    """Whether a rule's text names an address of network/prefix (of addresses, when
+    given: the range's Services), for the filters' `within`."""
+    net = ipaddress.ip_network(f"{network}/{prefix}")
+    only = None if addresses is None else frozenset(addresses)
+
+    def match(body: str) -> bool:
+        for a in _QUAD.findall(body):
+            if only is not None:
+                if a in only:
+                    return True
+                continue
+            try:
+                if ipaddress.ip_address(a) in net:
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    return match
+
+
+def _select(
+    table: _Table,
+    service_ip: str,
+    port: int | None,
+    nft: bool,
+    within: Callable[[str], bool] | None = None,
+) -> list[_Rule]:
+    """The rules of one table that the module docstring describes, in input order;
+    within: a range's matcher (range_matcher) instead of the one address."""
     needle, pattern = _canonical(service_ip), address_pattern(service_ip)
     by_chain: dict[str, list[_Rule]] = {}
     for r in table.rules:
@@ -149,7 +184,12 @@ def _select(table: _Table, service_ip: str, port: int | None, nft: bool) -> list
         return _iptables_port_ok(_split_tokens(r.body), port)
 
     # The substring test first: it is much cheaper than the regex on large rulesets.
-    matched = [r for r in table.rules if needle in r.body and pattern.search(r.body) and port_ok(r)]
+    if within is not None:
+        matched = [r for r in table.rules if within(r.body) and port_ok(r)]
+    else:
+        matched = [
+            r for r in table.rules if needle in r.body and pattern.search(r.body) and port_ok(r)
+        ]
     if not matched:
         return []
     chosen: dict[int, _Rule] = {r.index: r for r in matched}
@@ -184,8 +224,14 @@ def _select(table: _Table, service_ip: str, port: int | None, nft: bool) -> list
     return [chosen[i] for i in sorted(chosen)]
 
 
-def filter_iptables_save(text: str, service_ip: str, service_port: int | None) -> tuple[str, ...]:
-    """The `-A ...` lines of iptables-save output that concern the Service (see module doc)."""
+def filter_iptables_save(
+    text: str,
+    service_ip: str,
+    service_port: int | None,
+    within: Callable[[str], bool] | None = None,
+) -> tuple[str, ...]:
+    """The `-A ...` lines of iptables-save output that concern the Service (see module doc);
+    within: a range's matcher (range_matcher), for every Service in it."""
     _canonical(service_ip)  # ValueError now for a bad address, whatever the text
     tables: list[_Table] = []
     cur: _Table | None = None
@@ -207,7 +253,7 @@ def filter_iptables_save(text: str, service_ip: str, service_port: int | None) -
     for t in tables:
         if "POSTROUTING" in t.chains:
             t.postrouting.add("POSTROUTING")
-        out.extend(r.text for r in _select(t, service_ip, service_port, nft=False))
+        out.extend(r.text for r in _select(t, service_ip, service_port, False, within))
     return tuple(out)
 
 
@@ -372,6 +418,7 @@ def filter_nft_ruleset(
     service_ip: str,
     service_port: int | None,
     skip_tables: Iterable[tuple[str, str]] = (),
+    within: Callable[[str], bool] | None = None,
 ) -> tuple[str, ...]:
     """The nft rules and map/set elements that concern the Service, as nft commands.
 
@@ -381,6 +428,6 @@ def filter_nft_ruleset(
     _canonical(service_ip)  # ValueError now for a bad address, whatever the text
     picked: list[_Rule] = []
     for _family, _name, table in _parse_nft(text, skip_tables):
-        picked.extend(_select(table, service_ip, service_port, nft=True))
+        picked.extend(_select(table, service_ip, service_port, True, within))
     picked.sort(key=lambda r: r.index)
     return tuple(r.text for r in picked)

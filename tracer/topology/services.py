@@ -19,7 +19,8 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tracer.errors import UsageError
@@ -314,15 +315,66 @@ class NodeView:
     name: str | None = None
     port_name: str | None = None
     endpoints: tuple[tuple[str, int, str], ...] | None = None
+    # (ip, port, proto) -> "ns/name" of every traced Service port the rules name
+    names: dict[tuple[str, int, str], str] = field(default_factory=dict)
+
+
+def in_range(ip: str, network: str, prefix: int) -> bool:
+    """ip is in network/prefix (prefix 32: ip is network)."""
+    if prefix >= 32:
+        return ip == network
+    try:
+        return ipaddress.ip_address(ip) in ipaddress.ip_network(f"{network}/{prefix}")
+    except ValueError:
+        return False
+
+
+def addresses_in_range(
+    entries: Iterable[ServiceEntry] | None, ip: str, prefix: int
+) -> frozenset[str] | None:
+    """Of a range (prefix < 32), the Service addresses in it that kube-proxy's rules
+    (entries) have (pods and nodes may share the range); None for one address, or when the
+    rules are not known or have none in it: every address of the range then counts. The
+    kernel's set (tracer.trace.range_services) and the analysis's (range_addresses)."""
+    if prefix >= 32:
+        return None
+    found = frozenset(e.ip for e in entries or () if in_range(e.ip, ip, prefix))
+    return found or None
+
+
+def range_addresses(topology: Any, node: int | None, ip: str, prefix: int) -> frozenset[str] | None:
+    """addresses_in_range of the node netns's rules in a snapshot."""
+    ns = topology.namespace(node) if node is not None and prefix < 32 else None
+    return addresses_in_range(getattr(ns, "service_entries", None) if ns else None, ip, prefix)
+
+
+def service_names(
+    entries: tuple[ServiceEntry, ...] | None, ip: str, port: int, prefix: int = 32
+) -> dict[tuple[str, int, str], str]:
+    """(ip, port, proto) -> name of the cluster-IP entries in ip/prefix (and of port)."""
+    out: dict[tuple[str, int, str], str] = {}
+    for e in entries or ():
+        mine = in_range(e.ip, ip, prefix) and (not port or e.port == port)
+        if mine and e.name and e.kind == "cluster IP":
+            out.setdefault((e.ip, e.port, e.proto), e.name)
+    return out
 
 
 def node_view(
-    topology: Any, node: int | None, ip: str, port: int, protocols: tuple[str, ...] = ("tcp",)
+    topology: Any,
+    node: int | None,
+    ip: str,
+    port: int,
+    protocols: tuple[str, ...] = ("tcp",),
+    prefix: int = 32,
 ) -> NodeView:
-    """The NodeView of the traced address in the snapshot's node netns."""
+    """The NodeView of the traced address (or range: ip/prefix) in the snapshot's node
+    netns."""
     ns = topology.namespace(node) if node is not None else None
     if ns is None:
         return NodeView()
+    if prefix < 32:
+        return _range_view(ns, ip, prefix, protocols)
     ports = ns.service_ports
     warning = service_warning(ip, port, ports, ns.nearest_services, ns.name, protocols)
     view = NodeView(ports, (warning,) if warning else ())
@@ -342,4 +394,25 @@ def node_view(
                 endpoints.append((addr, int(p), e.proto))
     name = names.pop() if len(names) == 1 else None
     port_name = port_names.pop() if len(port_names) == 1 and name else ""
-    return replace(view, name=name, port_name=port_name or None, endpoints=tuple(endpoints))
+    return replace(view, name=name, port_name=port_name or None, endpoints=tuple(endpoints),
+                   names=service_names(entries, ip, port))  # fmt: skip
+
+
+def _range_view(ns: Any, ip: str, prefix: int, protocols: tuple[str, ...]) -> NodeView:
+    """A range of Service addresses: no one name or port list; the names of its Services,
+    their endpoints, and a warning when the rules have no Service in it."""
+    entries = ns.service_entries
+    if entries is None:
+        return NodeView()
+    mine = [e for e in entries if e.proto in protocols and in_range(e.ip, ip, prefix)]
+    warnings: tuple[str, ...] = ()
+    if not mine:
+        warnings = (f"kube-proxy's rules in netns {ns.name} have no Service in {ip}/{prefix}",)
+    endpoints: list[tuple[str, int, str]] = []
+    for e in mine:
+        for ep in e.endpoints:
+            addr, _, p = ep.rpartition(":")
+            if (addr, int(p), e.proto) not in endpoints:
+                endpoints.append((addr, int(p), e.proto))
+    return NodeView(None, warnings, endpoints=tuple(endpoints),
+                    names=service_names(entries, ip, 0, prefix))  # fmt: skip
