@@ -207,6 +207,8 @@ def test_segments_are_complete_sessions(tmp_path: Path) -> None:
     final = open_session(path).footer
     assert final is not None and final.recording is not None
     assert final.recording == {k: index[k] for k in final.recording}
+    # after the close, what the trace puts in its report: the same, not re-measured
+    assert w.recording() == final.recording
 
 
 def test_each_segment_replays_alone(tmp_path: Path) -> None:

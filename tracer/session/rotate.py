@@ -275,6 +275,7 @@ class RotatingWriter:
         self._overwrite = overwrite
         self._last_footer = last_footer
         self._next_settle = 0
+        self._final: dict[str, Any] | None = None  # recording() once closed
         self.events = 0  # of every segment
         self._writer = self._open()
         self.header = self._writer.header
@@ -353,7 +354,10 @@ class RotatingWriter:
             self._write_index()
 
     def recording(self) -> dict[str, Any]:
-        """What the footer and the index say about the segments."""
+        """What the footer and the index say about the segments (once closed: what they
+        said then, the last segment's size before its footer)."""
+        if self._final is not None:
+            return self._final
         cur = self.policy.current
         cur.bytes = self._writer.size
         return {
@@ -394,3 +398,4 @@ class RotatingWriter:
         recording = self.recording()  # the index says the same (the size before the footer)
         self._writer.close(replace(footer, recording=recording))
         self._write_index(recording)
+        self._final = recording
