@@ -84,9 +84,11 @@ struct {
 	__type(value, struct ht_seen);
 } seen SEC(".maps");
 
-/* The Service addresses of a range (ht_cfg.svc_set), network byte order. */
+/* The Service addresses of a range (ht_cfg.svc_set), network byte order. Not
+ * preallocated: a trace of one address keeps it empty. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, HT_MAX_SERVICES);
 	__type(key, __u32);
 	__type(value, __u8);

@@ -25,6 +25,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:.0f} {unit}"
     if unit in ("ev", "conn", "conn/s"):
         return f"{value:,.0f} {unit}"
+    if unit in ("ns", "runs"):
+        return f"{value:.1f} {unit}"
     if unit == "MiB":
         return f"{value:.1f} {unit}"
     if unit == "s":
