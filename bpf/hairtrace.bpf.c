@@ -751,6 +751,23 @@ static __always_inline int trace_event(const struct sk_buff *skb, const struct h
 	return 0;
 }
 
+/* ours() first; an event (zeroed only for a packet that is ours) after. */
+static __always_inline int trace_ours(const struct sk_buff *skb, const struct ht_where *w)
+{
+	int how;
+
+	if (HT_FLOOR || !skb)
+		return 0;
+	how = ours(skb, w->ct_fallback, w->btf);
+	if (how == HT_NOT_OURS)
+		return 0;
+	{
+		struct ht_event ev = {};
+
+		return trace_event(skb, w, &ev, false, how);
+	}
+}
+
 /* Common path of every skb-carrying point. */
 static __always_inline int trace_skb(void *ctx, const struct sk_buff *skb,
 				     const struct net_device *dev, __u16 point, __u8 hook, __s32 prio,
@@ -758,19 +775,8 @@ static __always_inline int trace_skb(void *ctx, const struct sk_buff *skb,
 {
 	struct ht_where w = { .ctx = ctx, .dev = dev, .point = point, .hook = hook, .prio = prio,
 			      .ct_fallback = ct_fallback, .btf = btf };
-	int how;
 
-	if (HT_FLOOR || !skb)
-		return 0;
-	how = ours(skb, ct_fallback, btf);
-	if (how == HT_NOT_OURS)
-		return 0;
-	{
-		/* zeroed only for a packet that is ours */
-		struct ht_event ev = {};
-
-		return trace_event(skb, &w, &ev, false, how);
-	}
+	return trace_ours(skb, &w);
 }
 
 /* ---------------------------------------------- tracepoint provider: devices
@@ -943,18 +949,8 @@ static __always_inline int on_hook_fn(void *ctx, struct sk_buff *skb,
 	struct ht_where w = { .ctx = ctx, .dev = in ? in : HT_LOAD(btf, state, out),
 			      .point = point, .hook = HT_LOAD(btf, state, hook), .aux = aux,
 			      .ct_fallback = true, .btf = btf };
-	int how;
 
-	if (HT_FLOOR || !skb)
-		return 0;
-	how = ours(skb, true, btf);
-	if (how == HT_NOT_OURS)
-		return 0;
-	{
-		struct ht_event ev = {};
-
-		return trace_event(skb, &w, &ev, false, how);
-	}
+	return trace_ours(skb, &w);
 }
 
 /* nf_nat_manip_pkt(skb, ct, mtype, dir): the event carries the tuple the

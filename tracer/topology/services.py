@@ -386,16 +386,21 @@ def node_view(
     ]
     names = {e.name for e in mine if e.name}
     port_names = {e.port_name for e in mine}
-    endpoints: list[tuple[str, int, str]] = []
-    for e in mine:
-        for ep in e.endpoints:
-            addr, _, p = ep.rpartition(":")
-            if (addr, int(p), e.proto) not in endpoints:
-                endpoints.append((addr, int(p), e.proto))
     name = names.pop() if len(names) == 1 else None
     port_name = port_names.pop() if len(port_names) == 1 and name else ""
-    return replace(view, name=name, port_name=port_name or None, endpoints=tuple(endpoints),
+    return replace(view, name=name, port_name=port_name or None, endpoints=_endpoints(mine),
                    names=service_names(entries, ip, port))  # fmt: skip
+
+
+def _endpoints(entries: Iterable[ServiceEntry]) -> tuple[tuple[str, int, str], ...]:
+    """The DNAT targets of these entries as (ip, port, proto), each once, in rule order."""
+    out: list[tuple[str, int, str]] = []
+    for e in entries:
+        for ep in e.endpoints:
+            addr, _, p = ep.rpartition(":")
+            if (addr, int(p), e.proto) not in out:
+                out.append((addr, int(p), e.proto))
+    return tuple(out)
 
 
 def _range_view(ns: Any, ip: str, prefix: int, protocols: tuple[str, ...]) -> NodeView:
@@ -408,11 +413,5 @@ def _range_view(ns: Any, ip: str, prefix: int, protocols: tuple[str, ...]) -> No
     warnings: tuple[str, ...] = ()
     if not mine:
         warnings = (f"kube-proxy's rules in netns {ns.name} have no Service in {ip}/{prefix}",)
-    endpoints: list[tuple[str, int, str]] = []
-    for e in mine:
-        for ep in e.endpoints:
-            addr, _, p = ep.rpartition(":")
-            if (addr, int(p), e.proto) not in endpoints:
-                endpoints.append((addr, int(p), e.proto))
-    return NodeView(None, warnings, endpoints=tuple(endpoints),
+    return NodeView(None, warnings, endpoints=_endpoints(mine),
                     names=service_names(entries, ip, 0, prefix))  # fmt: skip
